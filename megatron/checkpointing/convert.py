@@ -1,0 +1,132 @@
+"""Native -> universal: whole canonical tensors, one at a time, streamed.
+
+Tensors are dealt to a few output files; one worker fills each file in order, so each
+input byte is read once, each output byte written once with its checksum computed on
+the way, and memory stays near (largest tensor) x (workers). Coverage and replica
+agreement are checked for every tensor.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from threading import Lock
+
+import torch
+from tqdm import tqdm
+
+from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES, CheckpointReader
+from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
+from megatron.checkpointing.save import commit_folder, write_atomic
+from megatron.core.pieces import intersect, translate
+
+REPLICA_POLICIES = ("first", "mean", "strict")
+
+
+@dataclass
+class ConversionReport:
+    output: str
+    tensors: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    max_replica_diff: float = 0.0
+    max_replica_tensor: str = ""
+    files: list[str] = field(default_factory=list)
+
+
+def assemble(reader: CheckpointReader, name: str, state: str, policy: str) -> tuple[torch.Tensor, float]:
+    """The whole canonical tensor from its owner pieces, checked against every replica.
+    Returns the tensor and the largest |owner - replica| difference."""
+    shape = reader.canonical[name]
+    full = reader.read_region(name, ((0,) * len(shape), shape), state)
+    max_diff = 0.0
+    replica_sum, replica_count = torch.zeros_like(full) if policy == "mean" else None, torch.zeros(shape)
+    for holder, piece in reader.replica_pieces(name):
+        box = (piece.canonical_offsets, piece.sizes)
+        values = reader.read_local_box(holder, state, translate(box, piece.canonical_offsets, piece.local_offsets))
+        owner_values = full[tuple(slice(o, o + s) for o, s in zip(*box))]
+        diff = float((values - owner_values).abs().max()) if values.numel() else 0.0
+        if policy == "strict" and diff > 0:
+            raise CheckpointError(f"{reader.path}: replicas of {name} ({state}) disagree by up to {diff:.3e} "
+                                  f"(--replica-policy strict); use --replica-policy first or mean to convert anyway")
+        max_diff = max(max_diff, diff)
+        if replica_sum is not None:
+            replica_sum[tuple(slice(o, o + s) for o, s in zip(*box))] += values
+            replica_count[tuple(slice(o, o + s) for o, s in zip(*box))] += 1
+    if replica_sum is not None and max_diff > 0:
+        full = (full + replica_sum) / (1 + replica_count)
+    return full, max_diff
+
+
+def _plan_files(reader: CheckpointReader, num_files: int) -> list[list[str]]:
+    """Deal tensors to files, largest first, each to the currently smallest file."""
+    files: list[list[str]] = [[] for _ in range(num_files)]
+    sizes = [0] * num_files
+    for name in sorted(reader.canonical, key=lambda n: -math.prod(reader.canonical[n])):
+        i = sizes.index(min(sizes))
+        files[i].append(name)
+        sizes[i] += math.prod(reader.canonical[name])
+    return [sorted(f) for f in files if f]
+
+
+def convert_to_universal(input_folder: str, output_folder: str, num_workers: int = 4,
+                         replica_policy: str = "first", progress: bool = True) -> ConversionReport:
+    """Write ``output_folder`` (a universal checkpoint) and ``latest_universal`` beside it."""
+    if replica_policy not in REPLICA_POLICIES:
+        raise ValueError(f"--replica-policy must be one of {REPLICA_POLICIES}, got {replica_policy!r}")
+    reader = CheckpointReader(input_folder)
+    if reader.kind != "native":
+        raise CheckpointError(f"{input_folder} is already a {reader.kind} checkpoint")
+    output_folder = output_folder.rstrip("/")
+    tmp = os.path.join(os.path.dirname(os.path.abspath(output_folder)), f".{os.path.basename(output_folder)}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    plan = _plan_files(reader, max(1, num_workers))
+    report = ConversionReport(output_folder)
+    lock = Lock()
+    bar = tqdm(total=sum(len(f) for f in plan), desc="converting", unit="tensor", disable=not progress)
+
+    def write_file(index: int, names: list[str]) -> tuple[str, dict, dict]:
+        file = f"universal_{index:03d}.safetensors"
+        entries = [(f"{n}/{s}", reader.canonical[n]) for n in names for s in STATES]
+        writer = SafetensorsWriter(os.path.join(tmp, file), entries, {"kind": "universal"})
+        params = {}
+        for n in names:
+            for s in STATES:
+                tensor, diff = assemble(reader, n, s, replica_policy)
+                writer.write(f"{n}/{s}", tensor.reshape(-1))
+                with lock:
+                    if diff > report.max_replica_diff:
+                        report.max_replica_diff, report.max_replica_tensor = diff, f"{n} ({s})"
+            shape = list(reader.canonical[n])
+            params[n] = {"local_shape": shape, "group": reader.manifest["canonical"][n]["group"],
+                         "pieces": [{"canonical": n, "local_offsets": [0] * len(shape),
+                                     "canonical_offsets": [0] * len(shape), "sizes": shape, "owner": True}],
+                         "fragments": [[0, math.prod(shape)]]}
+            bar.update(1)
+        return file, writer.close().to_json(), params
+
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        results = list(pool.map(lambda a: write_file(*a), enumerate(plan)))
+    bar.close()
+    m = reader.manifest
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "universal", "state": m["state"],
+        "source_topology": m["topology"], "source_zero_stage": m["zero_stage"], "param_groups": m["param_groups"],
+        "canonical": m["canonical"], "files": {f: info for f, info, _ in results},
+        "sources": [{"file": f, "position": [f], "params": params} for f, _, params in results],
+        "replica_check": {"policy": replica_policy, "max_abs_diff": report.max_replica_diff,
+                          "tensor": report.max_replica_tensor},
+    }
+    write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+    commit_folder(tmp, output_folder)
+    parent = os.path.dirname(os.path.abspath(output_folder))
+    write_atomic(os.path.join(parent, "latest_universal"), os.path.basename(output_folder))
+    report.tensors = len(reader.canonical)
+    report.files = [f for f, _, _ in results]
+    report.bytes_written = sum(info["size"] for _, info, _ in results)
+    report.bytes_read = reader.bytes_read
+    return report

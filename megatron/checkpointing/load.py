@@ -1,0 +1,115 @@
+"""Load a native or universal checkpoint into any layout.
+
+Each rank walks its own fragment table: for every flat range it holds of a local
+parameter, it maps the range to boxes, the boxes through its piece map to canonical
+regions, and asks the checkpoint for exactly those regions. Elements covered by no
+piece (vocabulary padding) are zero.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from megatron.checkpointing.reader import STATES, CheckpointReader
+from megatron.checkpointing.safetensors_io import CheckpointError
+from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
+from megatron.core.parallel_state import Topology
+from megatron.core.pieces import flat_range_boxes, intersect, translate
+from megatron.initialize import set_rng_state
+
+
+@dataclass
+class Loaded:
+    path: str
+    kind: str  # native | universal
+    state: dict
+    rng_restored: bool
+    bytes_read: int
+    total_bytes: int
+
+
+def resolve_checkpoint(load_dir: str, universal: bool, tag: str | None) -> str | None:
+    """The checkpoint folder to load: ``tag``, else the one ``latest[_universal]`` names.
+    ``load_dir`` may also be a checkpoint folder itself."""
+    if os.path.exists(os.path.join(load_dir, "manifest.json")) and tag is None:
+        return load_dir
+    if tag is None:
+        pointer = os.path.join(load_dir, "latest_universal" if universal else "latest")
+        if not os.path.exists(pointer):
+            if universal:
+                raise CheckpointError(f"--universal-checkpoint: {pointer} does not exist; run "
+                                      f"tools/convert_to_universal.py first, or pass --load-tag")
+            return None
+        with open(pointer) as f:
+            tag = f.read().strip()
+    return os.path.join(load_dir, tag)
+
+
+def fill_fragment(reader: CheckpointReader, param: nn.Parameter, start: int, end: int, state: str,
+                  dest: torch.Tensor) -> None:
+    """Fill ``dest`` (the flat elements [start, end) of ``param``) with ``state`` from the checkpoint."""
+    dest.zero_()
+    shape = tuple(param.shape)
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    for box in flat_range_boxes(shape, start, end):
+        for piece in param.piece_map.pieces:
+            overlap = intersect(box, (piece.local_offsets, piece.sizes))
+            if overlap is None:
+                continue
+            region = translate(overlap, piece.local_offsets, piece.canonical_offsets)
+            values = reader.read_region(piece.canonical, region, state)
+            origin = sum(o * s for o, s in zip(overlap[0], strides)) - start
+            dest.as_strided(overlap[1], strides, dest.storage_offset() + origin).copy_(values)
+
+
+def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
+                    universal: bool = False, tag: str | None = None, load_optimizer: bool = True,
+                    load_rng: bool = True, validate: Callable[[dict], None] | None = None) -> Loaded | None:
+    """Collective-free: each rank reads only what its fragments need. Returns None if there is
+    nothing to resume from. ``validate(state)`` may refuse the checkpoint before any tensor is read."""
+    path = resolve_checkpoint(load_dir, universal, tag)
+    if path is None:
+        return None
+    reader = CheckpointReader(path)
+    state = reader.manifest["state"]
+    if validate is not None:
+        validate(state)
+    _check_param_groups(reader, model, optimizer)
+    params = dict(model.named_parameters())
+    states = STATES if load_optimizer else ("fp32",)
+    for f in optimizer.fragments():
+        views = optimizer.fragment_state(f)
+        for s in states:
+            fill_fragment(reader, params[f.name], f.start, f.end, s, views[s])
+    if load_optimizer:
+        optimizer.load_hyperparameters(reader.manifest["param_groups"])
+    optimizer.copy_master_to_model()
+    same_layout = reader.kind == "native" and reader.manifest["topology"] == topo.describe()
+    rng_restored = False
+    if load_rng and same_layout and str(topo.rank) in reader.manifest.get("rng", {}):
+        set_rng_state(reader.manifest["rng"][str(topo.rank)])
+        rng_restored = True
+    return Loaded(path, reader.kind, state, rng_restored, reader.bytes_read, reader.total_bytes)
+
+
+def _check_param_groups(reader: CheckpointReader, model: nn.Module, optimizer: DistributedOptimizer) -> None:
+    """Every canonical tensor must have its saved shape and land in its saved optimizer group."""
+    params = dict(model.named_parameters())
+    for f in optimizer.fragments():
+        for name, spec in params[f.name].canonical_specs.items():
+            entry = reader.manifest["canonical"].get(name)
+            if entry is None:
+                raise CheckpointError(f"{reader.path} has no tensor {name!r}: the checkpoint is of another "
+                                      f"model (check --num-layers, --swiglu, --untie-embeddings-and-output-weights)")
+            if tuple(entry["shape"]) != spec.shape:
+                raise CheckpointError(f"{reader.path}: tensor {name} has shape {tuple(entry['shape'])} in the "
+                                      f"checkpoint, {spec.shape} in this model: the checkpoint is of another "
+                                      f"model shape")
+            if entry["group"] != f.group:
+                raise CheckpointError(f"{reader.path}: tensor {name} was in optimizer group {entry['group']}, "
+                                      f"here it is in group {f.group}")

@@ -1,0 +1,161 @@
+"""Streaming safetensors files with block checksums.
+
+The writer knows every tensor's shape up front, writes the header first and then the
+data in order, hashing fixed-size blocks of the file as they pass, so nothing is
+held in memory twice and no temporary file is needed. The reader memory-maps the
+file, reads only the byte ranges asked for and verifies each block it touches.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BLOCK_SIZE = 1 << 20
+_DTYPES = {torch.float32: ("F32", np.float32)}
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used as it is; the message says which file and how to fix it."""
+
+
+@dataclass
+class FileInfo:
+    size: int
+    block_sha256: list[str]
+
+    def to_json(self) -> dict:
+        return {"size": self.size, "block_size": BLOCK_SIZE, "block_sha256": self.block_sha256}
+
+
+class SafetensorsWriter:
+    """Write fp32 tensors ``entries`` = [(key, numel)] as 1-D tensors, in that order."""
+
+    def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        self.path = path
+        header: dict = {"__metadata__": metadata or {}}
+        offset = 0
+        self.order = []
+        for key, shape in entries:
+            nbytes = 4 * math.prod(shape)
+            header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self.order.append((key, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.f = open(path, "wb")
+        self.blocks: list[str] = []
+        self.block = hashlib.sha256()
+        self.in_block = 0
+        self.size = 0
+        self.next = 0
+        self._write(struct.pack("<Q", len(raw)) + raw)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self.f.write(view)
+        self.size += len(view)
+        while len(view):
+            take = min(len(view), BLOCK_SIZE - self.in_block)
+            self.block.update(view[:take])
+            self.in_block += take
+            view = view[take:]
+            if self.in_block == BLOCK_SIZE:
+                self.blocks.append(self.block.hexdigest())
+                self.block, self.in_block = hashlib.sha256(), 0
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        expected, nbytes = self.order[self.next]
+        if key != expected or tensor.numel() * 4 != nbytes or tensor.dtype != torch.float32:
+            raise ValueError(f"{self.path}: expected {expected} ({nbytes} bytes), got {key} "
+                             f"({tensor.numel() * tensor.element_size()} bytes, {tensor.dtype})")
+        self._write(tensor.detach().contiguous().cpu().numpy().data)
+        self.next += 1
+
+    def close(self) -> FileInfo:
+        if self.next != len(self.order):
+            raise ValueError(f"{self.path}: {len(self.order) - self.next} tensors were not written")
+        if self.in_block:
+            self.blocks.append(self.block.hexdigest())
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return FileInfo(self.size, self.blocks)
+
+
+class SafetensorsReader:
+    """Byte-range reads from one checkpoint file, verified against the manifest's checksums."""
+
+    def __init__(self, path: str, info: dict) -> None:
+        self.path = path
+        self.info = info
+        if not os.path.exists(path):
+            raise CheckpointError(f"missing checkpoint file {path}: the manifest lists it; copy it back from "
+                                  f"where the checkpoint was written, or load an earlier checkpoint")
+        size = os.path.getsize(path)
+        if size != info["size"]:
+            raise CheckpointError(f"{path} is {size} bytes, the manifest says {info['size']}: the file is "
+                                  f"{'truncated' if size < info['size'] else 'larger than written'}; re-copy it "
+                                  f"or load an earlier checkpoint")
+        self.mm = np.memmap(path, dtype=np.uint8, mode="r")
+        self.header: dict = {}
+        self.data_start = 0
+        self.verified: set[int] = set()
+        self.bytes_read = 0
+        (header_len,) = struct.unpack("<Q", bytes(self.mm[:8]))
+        self._verify(0, 8 + header_len)
+        try:
+            header = json.loads(bytes(self.mm[8:8 + header_len]))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from e
+        self.metadata = header.pop("__metadata__", {})
+        self.data_start = 8 + header_len
+        self.header = header
+
+    def _verify(self, lo: int, hi: int) -> None:
+        blocks = self.info["block_sha256"]
+        bs = self.info.get("block_size", BLOCK_SIZE)
+        for b in range(lo // bs, (hi - 1) // bs + 1):
+            if b in self.verified:
+                continue
+            chunk = self.mm[b * bs:min((b + 1) * bs, len(self.mm))]
+            if hashlib.sha256(chunk).hexdigest() != blocks[b]:
+                names = [k for k, v in self.header.items()
+                         if self.data_start + v["data_offsets"][0] < (b + 1) * bs
+                         and self.data_start + v["data_offsets"][1] > b * bs]
+                raise CheckpointError(f"checksum mismatch in {self.path}, bytes [{b * bs}, {(b + 1) * bs}) "
+                                      f"(tensors: {', '.join(names) or 'header'}): the file is corrupted; "
+                                      f"re-copy it or load an earlier checkpoint")
+            self.verified.add(b)
+            self.bytes_read += len(chunk)
+
+    def numel(self, key: str) -> int:
+        return math.prod(self.entry(key)["shape"])
+
+    def entry(self, key: str) -> dict:
+        if key not in self.header:
+            raise CheckpointError(f"{self.path} has no tensor {key!r}; the manifest and the file disagree")
+        return self.header[key]
+
+    def read(self, key: str, start: int, end: int) -> np.ndarray:
+        """Elements [start, end) of the flattened fp32 tensor ``key`` (a read-only view)."""
+        e = self.entry(key)
+        if e["dtype"] != "F32":
+            raise CheckpointError(f"{self.path}: tensor {key} is {e['dtype']}, expected F32")
+        lo = self.data_start + e["data_offsets"][0] + 4 * start
+        hi = self.data_start + e["data_offsets"][0] + 4 * end
+        if end > self.numel(key) or start < 0:
+            raise CheckpointError(f"{self.path}: read [{start}, {end}) past tensor {key} of {self.numel(key)} elements")
+        if hi > lo:
+            self._verify(lo, hi)
+        return self.mm[lo:hi].view(np.float32)
+
+    def verify_all(self) -> None:
+        if len(self.mm):
+            self._verify(0, len(self.mm))

@@ -1,0 +1,128 @@
+"""Save a native checkpoint: every rank writes its own fragments, rank 0 commits.
+
+``DIR/.global_stepN.tmp/`` is filled and fsynced, then renamed to ``DIR/global_stepN``;
+only then are ``DIR/latest`` and ``DIR/latest_checkpointed_iteration.txt`` replaced.
+A crash at any point leaves the previous checkpoint and the ``latest`` files intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch.distributed as dist
+from torch import nn
+
+from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES
+from megatron.checkpointing.safetensors_io import SafetensorsWriter
+from megatron.core import comm
+from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
+from megatron.core.parallel_state import Topology
+from megatron.initialize import rng_state
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` so that readers see the old or the new content, never a mix."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def commit_folder(tmp: str, final: str) -> None:
+    """Move a finished folder into place, replacing an older one of the same name."""
+    fsync_dir(tmp)
+    if os.path.exists(final):
+        trash = final + ".old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(os.path.dirname(os.path.abspath(final)))
+
+
+def canonical_table(model: nn.Module, optimizer: DistributedOptimizer) -> dict:
+    """Every canonical tensor this rank holds a piece of: its shape and its optimizer group."""
+    table = {}
+    for f, (_, p) in zip(optimizer.fragments(), _params_in_fragment_order(model, optimizer)):
+        for spec in p.canonical_specs.values():
+            table[spec.name] = {"shape": list(spec.shape), "group": f.group}
+    return table
+
+
+def _params_in_fragment_order(model: nn.Module, optimizer: DistributedOptimizer):
+    params = dict(model.named_parameters())
+    return [(f.name, params[f.name]) for f in optimizer.fragments()]
+
+
+def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology) -> dict:
+    """Write this rank's fragments; return its entry of the manifest."""
+    file = f"rank_{topo.rank:05d}.safetensors"
+    write_tensors = optimizer.stage >= 1 or topo.dp_rank == 0  # stage 0: DP replicas are identical
+    params, entries = {}, []
+    for f, (name, p) in zip(optimizer.fragments(), _params_in_fragment_order(model, optimizer)):
+        fragments = [[f.start, f.end]] if write_tensors and f.end > f.start else []
+        params[name] = {"local_shape": list(p.shape), "pieces": [pc.to_json() for pc in p.piece_map.pieces],
+                        "group": f.group, "fragments": fragments}
+        if fragments:
+            entries += [(f"{name}/{s}", (f.end - f.start,)) for s in STATES]
+    writer = SafetensorsWriter(os.path.join(folder, file), entries, {"rank": str(topo.rank)})
+    for f in optimizer.fragments():
+        if write_tensors and f.end > f.start:
+            for s, t in optimizer.fragment_state(f).items():
+                writer.write(f"{f.name}/{s}", t)
+    info = writer.close()
+    return {"file": file, "file_info": info.to_json(), "rank": topo.rank,
+            "position": [topo.pp_rank, topo.tp_rank],
+            "coords": {"tp": topo.tp_rank, "dp": topo.dp_rank, "pp": topo.pp_rank},
+            "params": params, "canonical": canonical_table(model, optimizer), "rng": rng_state()}
+
+
+def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: DistributedOptimizer,
+                    topo: Topology) -> str:
+    """Collective: every rank calls it. Returns the committed checkpoint folder."""
+    tag = f"global_step{state['iteration']}"
+    final = os.path.join(save_dir, tag)
+    tmp = os.path.join(save_dir, f".{tag}.tmp")
+    if topo.rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
+        os.makedirs(tmp)
+    comm.barrier()
+    entry = write_rank_file(tmp, model, optimizer, topo)
+    entries = [None] * topo.world_size if topo.rank == 0 else None
+    if dist.is_initialized() and topo.world_size > 1:
+        dist.gather_object(entry, entries, dst=0)
+    else:
+        entries = [entry]
+    if topo.rank == 0:
+        canonical = {}
+        for e in entries:
+            canonical.update(e.pop("canonical"))
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "native", "state": state,
+            "topology": topo.describe(), "zero_stage": optimizer.stage,
+            "param_groups": optimizer.hyperparameters(), "canonical": dict(sorted(canonical.items())),
+            "files": {e["file"]: e.pop("file_info") for e in entries},
+            "rng": {str(e["rank"]): e.pop("rng") for e in entries},
+            "sources": entries,
+        }
+        write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+        commit_folder(tmp, final)
+        write_atomic(os.path.join(save_dir, "latest"), tag)
+        write_atomic(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), str(state["iteration"]))
+    comm.barrier()
+    return final

@@ -1,0 +1,230 @@
+"""Tensor-parallel layers that declare their piece maps (DESIGN §3, Megatron-style).
+
+Every parameter made here carries ``piece_map`` (where its elements live in the
+canonical tensors) and ``canonical_specs`` (how those tensors are initialised and
+whether they decay). This is the one place where partition semantics live.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core import comm
+from megatron.core.canonical_init import init_local
+from megatron.core.parallel_state import Topology
+from megatron.core.pieces import CanonicalSpec, Piece, PieceMap, slice_piece, whole_piece
+
+
+def make_param(local_shape: tuple[int, ...], pieces: list[Piece], specs: list[CanonicalSpec],
+               seed: int) -> nn.Parameter:
+    """A parameter initialised from the canonical tensors it holds pieces of."""
+    piece_map = PieceMap(tuple(local_shape), pieces)
+    by_name = {s.name: s for s in specs}
+    p = nn.Parameter(init_local(piece_map, by_name, seed))
+    p.piece_map = piece_map
+    p.canonical_specs = by_name
+    p.partial_grad_rows = []  # (row_start, rows, slot, num_slots): rows summed over TP replicas
+    return p
+
+
+# --- communication with autograd -------------------------------------------------
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward; all-reduce of the input gradient over TP backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return comm.all_reduce(g.contiguous(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce over TP forward; identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return comm.all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """All-gather along the last dim forward; keep this rank's slice backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.n = group, x.shape[-1]
+        return comm.all_gather_last_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        r = comm.group_rank(ctx.group)
+        return g[..., r * ctx.n:(r + 1) * ctx.n].contiguous(), None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return x if comm.group_size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return x if comm.group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return x if comm.group_size(group) == 1 else _GatherFromTP.apply(x, group)
+
+
+# --- linear layers -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OutputSegment:
+    """Rows ``[start, start+length)`` of a canonical weight (and bias) held by a column-parallel layer."""
+
+    weight: CanonicalSpec
+    bias: CanonicalSpec | None
+    start: int
+    length: int
+    owner: bool = True
+    replica_slot: tuple[int, int] | None = None  # (slot, num_slots) when repeated over TP ranks
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split over TP; several canonical outputs may be fused (QKV, gate/up)."""
+
+    def __init__(self, in_features: int, segments: list[OutputSegment], topo: Topology, seed: int) -> None:
+        super().__init__()
+        self.group = topo.tp_group
+        out = sum(s.length for s in segments)
+        w_pieces, b_pieces, offset = [], [], 0
+        for s in segments:
+            w_pieces.append(slice_piece(s.weight, 0, s.start, s.length, offset, s.owner))
+            if s.bias is not None:
+                b_pieces.append(slice_piece(s.bias, 0, s.start, s.length, offset, s.owner))
+            offset += s.length
+        self.weight = make_param((out, in_features), w_pieces, [s.weight for s in segments], seed)
+        has_bias = segments[0].bias is not None
+        self.bias = make_param((out,), b_pieces, [s.bias for s in segments], seed) if has_bias else None
+        offset = 0
+        for s in segments:
+            if s.replica_slot is not None:
+                for p in (self.weight, self.bias):
+                    if p is not None:
+                        p.partial_grad_rows.append((offset, s.length, *s.replica_slot))
+            offset += s.length
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split over TP; the partial outputs are summed over TP."""
+
+    def __init__(self, weight: CanonicalSpec, bias: CanonicalSpec | None, topo: Topology, seed: int) -> None:
+        super().__init__()
+        self.group = topo.tp_group
+        out_f, in_f = weight.shape
+        start, length = shard_or_raise(in_f, topo, weight.name)
+        self.weight = make_param((out_f, length), [slice_piece(weight, 1, start, length)], [weight], seed)
+        self.bias = None
+        if bias is not None:
+            self.bias = make_param((out_f,), [whole_piece(bias, owner=topo.tp_rank == 0)], [bias], seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
+
+
+def shard_or_raise(size: int, topo: Topology, what: str) -> tuple[int, int]:
+    if size % topo.tp:
+        raise ValueError(f"{what}: size {size} is not divisible by tensor-model-parallel size {topo.tp}")
+    n = size // topo.tp
+    return topo.tp_rank * n, n
+
+
+# --- vocabulary-parallel embedding and cross-entropy -----------------------------
+
+def vocab_piece(spec: CanonicalSpec, padded_vocab: int, topo: Topology, owner: bool = True) -> tuple[int, int, list[Piece]]:
+    """This rank's rows of a padded vocab matrix; rows past the real vocab map to nothing."""
+    per_rank = padded_vocab // topo.tp
+    start = topo.tp_rank * per_rank
+    real = max(0, min(spec.shape[0], start + per_rank) - start)
+    pieces = [slice_piece(spec, 0, start, real, 0, owner)] if real else []
+    return start, per_rank, pieces
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows of the (padded) vocabulary split over TP; lookups outside the shard give zero."""
+
+    def __init__(self, spec: CanonicalSpec, padded_vocab: int, topo: Topology, seed: int, owner: bool = True) -> None:
+        super().__init__()
+        self.group = topo.tp_group
+        self.start, self.per_rank, pieces = vocab_piece(spec, padded_vocab, topo, owner)
+        self.weight = make_param((self.per_rank, spec.shape[1]), pieces, [spec], seed)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(out, self.group)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, vocab_start, vocab_size, group):
+        logits = logits.float()
+        n_local = logits.shape[-1]
+        valid = torch.arange(vocab_start, vocab_start + n_local, device=logits.device) < vocab_size
+        logits = logits.masked_fill(~valid, float("-inf"))  # padding rows never compete
+        max_logit = logits.max(dim=-1).values
+        comm.all_reduce(max_logit, group, op=torch.distributed.ReduceOp.MAX)
+        shifted = logits - max_logit.unsqueeze(-1)
+        local_t = target - vocab_start
+        in_range = (local_t >= 0) & (local_t < n_local)
+        idx = local_t.clamp(0, n_local - 1).unsqueeze(-1)
+        target_logit = shifted.gather(-1, idx).squeeze(-1).masked_fill(~in_range, 0.0)
+        comm.all_reduce(target_logit, group)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        comm.all_reduce(sum_exp, group)
+        loss = sum_exp.log() - target_logit
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, idx, in_range)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, idx, in_range = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(-1, idx, -in_range.unsqueeze(-1).to(grad.dtype))
+        return grad * g.unsqueeze(-1), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
+                                 vocab_size: int, group) -> torch.Tensor:
+    """Per-token loss from vocab-sharded logits; padded vocab entries are excluded from softmax."""
+    return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, vocab_size, group)
+
+
+def sum_partial_replica_grads(param: nn.Parameter, grad: torch.Tensor, group) -> None:
+    """Sum, over the TP ranks that repeat them, the rows whose gradient each rank has only in part.
+
+    A KV head repeated on several TP ranks gets a partial gradient on each (only from
+    that rank's query heads). Each rank writes its rows into its slot of a shared
+    buffer; after an all-reduce every replica holds the sum. ``grad`` is param-shaped.
+    """
+    for row_start, rows, slot, num_slots in param.partial_grad_rows:
+        part = grad[row_start:row_start + rows]
+        buf = torch.zeros((num_slots, *part.shape), dtype=grad.dtype, device=grad.device)
+        buf[slot] = part
+        comm.all_reduce(buf, group)
+        part.copy_(buf[slot])

@@ -1,0 +1,25 @@
+"""Build the train / valid / test datasets from the command line."""
+from __future__ import annotations
+
+import argparse
+
+from megatron.data.mock import MockGPTDataset
+
+
+def build_datasets(args: argparse.Namespace) -> tuple[tuple, int]:
+    """((train, valid, test), vocab size). Sample ``i`` depends only on seed, data and ``i``."""
+    samples = args.train_iters * args.global_batch_size
+    eval_samples = (args.train_iters // max(args.eval_interval, 1) + 1) * args.eval_iters * args.global_batch_size
+    if args.mock_data:
+        datasets = tuple(MockGPTDataset(args.vocab_size, args.seq_length, args.seed, n, split)
+                         for n, split in ((samples, "train"), (eval_samples, "valid"), (eval_samples, "test")))
+        return datasets, args.vocab_size
+    from megatron.data.gpt_dataset import build_gpt_datasets
+    from megatron.data.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
+                                tokenizer_model=args.tokenizer_model, tokenizer_path=args.tokenizer_model,
+                                vocab_size=args.vocab_size)
+    datasets = build_gpt_datasets(args.data_path, args.split, args.seq_length, args.seed,
+                                  (samples, eval_samples, eval_samples))
+    return datasets, tokenizer.vocab_size

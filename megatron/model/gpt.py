@@ -1,0 +1,88 @@
+"""The GPT / Llama decoder: this rank's pipeline stage of it.
+
+The first stage holds the embeddings, the last the final norm and output layer. With
+tied embeddings and PP > 1, the last stage holds a replica of the word embedding
+(``owner=False`` in its piece map); their gradients are summed over the embedding group.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core.parallel_state import Topology
+from megatron.core.pieces import CanonicalSpec, shard_range, whole_piece
+from megatron.core.tensor_parallel import (VocabParallelEmbedding, copy_to_tp, gather_from_tp,
+                                           make_param, vocab_parallel_cross_entropy)
+from megatron.model.config import ModelConfig
+from megatron.model.transformer import Norm, TransformerLayer, rope_cos_sin
+
+WORD_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, topo: Topology, seed: int) -> None:
+        super().__init__()
+        cfg.check_parallel(topo.tp, topo.pp)
+        self.cfg, self.topo = cfg, topo
+        self.pre_process, self.post_process = topo.is_first_stage, topo.is_last_stage
+        self.padded_vocab = cfg.padded_vocab_size(topo.tp)
+        word = CanonicalSpec(WORD_EMBEDDING, (cfg.vocab_size, cfg.hidden_size), "normal", cfg.init_method_std)
+        self.embedding = None
+        if self.pre_process:
+            self.embedding = nn.Module()
+            self.embedding.word_embeddings = VocabParallelEmbedding(word, self.padded_vocab, topo, seed)
+            if cfg.position_embedding_type == "learned_absolute":
+                pos = CanonicalSpec("embedding.position_embeddings.weight",
+                                    (cfg.max_position_embeddings, cfg.hidden_size), "normal", cfg.init_method_std)
+                self.embedding.position_embeddings = nn.Module()
+                self.embedding.position_embeddings.weight = make_param(
+                    pos.shape, [whole_piece(pos, owner=topo.tp_rank == 0)], [pos], seed)
+        start, count = shard_range(cfg.num_layers, topo.pp_rank, topo.pp, "--num-layers")
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(i, cfg, topo, seed) for i in range(start, start + count)})
+        self.final_norm = self.output_layer = None
+        if self.post_process:
+            self.final_norm = Norm("final_norm", cfg, topo, seed)
+            if not cfg.tie_embeddings:
+                out = CanonicalSpec("output_layer.weight", (cfg.vocab_size, cfg.hidden_size), "normal",
+                                    cfg.init_method_std)
+                self.output_layer = VocabParallelEmbedding(out, self.padded_vocab, topo, seed)
+            elif not self.pre_process:  # tied, on another stage: a replica of the word embedding
+                self.output_layer = VocabParallelEmbedding(word, self.padded_vocab, topo, seed, owner=False)
+        if cfg.tie_embeddings and topo.pp > 1 and (self.pre_process or self.post_process):
+            self.output_weight().sum_over_embedding_group = True  # both copies get the summed gradient
+
+    def output_weight(self) -> torch.Tensor:
+        if self.output_layer is not None:
+            return self.output_layer.weight
+        return self.embedding.word_embeddings.weight
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embedding.word_embeddings(tokens)
+        if self.cfg.position_embedding_type == "learned_absolute":
+            x = x + self.embedding.position_embeddings.weight[: tokens.shape[1]]
+        return F.dropout(x, self.cfg.hidden_dropout, self.training)
+
+    def rope(self, seq: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.cfg.position_embedding_type != "rope":
+            return None
+        return rope_cos_sin(seq, self.cfg.head_dim, self.cfg.rotary_base, x.dtype, x.device)
+
+    def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """First stage takes token ids, later stages hidden states. The last stage returns the
+        per-token loss when ``labels`` are given, else the full (unpadded) logits."""
+        x = self.embed(tokens_or_hidden) if self.pre_process else tokens_or_hidden
+        rope = self.rope(x.shape[1], x)
+        for layer in self.layers.values():
+            x = layer(x, rope)
+        if not self.post_process:
+            return x
+        return self.head(x, labels)
+
+    def head(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        x = self.final_norm(x)
+        logits = F.linear(copy_to_tp(x, self.topo.tp_group), self.output_weight())
+        vocab_start = self.topo.tp_rank * (self.padded_vocab // self.topo.tp)
+        if labels is None:
+            return gather_from_tp(logits, self.topo.tp_group)[..., : self.cfg.vocab_size]
+        return vocab_parallel_cross_entropy(logits, labels, vocab_start, self.cfg.vocab_size, self.topo.tp_group)
