@@ -4,7 +4,10 @@ Workers fork after torch is imported, so a 4-rank test starts in well under a se
 """
 from __future__ import annotations
 
+import datetime
 import os
+import pickle
+import queue as queue_mod
 import socket
 import tempfile
 import traceback
@@ -25,10 +28,13 @@ def _worker(rank: int, world: int, store_path: str, fn: Callable, args: tuple, q
     torch.set_num_threads(1)
     try:
         store = dist.FileStore(store_path, world)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=120))
         result = fn(rank, world, *args)
         dist.barrier()
-        queue.put((rank, "ok", result))
+        # Plain pickle copies tensors into bytes; the queue's own pickler would pass shared
+        # memory handles that die with this process before the parent reads them.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report every failure to the parent, which raises it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -50,11 +56,11 @@ def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: flo
         for _ in range(world):
             try:
                 rank, status, value = queue.get(timeout=timeout)
-            except Exception:
+            except queue_mod.Empty:
                 errors.append(f"no answer from a worker within {timeout} s")
                 break
             if status == "ok":
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank}:\n{value}")
                 break
