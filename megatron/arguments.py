@@ -84,7 +84,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    choices=["GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"])
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
-    g.add_argument("--tokenizer-model", default=None, help="sentencepiece model, or a local HuggingFace directory")
+    g.add_argument("--tokenizer-model", "--tokenizer-path", dest="tokenizer_model", default=None,
+                   help="sentencepiece model, or a local HuggingFace directory")
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -170,6 +171,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                          "use ZeRO stage 0-2 with pipeline parallelism, or PP=1 with ZeRO-3")
     if not args.mock_data and not args.data_path:
         raise ValueError("give --data-path PREFIX (see tools/preprocess_data.py) or --mock-data")
+    if args.data_path and not args.mock_data and args.tokenizer_type is None:
+        raise ValueError("--data-path needs --tokenizer-type (the tokenizer the data was preprocessed with)")
     if args.mock_data and args.vocab_size is None:
         raise ValueError("--mock-data needs --vocab-size")
     if args.universal_checkpoint and not args.load:

@@ -7,7 +7,11 @@ from megatron.data.mock import MockGPTDataset
 
 
 def build_datasets(args: argparse.Namespace) -> tuple[tuple, int]:
-    """((train, valid, test), vocab size). Sample ``i`` depends only on seed, data and ``i``."""
+    """((train, valid, test), vocab size). Sample ``i`` depends only on seed, data and ``i``.
+
+    With ``--data-path`` the vocabulary is the tokenizer's own size (the model pads it
+    for tensor parallelism), so every token id the data holds has an embedding row.
+    """
     samples = args.train_iters * args.global_batch_size
     eval_samples = (args.train_iters // max(args.eval_interval, 1) + 1) * args.eval_iters * args.global_batch_size
     if args.mock_data:
@@ -22,4 +26,7 @@ def build_datasets(args: argparse.Namespace) -> tuple[tuple, int]:
                                 vocab_size=args.vocab_size)
     datasets = build_gpt_datasets(args.data_path, args.split, args.seq_length, args.seed,
                                   (samples, eval_samples, eval_samples))
+    if datasets[0] is None:
+        raise ValueError(f"--split {args.split} leaves no training documents in --data-path "
+                         f"{' '.join(args.data_path)}: give the first (train) ratio a positive share")
     return datasets, tokenizer.vocab_size
