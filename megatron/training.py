@@ -18,6 +18,7 @@ from megatron.core import comm
 from megatron.core.optimizer.distributed_optimizer import AdamConfig, DistributedOptimizer
 from megatron.core.optimizer.grad_scaler import LossScaler
 from megatron.core.optimizer.lr_scheduler import LRSchedule
+from megatron.core.optimizer.zero3 import partition_parameters
 from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.core.schedules import forward_backward, micro_batches
 from megatron.data.build import build_datasets
@@ -70,6 +71,8 @@ class Trainer:
         self.optimizer = DistributedOptimizer(list(self.model.named_parameters()), self.topo, args.zero_stage,
                                               adam, self.scaler)
         self.model.to(self.dtype)
+        if args.zero_stage == 3:  # keep only this rank's shard of each parameter from here on
+            partition_parameters(self.model, self.topo, self.optimizer.fragments())
         self.schedule = LRSchedule(args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters,
                                    args.lr_decay_style)
         self.state = TrainState()
@@ -182,7 +185,8 @@ class Trainer:
         tokens_per_iter = a.global_batch_size * a.seq_length
         self.log(f"training {self.cfg.num_layers}-layer model on {self.topo.describe()} with ZeRO stage "
                  f"{a.zero_stage}, {self.dtype}, from iteration {self.state.iteration} to {a.train_iters}")
-        saved_at = self.state.iteration if a.load else -1
+        resumed_into_same_folder = bool(a.load and a.save) and os.path.realpath(a.load) == os.path.realpath(a.save)
+        saved_at = self.state.iteration if resumed_into_same_folder else -1
         window_start, window_iters = time.perf_counter(), 0
         while self.state.iteration < a.train_iters:
             loss, grad_norm, ok = self.train_step()
