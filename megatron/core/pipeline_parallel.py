@@ -1,0 +1,147 @@
+"""Pipeline parallelism: the 1F1B (one forward, one backward) schedule over micro-batches.
+
+Stage ``s`` of ``P`` runs ``min(P - s - 1, M)`` warmup forwards, then alternates one
+forward and one backward, then drains the remaining backwards. A stage therefore holds
+the activations of at most ``P - s`` micro-batches at once, whatever the number of
+micro-batches ``M``: peak activation memory grows with P, not with M.
+
+Activations and their gradients move between neighbouring stages with point-to-point
+``torch.distributed`` isend/irecv (gloo or NCCL). Their shape, ``[micro, seq, hidden]``
+in the model's dtype, is known in advance, so no shapes are exchanged. The sends and
+receives of one step are posted together and then awaited, so neighbours that both
+send and receive in the same step cannot deadlock even when a send only completes once
+its receive has been posted.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron.core.parallel_state import Topology
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class StageLinks:
+    """Point-to-point traffic of this rank with its neighbouring pipeline stages."""
+
+    def __init__(self, topo: Topology, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.shape, self.dtype, self.device = shape, dtype, device
+        s = topo.pp_rank
+        self.prev = topo.pp_ranks[s - 1] if s > 0 else None
+        self.next = topo.pp_ranks[s + 1] if s < topo.pp - 1 else None
+
+    def exchange(self, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
+                 recv_prev: bool = False, recv_next: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Post every requested send and receive at once, wait for all of them, and return
+        (tensor from the previous stage, tensor from the next stage). Requests towards a
+        neighbour that does not exist (before the first, after the last stage) are no-ops."""
+        ops: list[dist.Work] = []
+        from_prev = from_next = None
+        if recv_prev and self.prev is not None:
+            from_prev = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            ops.append(dist.irecv(from_prev, self.prev))
+        if recv_next and self.next is not None:
+            from_next = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            ops.append(dist.irecv(from_next, self.next))
+        if send_next is not None and self.next is not None:
+            ops.append(dist.isend(send_next.detach().contiguous(), self.next))
+        if send_prev is not None and self.prev is not None:
+            ops.append(dist.isend(send_prev.detach().contiguous(), self.prev))
+        for op in ops:
+            op.wait()
+        return from_prev, from_next
+
+
+class StageRunner:
+    """Forward and backward of one micro-batch on this stage; the last stage adds the loss."""
+
+    def __init__(self, model: nn.Module, topo: Topology, batches: list[Batch], loss_scale: float, denom: int,
+                 local_loss: torch.Tensor) -> None:
+        self.model, self.topo, self.batches = model, topo, batches
+        self.loss_scale, self.denom, self.local_loss = loss_scale, denom, local_loss
+
+    def forward(self, m: int, received: torch.Tensor | None, grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Returns (this stage's input if it needs a gradient, the output: hidden states, or the
+        micro-batch's loss share on the last stage)."""
+        tokens, labels = self.batches[m]
+        x = tokens
+        if not self.topo.is_first_stage:
+            x = received.requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            if self.topo.is_last_stage:
+                out = self.model(x, labels).float().sum() / self.denom
+                self.local_loss += out.detach()
+            else:
+                out = self.model(x)
+        return (x if grad and not self.topo.is_first_stage else None), out
+
+    def backward(self, x: torch.Tensor | None, out: torch.Tensor, out_grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Backpropagate one micro-batch; returns the gradient to send to the previous stage."""
+        if self.topo.is_last_stage:
+            (out * self.loss_scale).backward()
+        else:
+            torch.autograd.backward(out, grad_tensors=out_grad)
+        return None if x is None else x.grad
+
+
+def num_warmup_forwards(topo: Topology, num_micro: int, all_forward_first: bool = False) -> int:
+    """Forwards before the first backward: P - s - 1 in 1F1B (capped by M); M when all
+    forwards run first (the GPipe order, kept for memory comparisons)."""
+    if all_forward_first:
+        return num_micro
+    return min(topo.pp - topo.pp_rank - 1, num_micro)
+
+
+def forward_backward_pipelined(model: nn.Module, batches: list[Batch], topo: Topology, loss_scale: float,
+                               denom: int, device: torch.device, backward: bool = True,
+                               all_forward_first: bool = False) -> torch.Tensor:
+    """Run this stage's part of every micro-batch in the 1F1B order.
+
+    Returns this rank's local loss sum: the sum over micro-batches of token-loss-sum /
+    ``denom`` on the last stage, zero elsewhere (the caller all-reduces over the world).
+    With ``backward=False`` only forwards run (evaluation). ``all_forward_first`` runs the
+    GPipe order instead (every forward, then every backward) for comparison.
+    """
+    local_loss = torch.zeros(1, device=device)
+    if not batches:
+        return local_loss
+    dtype = next(model.parameters()).dtype
+    micro, seq = batches[0][0].shape
+    links = StageLinks(topo, (micro, seq, model.cfg.hidden_size), dtype, device)
+    runner = StageRunner(model, topo, batches, loss_scale, denom, local_loss)
+    if not backward:
+        for m in range(len(batches)):
+            received, _ = links.exchange(recv_prev=True)
+            _, out = runner.forward(m, received, grad=False)
+            links.exchange(send_next=out)
+        return local_loss
+    _one_f_one_b(runner, links, len(batches), num_warmup_forwards(topo, len(batches), all_forward_first))
+    return local_loss
+
+
+def _one_f_one_b(runner: StageRunner, links: StageLinks, num_micro: int, warmup: int) -> None:
+    """Warmup forwards, steady one-forward-one-backward, cooldown backwards. ``in_flight`` holds
+    (input, output) of the micro-batches whose backward has not run yet: never more than
+    ``warmup + 1`` of them. (The last stage's "output" is its loss; sends past it are no-ops.)"""
+    in_flight: deque[tuple[torch.Tensor | None, torch.Tensor]] = deque()
+    for m in range(warmup):
+        received, _ = links.exchange(recv_prev=True)
+        x, out = runner.forward(m, received, grad=True)
+        in_flight.append((x, out))
+        links.exchange(send_next=out)
+    steady = num_micro - warmup
+    received = links.exchange(recv_prev=True)[0] if steady else None
+    for i in range(steady):
+        x, out = runner.forward(warmup + i, received, grad=True)
+        in_flight.append((x, out))
+        _, out_grad = links.exchange(send_next=out, recv_next=True)
+        input_grad = runner.backward(*in_flight.popleft(), out_grad)
+        received, _ = links.exchange(send_prev=input_grad, recv_prev=i < steady - 1)
+    for _ in range(warmup):
+        _, out_grad = links.exchange(recv_next=True)
+        input_grad = runner.backward(*in_flight.popleft(), out_grad)
+        links.exchange(send_prev=input_grad)
