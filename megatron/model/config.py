@@ -37,9 +37,13 @@ class ModelConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden size {self.hidden_size} is not divisible by "
                              f"{self.num_attention_heads} attention heads")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"{self.num_attention_heads} attention heads are not divisible by "
-                             f"{self.num_key_value_heads} key-value heads")
+        if self.num_key_value_heads < 1 or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+                             f"--num-key-value-heads {self.num_key_value_heads}: each KV head must serve "
+                             f"the same number of query heads")
+        if self.position_embedding_type == "rope" and self.head_dim % 2:
+            raise ValueError(f"--position-embedding-type rope needs an even head size, got --hidden-size "
+                             f"{self.hidden_size} / --num-attention-heads {self.num_attention_heads} = {self.head_dim}")
         if self.normalization not in ("layernorm", "rmsnorm"):
             raise ValueError(f"--normalization must be layernorm or rmsnorm, got {self.normalization!r}")
         if self.position_embedding_type not in ("learned_absolute", "rope"):
