@@ -54,7 +54,7 @@ def fill_fragment(reader: CheckpointReader, param: nn.Parameter, start: int, end
                   dest: torch.Tensor) -> None:
     """Fill ``dest`` (the flat elements [start, end) of ``param``) with ``state`` from the checkpoint."""
     dest.zero_()
-    shape = tuple(param.shape)
+    shape = tuple(param.piece_map.local_shape)  # under ZeRO-3 the parameter itself is empty here
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
     for box in flat_range_boxes(shape, start, end):
         for piece in param.piece_map.pieces:

@@ -75,7 +75,8 @@ def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimiz
     params, entries = {}, []
     for f, (name, p) in zip(optimizer.fragments(), _params_in_fragment_order(model, optimizer)):
         fragments = [[f.start, f.end]] if write_tensors and f.end > f.start else []
-        params[name] = {"local_shape": list(p.shape), "pieces": [pc.to_json() for pc in p.piece_map.pieces],
+        params[name] = {"local_shape": list(p.piece_map.local_shape),  # p is empty under ZeRO-3
+                        "pieces": [pc.to_json() for pc in p.piece_map.pieces],
                         "group": f.group, "fragments": fragments}
         if fragments:
             entries += [(f"{name}/{s}", (f.end - f.start,)) for s in STATES]

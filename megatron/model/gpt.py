@@ -52,6 +52,18 @@ class GPTModel(nn.Module):
         if cfg.tie_embeddings and topo.pp > 1 and (self.pre_process or self.post_process):
             self.output_weight().sum_over_embedding_group = True  # both copies get the summed gradient
 
+    def units(self) -> list[tuple[object, str, list[nn.Parameter]]]:
+        """The steps of ``forward`` as (object, method name, parameters the method reads), in
+        order. ZeRO-3 gathers a unit's parameters around that call; with tied embeddings the
+        word embedding is read by the first and the last unit."""
+        units: list[tuple[object, str, list[nn.Parameter]]] = []
+        if self.pre_process:
+            units.append((self, "embed", list(self.embedding.parameters())))
+        units += [(layer, "forward", list(layer.parameters())) for layer in self.layers.values()]
+        if self.post_process:
+            units.append((self, "head", [*self.final_norm.parameters(), self.output_weight()]))
+        return units
+
     def output_weight(self) -> torch.Tensor:
         if self.output_layer is not None:
             return self.output_layer.weight

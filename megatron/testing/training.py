@@ -1,5 +1,8 @@
-"""Run ``pretrain`` on N forked gloo ranks and return rank 0's loss curve (for tests)."""
+"""Run ``pretrain`` on N forked gloo ranks and return rank 0's loss curve, or inspect what
+every rank holds after training (for tests)."""
 from __future__ import annotations
+
+from typing import Any, Callable
 
 from megatron.testing.distributed import run_distributed
 
@@ -16,3 +19,20 @@ def _train(rank: int, world: int, argv: list[str]) -> list[float]:
 def train_losses(world: int, argv: list[str]) -> list[float]:
     """Losses of every iteration this run trained (after any resume), as rank 0 logged them."""
     return run_distributed(_train, world, list(argv))[0]
+
+
+def _train_and_inspect(rank: int, world: int, argv: list[str], inspect: Callable[[Any], Any]) -> Any:
+    from megatron.arguments import parse_args
+    from megatron.initialize import initialize_distributed
+    from megatron.training import Trainer
+    args = parse_args(argv, world)
+    rank, world, device = initialize_distributed(args.distributed_backend, args.device)
+    trainer = Trainer(args, rank, world, device)
+    trainer.train()
+    return inspect(trainer)
+
+
+def inspect_trained(world: int, argv: list[str], inspect: Callable[[Any], Any]) -> list[Any]:
+    """Train as ``pretrain`` does, then return ``inspect(trainer)`` from every rank, by rank
+    (the state between steps: after the last one)."""
+    return run_distributed(_train_and_inspect, world, list(argv), inspect)

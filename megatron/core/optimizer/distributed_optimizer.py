@@ -8,9 +8,12 @@ a whole group. The fp32 master weights, ``exp_avg``, ``exp_avg_sq`` and the redu
 gradients live in partitions; the fragment table says which element is which.
 
 Gradients: stages 0-1 accumulate into a full fp32 ``main_grad`` per parameter and
-all-reduce it in buckets after the last micro-batch; stages 2-3 reduce-scatter each
-parameter's gradient into the partition as soon as autograd produces it, so no rank
-keeps the full reduced gradient.
+all-reduce it in buckets after the last micro-batch (with one shard, ``main_grad`` is
+the partition itself); stages 2-3 reduce-scatter each parameter's gradient into the
+partition as soon as autograd produces it (gathered in buckets of ``bucket_numel``
+elements), so no rank keeps the full reduced gradient and no ``main_grad`` exists.
+Stage 3 also keeps only this rank's chunk of each parameter (``p.zero3_shard``, see
+``zero3.py``); the step writes the new master values straight into those shards.
 """
 from __future__ import annotations
 
@@ -115,9 +118,12 @@ class DistributedOptimizer:
     # --- gradients -------------------------------------------------------------------
 
     def _install_grad_hooks(self) -> None:
+        self._pending: list[tuple[ParamGroup, Fragment, torch.Tensor]] = []  # stages 2-3: a bucket
+        self._pending_numel = 0
         for g in self.groups:
             if self.stage <= 1:
-                flat = torch.zeros(sum(p.numel() for p in g.params))
+                # One shard: the partition has main_grad's layout, so share the buffer.
+                flat = g.grad if self.shards == 1 else torch.zeros(sum(p.numel() for p in g.params))
                 g.main_grad_flat, offset = flat, 0
                 for p in g.params:
                     p.main_grad = flat[offset:offset + p.numel()].view(p.shape)
@@ -132,13 +138,32 @@ class DistributedOptimizer:
             else:
                 grad = p.grad.float()
                 sum_partial_replica_grads(p, grad, self.topo.tp_group)
-                padded = torch.zeros(f.chunk * self.shards)
-                padded[:grad.numel()] = grad.reshape(-1)
-                mine = torch.empty(f.chunk)
-                comm.reduce_scatter_flat(mine, padded, self.topo.dp_group)
-                g.grad[f.offset:f.offset + f.end - f.start] += mine[:f.end - f.start]
+                self._pending.append((g, f, grad))
+                self._pending_numel += grad.numel()
+                if self._pending_numel >= self.cfg.bucket_numel:
+                    self._reduce_scatter_pending()
             p.grad = None
         return hook
+
+    def _reduce_scatter_pending(self) -> None:
+        """Reduce-scatter the waiting gradients in one collective; add this rank's chunks to the
+        partitions. Every rank's hooks run in the same order, so the buckets match across DP."""
+        if not self._pending:
+            return
+        width = sum(f.chunk for _, f, _ in self._pending)
+        device = self.groups[0].grad.device  # the partitions' device
+        send, column = torch.empty(self.shards, width, device=device), 0
+        for _, f, grad in self._pending:  # column block of each gradient: its chunk r in row r
+            padded = torch.nn.functional.pad(grad.reshape(-1), (0, f.chunk * self.shards - grad.numel()))
+            send[:, column:column + f.chunk] = padded.view(self.shards, f.chunk)
+            column += f.chunk
+        mine = torch.empty(width, device=device)
+        comm.reduce_scatter_flat(mine, send.view(-1), self.topo.dp_group)
+        column = 0
+        for g, f, _ in self._pending:
+            g.grad[f.offset:f.offset + f.end - f.start] += mine[column:column + f.end - f.start]
+            column += f.chunk
+        self._pending, self._pending_numel = [], 0
 
     def zero_grad(self) -> None:
         for g in self.groups:
@@ -148,21 +173,19 @@ class DistributedOptimizer:
 
     def _finish_gradient_reduction(self) -> None:
         """After the last micro-batch: sum replicas, reduce over DP, keep this rank's chunks."""
+        self._reduce_scatter_pending()
         for g in self.groups:
             if self.stage <= 1:
                 for p in g.params:
                     sum_partial_replica_grads(p, p.main_grad, self.topo.tp_group)
+                    if getattr(p, "sum_over_embedding_group", False):
+                        comm.all_reduce(p.main_grad, self.topo.embedding_group)
                 flat = g.main_grad_flat
                 for s in range(0, flat.numel(), self.cfg.bucket_numel):
                     comm.all_reduce(flat[s:s + self.cfg.bucket_numel], self.topo.dp_group)
-                # After the DP sum: the tied copies sit at different bucket offsets on the first and
-                # last stage, so their DP sums may round differently; adding the two DP-reduced
-                # values afterwards gives both stages the same bits.
-                for p in g.params:
-                    if getattr(p, "sum_over_embedding_group", False):
-                        comm.all_reduce(p.main_grad, self.topo.embedding_group)
-                for f, p, grad in g.views(g.grad):
-                    grad.copy_(p.main_grad.reshape(-1)[f.start:f.end])
+                if flat is not g.grad:
+                    for f, p, grad in g.views(g.grad):
+                        grad.copy_(p.main_grad.reshape(-1)[f.start:f.end])
             else:
                 for f, p, grad in g.views(g.grad):
                     if getattr(p, "sum_over_embedding_group", False):
@@ -208,7 +231,18 @@ class DistributedOptimizer:
         g.master.addcdiv_(g.exp_avg, denom, value=-lr / bias1)
 
     def copy_master_to_model(self) -> None:
-        """Write the updated fp32 partitions into the model's parameters on every DP rank."""
+        """Write the updated fp32 partitions into the model's parameters on every DP rank
+        (under ZeRO-3 into this rank's parameter shards: nothing is gathered)."""
+        if self.stage == 3:
+            for g in self.groups:
+                for f, p, master in g.views(g.master):
+                    shard = getattr(p, "zero3_shard", None)
+                    if shard is None or shard.numel() != f.chunk:
+                        raise RuntimeError(f"--zero-stage 3: parameter {f.name} is not partitioned; call "
+                                           f"megatron.core.optimizer.zero3.partition_parameters(model, topo, "
+                                           f"optimizer.fragments()) after casting the model to its dtype")
+                    shard[:master.numel()].copy_(master)
+            return
         for g in self.groups:
             if self.shards == 1:
                 for f, p, master in g.views(g.master):

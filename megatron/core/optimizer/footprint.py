@@ -1,0 +1,54 @@
+"""Bytes of training state a rank holds between steps, by kind: what ZeRO partitions.
+
+Counted from the tensors that stay alive: model parameters (or their ZeRO-3 shards),
+gradient buffers (fp32 ``main_grad``, the reduced gradient partitions, any ``.grad``),
+and the optimizer's fp32 master weights and Adam moments. Views of one storage are
+counted once, so a buffer shared by two roles is not double counted.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
+
+
+@dataclass(frozen=True)
+class Footprint:
+    params: int  # model-dtype parameters, or this rank's ZeRO-3 shards of them
+    grads: int  # fp32 gradient accumulation and reduced-gradient partitions
+    optimizer: int  # fp32 master weights, exp_avg, exp_avg_sq
+    other: int  # bookkeeping (the grad-norm ownership mask)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor | None], seen: set[int]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` not yet in ``seen``."""
+    total = 0
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def resident_bytes(model: nn.Module, optimizer: DistributedOptimizer) -> Footprint:
+    """What this rank holds now; call it between steps."""
+    seen: set[int] = set()
+    params = list(model.parameters())
+    param_bytes = _storage_bytes([t for p in params for t in (p.data, getattr(p, "zero3_shard", None))], seen)
+    grad_tensors = [t for p in params for t in (p.grad, getattr(p, "main_grad", None))]
+    grad_tensors += [t for g in optimizer.groups for t in (getattr(g, "main_grad_flat", None), g.grad)]
+    grad_bytes = _storage_bytes(grad_tensors, seen)
+    state_bytes = _storage_bytes([t for g in optimizer.groups for t in (g.master, g.exp_avg, g.exp_avg_sq)], seen)
+    other = _storage_bytes([g.owned for g in optimizer.groups], seen)
+    return Footprint(param_bytes, grad_bytes, state_bytes, other)

@@ -1,0 +1,162 @@
+"""ZeRO stage 3: parameters live as 1/DP shards and are gathered one unit at a time.
+
+Each local parameter keeps only its chunk of the flattened, padded value (the chunk its
+optimizer fragment covers, in the model dtype) as ``p.zero3_shard``; ``p.data`` is empty
+between uses. A *unit* -- a step of the model's forward that names the parameters it
+reads (``GPTModel.units``: the embedding, each transformer layer, the final norm and
+output layer) -- all-gathers its parameters over the DP group just before it runs and
+frees them afterwards. Its forward runs without autograd; its backward re-gathers,
+recomputes the forward with the saved RNG state (as ``torch.utils.checkpoint`` does),
+back-propagates so the optimizer's gradient hooks reduce-scatter each gradient while the
+full parameter exists, and frees again. So autograd never holds a full parameter across
+units, at the price of one extra forward per unit (activation recomputation).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from megatron.core import comm
+from megatron.core.optimizer.distributed_optimizer import Fragment
+from megatron.core.parallel_state import Topology
+
+
+class Unit:
+    """The parameters one step of the forward reads; gathers and frees them together."""
+
+    def __init__(self, name: str, params: list[nn.Parameter], topo: Topology) -> None:
+        self.name, self.params, self.group, self.dp = name, params, topo.dp_group, topo.dp
+        dtypes = {p.zero3_shard.dtype for p in params}
+        if len(dtypes) > 1:
+            raise ValueError(f"ZeRO-3 unit {name} mixes parameter dtypes {sorted(map(str, dtypes))}; "
+                             f"cast the whole model to one dtype before partitioning")
+        self.offsets, offset = [], 0
+        for p in params:
+            self.offsets.append(offset)
+            offset += p.zero3_shard.numel()
+        self.shard_numel = offset
+        # A leaf that needs a gradient, so autograd calls the backward even when no input does.
+        self.anchor = torch.empty(0, requires_grad=True)
+
+    def gather(self) -> None:
+        """One all-gather of the unit's concatenated shards; then every parameter is whole."""
+        if not self.params:
+            return
+        send = torch.cat([p.zero3_shard for p in self.params])
+        table = torch.empty(self.dp * self.shard_numel, dtype=send.dtype, device=send.device)
+        comm.all_gather_flat(table, send, self.group)
+        table = table.view(self.dp, self.shard_numel)
+        for p, offset in zip(self.params, self.offsets):
+            chunk = p.zero3_shard.numel()
+            shape = p.piece_map.local_shape
+            p.data = table[:, offset:offset + chunk].reshape(-1)[:math.prod(shape)].view(shape)
+
+    def release(self) -> None:
+        for p in self.params:
+            p.data = p.zero3_shard.new_empty(0)
+
+    @contextmanager
+    def gathered(self) -> Iterator[None]:
+        self.gather()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+class _GatheredCall(torch.autograd.Function):
+    """Run ``fn`` with the unit gathered; in backward gather again, recompute and back-propagate."""
+
+    @staticmethod
+    def forward(ctx, unit: Unit, fn: Callable, spec: Any, leaves: list, anchor: torch.Tensor,
+                *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.unit, ctx.fn, ctx.spec, ctx.leaves = unit, fn, spec, leaves
+        device = tensors[0].device if tensors else anchor.device
+        ctx.device, ctx.rng = device, _rng_state(device)
+        ctx.save_for_backward(*tensors)
+        with unit.gathered():
+            out = fn(*_rebuild(spec, leaves, tensors))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"ZeRO-3 unit {unit.name} must return one tensor, got {type(out).__name__}")
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        needs = ctx.needs_input_grad[5:]
+        inputs = [t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, needs)]
+        cpu_rng, cuda_rng = ctx.rng
+        devices = [ctx.device] if cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices), ctx.unit.gathered(), torch.enable_grad():
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, ctx.device)
+            out = ctx.fn(*_rebuild(ctx.spec, ctx.leaves, inputs))
+            torch.autograd.backward(out, grad_out)  # the optimizer's hooks reduce-scatter here
+        return (None, None, None, None, None, *[t.grad if n else None for t, n in zip(inputs, needs)])
+
+
+_TENSOR = object()  # marks where a tensor argument goes back among a call's other leaves
+
+
+def _rebuild(spec: Any, leaves: list, tensors) -> list:
+    """The call's positional arguments, with its tensors put back in their slots."""
+    it = iter(tensors)
+    return tree_unflatten([next(it) if x is _TENSOR else x for x in leaves], spec)
+
+
+def _wrap(unit: Unit, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def call(*args: Any) -> torch.Tensor:
+        leaves, spec = tree_flatten(list(args))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        slots = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
+        return _GatheredCall.apply(unit, fn, spec, slots, unit.anchor, *tensors)
+    return call
+
+
+def _shard(p: nn.Parameter, f: Fragment, dp: int) -> None:
+    """Keep this rank's chunk of ``p`` (zero padded to the fragment's chunk size); free the rest."""
+    if f.chunk * dp < p.numel():
+        raise ValueError(f"ZeRO-3: fragment of {f.name} has chunk {f.chunk}, too small for {p.numel()} elements "
+                         f"over {dp} data-parallel ranks")
+    shard = p.detach().new_zeros(f.chunk)
+    shard[:f.end - f.start] = p.detach().reshape(-1)[f.start:f.end]
+    p.zero3_shard = shard
+    p.data = shard.new_empty(0)
+
+
+def partition_parameters(model: nn.Module, topo: Topology, fragments: list[Fragment]) -> list[Unit]:
+    """Shard every parameter of ``model`` over DP as the optimizer's ``fragments`` cut it, and
+    make each of ``model.units()`` gather its parameters around its call. Call it once, after
+    the model is cast to its training dtype and the optimizer has copied the fp32 values."""
+    named = dict(model.named_parameters())
+    by_id = {id(named[f.name]): f for f in fragments}
+    if len(by_id) != len(named):
+        missing = sorted(n for n, p in named.items() if id(p) not in by_id)
+        raise ValueError(f"ZeRO-3: parameters without an optimizer fragment: {missing}")
+    names = {id(p): n for n, p in named.items()}
+    units, covered = [], set()
+    for index, (owner, method, params) in enumerate(model.units()):
+        for p in params:
+            if id(p) not in covered:
+                _shard(p, by_id[id(p)], topo.dp)
+                covered.add(id(p))
+        unit = Unit(f"{index} ({type(owner).__name__}.{method})", params, topo)
+        setattr(owner, method, _wrap(unit, getattr(owner, method)))
+        units.append(unit)
+    unused = sorted(names[i] for i in by_id if i not in covered)
+    if unused:
+        raise ValueError(f"ZeRO-3: parameters read by no unit of {type(model).__name__}.units(): {unused}; "
+                         f"add them to the unit whose forward reads them")
+    return units
