@@ -178,11 +178,15 @@ class DistributedOptimizer:
             if self.stage <= 1:
                 for p in g.params:
                     sum_partial_replica_grads(p, p.main_grad, self.topo.tp_group)
-                    if getattr(p, "sum_over_embedding_group", False):
-                        comm.all_reduce(p.main_grad, self.topo.embedding_group)
                 flat = g.main_grad_flat
                 for s in range(0, flat.numel(), self.cfg.bucket_numel):
                     comm.all_reduce(flat[s:s + self.cfg.bucket_numel], self.topo.dp_group)
+                # After the DP sum: the tied copies sit at different bucket offsets on the first and
+                # last stage, so their DP sums may round differently; adding the two DP-reduced
+                # values afterwards gives both stages the same bits.
+                for p in g.params:
+                    if getattr(p, "sum_over_embedding_group", False):
+                        comm.all_reduce(p.main_grad, self.topo.embedding_group)
                 if flat is not g.grad:
                     for f, p, grad in g.views(g.grad):
                         grad.copy_(p.main_grad.reshape(-1)[f.start:f.end])
