@@ -274,6 +274,11 @@ def test_heads_not_divisible_by_kv_heads_are_refused() -> None:
         llama_cfg(3)
 
 
+def test_rope_with_odd_head_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="--position-embedding-type rope needs an even head size"):
+        llama_cfg(8, hidden_size=24)
+
+
 def test_rotary_flag_alias_selects_rope() -> None:
     argv = ["--use-rotary-position-embeddings" if a == "--position-embedding-type" else a
             for a in LLAMA if a != "rope"] + ["--train-iters", "1"]
