@@ -28,8 +28,9 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
 
     def __post_init__(self) -> None:
-        if self.ffn_hidden_size is None:
-            object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
+        if self.ffn_hidden_size is None:  # Megatron's defaults; SwiGLU keeps the MLP's parameter count
+            ffn = max(64, int(8 * self.hidden_size / 3 / 64) * 64) if self.swiglu else 4 * self.hidden_size
+            object.__setattr__(self, "ffn_hidden_size", ffn)
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.max_position_embeddings is None:
@@ -97,6 +98,8 @@ class ModelConfig:
     def first_shape_difference(self, other: "ModelConfig") -> str | None:
         """The first shape field that differs, as a message, or None."""
         for name in self.SHAPE_FIELDS:
+            if name == "max_position_embeddings" and self.position_embedding_type == "rope":
+                continue  # RoPE has no position table: a longer context may resume
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 return f"{name}: checkpoint has {b!r}, this run has {a!r}"
