@@ -54,26 +54,16 @@ def commit_folder(tmp: str, final: str) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(final)))
 
 
-def canonical_table(model: nn.Module, optimizer: DistributedOptimizer) -> dict:
-    """Every canonical tensor this rank holds a piece of: its shape and its optimizer group."""
-    table = {}
-    for f, (_, p) in zip(optimizer.fragments(), _params_in_fragment_order(model, optimizer)):
-        for spec in p.canonical_specs.values():
-            table[spec.name] = {"shape": list(spec.shape), "group": f.group}
-    return table
-
-
-def _params_in_fragment_order(model: nn.Module, optimizer: DistributedOptimizer):
-    params = dict(model.named_parameters())
-    return [(f.name, params[f.name]) for f in optimizer.fragments()]
-
-
 def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology) -> dict:
     """Write this rank's fragments; return its entry of the manifest."""
     file = f"rank_{topo.rank:05d}.safetensors"
     write_tensors = optimizer.stage >= 1 or topo.dp_rank == 0  # stage 0: DP replicas are identical
-    params, entries = {}, []
-    for f, (name, p) in zip(optimizer.fragments(), _params_in_fragment_order(model, optimizer)):
+    params, entries, canonical = {}, [], {}
+    model_params = dict(model.named_parameters())
+    for f in optimizer.fragments():
+        name, p = f.name, model_params[f.name]
+        for spec in p.canonical_specs.values():
+            canonical[spec.name] = {"shape": list(spec.shape), "group": f.group}
         fragments = [[f.start, f.end]] if write_tensors and f.end > f.start else []
         params[name] = {"local_shape": list(p.piece_map.local_shape),  # p is empty under ZeRO-3
                         "pieces": [pc.to_json() for pc in p.piece_map.pieces],
@@ -89,7 +79,7 @@ def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimiz
     return {"file": file, "file_info": info.to_json(), "rank": topo.rank,
             "position": [topo.pp_rank, topo.tp_rank],
             "coords": {"tp": topo.tp_rank, "dp": topo.dp_rank, "pp": topo.pp_rank},
-            "params": params, "canonical": canonical_table(model, optimizer), "rng": rng_state()}
+            "params": params, "canonical": canonical, "rng": rng_state()}
 
 
 def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: DistributedOptimizer,
