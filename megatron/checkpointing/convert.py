@@ -21,7 +21,7 @@ from tqdm import tqdm
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES, CheckpointReader
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
 from megatron.checkpointing.save import commit_folder, write_atomic
-from megatron.core.pieces import intersect, translate
+from megatron.core.pieces import box_slices, translate
 
 REPLICA_POLICIES = ("first", "mean", "strict")
 
@@ -43,21 +43,23 @@ def assemble(reader: CheckpointReader, name: str, state: str, policy: str) -> tu
     shape = reader.canonical[name]
     full = reader.read_region(name, ((0,) * len(shape), shape), state)
     max_diff = 0.0
-    replica_sum, replica_count = torch.zeros_like(full) if policy == "mean" else None, torch.zeros(shape)
-    for holder, piece in reader.replica_pieces(name):
+    replicas = reader.replica_pieces(name)
+    total, count = (full.clone(), torch.ones(shape)) if policy == "mean" and replicas else (None, None)
+    for holder, piece in replicas:
         box = (piece.canonical_offsets, piece.sizes)
-        values = reader.read_local_box(holder, state, translate(box, piece.canonical_offsets, piece.local_offsets))
-        owner_values = full[tuple(slice(o, o + s) for o, s in zip(*box))]
-        diff = float((values - owner_values).abs().max()) if values.numel() else 0.0
+        region = box_slices(box)
+        values = torch.from_numpy(reader.read_local_box(holder, state, translate(box, piece.canonical_offsets,
+                                                                                  piece.local_offsets)))
+        diff = float((values - full[region]).abs().max()) if values.numel() else 0.0
         if policy == "strict" and diff > 0:
             raise CheckpointError(f"{reader.path}: replicas of {name} ({state}) disagree by up to {diff:.3e} "
                                   f"(--replica-policy strict); use --replica-policy first or mean to convert anyway")
         max_diff = max(max_diff, diff)
-        if replica_sum is not None:
-            replica_sum[tuple(slice(o, o + s) for o, s in zip(*box))] += values
-            replica_count[tuple(slice(o, o + s) for o, s in zip(*box))] += 1
-    if replica_sum is not None and max_diff > 0:
-        full = (full + replica_sum) / (1 + replica_count)
+        if total is not None:
+            total[region] += values
+            count[region] += 1
+    if total is not None and max_diff > 0:
+        full = total / count
     return full, max_diff
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader
-from megatron.core.pieces import Box, Piece, box_flat_span, intersect, translate
+from megatron.core.pieces import Box, Piece, box_flat_span, box_slices, intersect, translate
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron-ucp"
@@ -101,31 +101,37 @@ class CheckpointReader:
     def total_bytes(self) -> int:
         return sum(info["size"] for info in self.manifest["files"].values())
 
-    def read_local_box(self, holder: Holder, state: str, box: Box) -> torch.Tensor:
-        """A box of a saved local tensor, gathered from the fragments that hold its elements."""
-        strides = [math.prod(holder.local_shape[d + 1:]) for d in range(len(holder.local_shape))]
+    def read_local_box(self, holder: Holder, state: str, box: Box, out: np.ndarray | None = None) -> np.ndarray:
+        """A box of a saved local tensor, copied from the fragments that hold its elements into
+        ``out`` (a float32 array of the box's shape; allocated if None)."""
+        itemsize = np.dtype(np.float32).itemsize
+        strides = tuple(itemsize * math.prod(holder.local_shape[d + 1:]) for d in range(len(holder.local_shape)))
+        out = np.empty(box[1], dtype=np.float32) if out is None else out
         lo, hi = box_flat_span(holder.local_shape, box)
-        span = np.empty(hi - lo, dtype=np.float32)
-        covered = 0
-        for frag in holder.fragments:
-            a, b = max(lo, frag.start), min(hi, frag.end)
-            if a < b:
-                span[a - lo:b - lo] = self.file(frag.file).read(f"{frag.key}/{state}", a - frag.start, b - frag.start)
-                covered += b - a
-        if covered != hi - lo:
+        parts = [(f, max(lo, f.start), min(hi, f.end)) for f in holder.fragments]
+        parts = [(f, a, b) for f, a, b in parts if a < b]
+        missing = (hi - lo) - sum(b - a for _, a, b in parts)
+        if missing:
             raise CheckpointError(f"{self.path}: elements [{lo}, {hi}) of a saved tensor holding "
                                   f"{holder.pieces[0].canonical if holder.pieces else '?'} are missing "
-                                  f"({hi - lo - covered} not found in any rank file): a rank file is missing "
+                                  f"({missing} not found in any rank file): a rank file is missing "
                                   f"or the manifest is inconsistent")
-        view = torch.from_numpy(span).as_strided(box[1], strides)
-        return view.clone()
+        if len(parts) == 1:  # one fragment holds the box: copy straight from the mapped file
+            f = parts[0][0]
+            span = self.file(f.file).read(f"{f.key}/{state}", lo - f.start, hi - f.start)
+        else:
+            span = np.empty(hi - lo, dtype=np.float32)
+            for f, a, b in parts:
+                span[a - lo:b - lo] = self.file(f.file).read(f"{f.key}/{state}", a - f.start, b - f.start)
+        np.copyto(out, np.lib.stride_tricks.as_strided(span, shape=box[1], strides=strides, writeable=False))
+        return out
 
     def read_region(self, name: str, box: Box, state: str) -> torch.Tensor:
         """Region ``box`` of canonical tensor ``name`` (fp32), from its owner pieces."""
         if name not in self.canonical:
             raise CheckpointError(f"{self.path} has no tensor {name!r}: the checkpoint is of another model "
                                   f"(check --num-layers, --swiglu, --untie-embeddings-and-output-weights, ...)")
-        out = torch.empty(box[1])
+        out = np.empty(box[1], dtype=np.float32)
         covered = 0
         for holder, piece in self.by_canonical.get(name, []):
             if not piece.owner:
@@ -135,13 +141,13 @@ class CheckpointReader:
                 continue
             local = translate(overlap, piece.canonical_offsets, piece.local_offsets)
             dst = translate(overlap, box[0], (0,) * len(box[0]))
-            out[tuple(slice(o, o + s) for o, s in zip(*dst))] = self.read_local_box(holder, state, local)
+            self.read_local_box(holder, state, local, out[box_slices(dst)])
             covered += math.prod(overlap[1])
         if covered != math.prod(box[1]):
             raise CheckpointError(f"{self.path}: tensor {name} region offsets {box[0]} sizes {box[1]} is covered "
                                   f"{covered} times element-wise, expected {math.prod(box[1])}: pieces are "
                                   f"missing or overlap")
-        return out
+        return torch.from_numpy(out)
 
     def replica_pieces(self, name: str) -> list[tuple[Holder, Piece]]:
         return [(h, p) for h, p in self.by_canonical.get(name, []) if not p.owner]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-BLOCK_SIZE = 1 << 20
+BLOCK_SIZE = 1 << 18  # small enough that a partial read verifies little more than it needs
 _DTYPES = {torch.float32: ("F32", np.float32)}
 
 

@@ -77,11 +77,12 @@ class ParamGroup:
             self.fragments.append(Fragment(name, tuple(p.shape), index, start, end, offset, chunk))
             offset += chunk
         self.size = offset
-        self.master = torch.zeros(offset)
-        self.grad = torch.zeros(offset)
-        self.exp_avg = torch.zeros(offset)
-        self.exp_avg_sq = torch.zeros(offset)
-        self.owned = torch.zeros(offset)  # 1 where this rank counts the element in the grad norm
+        self.device = named[0][1].device if named else torch.device("cpu")
+        self.master = torch.zeros(offset, device=self.device)
+        self.grad = torch.zeros(offset, device=self.device)
+        self.exp_avg = torch.zeros(offset, device=self.device)
+        self.exp_avg_sq = torch.zeros(offset, device=self.device)
+        self.owned = torch.zeros(offset, device=self.device)  # 1 where this rank counts the element in the grad norm
 
     def views(self, buf: torch.Tensor):
         for f, p in zip(self.fragments, self.params):
@@ -108,7 +109,7 @@ class DistributedOptimizer:
         for g in self.groups:
             for f, p, master in g.views(g.master):
                 master.copy_(p.detach().reshape(-1)[f.start:f.end].float())
-                owned = torch.zeros(p.shape)
+                owned = torch.zeros(p.shape, device=g.device)
                 for piece in p.piece_map.pieces:
                     if piece.owner and count_here:
                         owned[box_slices((piece.local_offsets, piece.sizes))] = 1.0
@@ -123,7 +124,7 @@ class DistributedOptimizer:
         for g in self.groups:
             if self.stage <= 1:
                 # One shard: the partition has main_grad's layout, so share the buffer.
-                flat = g.grad if self.shards == 1 else torch.zeros(sum(p.numel() for p in g.params))
+                flat = g.grad if self.shards == 1 else torch.zeros(sum(p.numel() for p in g.params), device=g.device)
                 g.main_grad_flat, offset = flat, 0
                 for p in g.params:
                     p.main_grad = flat[offset:offset + p.numel()].view(p.shape)
@@ -202,7 +203,7 @@ class DistributedOptimizer:
         Returns (whether the update was applied, the global gradient norm)."""
         self._finish_gradient_reduction()
         inv_scale = 1.0 / self.scaler.scale
-        stats = torch.zeros(2)
+        stats = torch.zeros(2, device=self.groups[0].device)
         for g in self.groups:
             if inv_scale != 1.0:
                 g.grad.mul_(inv_scale)
@@ -252,7 +253,7 @@ class DistributedOptimizer:
                 for f, p, master in g.views(g.master):
                     p.data.copy_(master.view(p.shape))
                 continue
-            full = torch.empty(g.size * self.shards, dtype=g.master.dtype)
+            full = torch.empty(g.size * self.shards, dtype=g.master.dtype, device=g.device)
             comm.all_gather_flat(full, g.master, self.topo.dp_group)
             full = full.view(self.shards, g.size)
             for f, p in zip(g.fragments, g.params):
