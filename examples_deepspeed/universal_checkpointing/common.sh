@@ -28,11 +28,7 @@ HIDDEN="${HIDDEN:-64}"
 HEADS="${HEADS:-4}"
 KV_HEADS="${KV_HEADS:-2}"   # llama only: grouped-query attention
 SEQ="${SEQ:-64}"
-if [[ "${UCP_MODEL}" == llama ]]; then
-    FFN_HIDDEN="${FFN_HIDDEN:-$(( (8 * HIDDEN / 3 + 63) / 64 * 64 ))}"   # SwiGLU's 8/3, rounded up
-else
-    FFN_HIDDEN="${FFN_HIDDEN:-$(( 4 * HIDDEN ))}"
-fi
+FFN_HIDDEN="${FFN_HIDDEN:-}"   # empty: the model's default (4 x HIDDEN, or Megatron's SwiGLU size)
 
 # Training.
 MBS="${MBS:-1}"
@@ -97,6 +93,7 @@ ucp_data_args() {
     fi
     local tokenizer=gpt2bpe flags
     [[ "${UCP_MODEL}" == llama ]] && tokenizer=sentencepiece   # Llama's tokenizer kind
+    ucp_log "data: the built-in corpus, a ${tokenizer} tokenizer trained on it and its indexed dataset in ${OUTPUT}/data"
     flags="$("${PYTHON}" "${UCP_REPO}/tools/prepare_sample_data.py" --output-dir "${OUTPUT}/data" \
         --tokenizer "${tokenizer}" --num-docs "${NUM_DOCS:-4000}" --vocab-size "${TOKENIZER_VOCAB:-1024}" \
         --seed "${SEED}" --print-args)"
@@ -105,7 +102,8 @@ ucp_data_args() {
 
 ucp_model_args() {
     UCP_MODEL_ARGS=(--num-layers "${NUM_LAYERS}" --hidden-size "${HIDDEN}" --num-attention-heads "${HEADS}"
-                    --ffn-hidden-size "${FFN_HIDDEN}" --seq-length "${SEQ}" --max-position-embeddings "${SEQ}")
+                    --seq-length "${SEQ}" --max-position-embeddings "${SEQ}")
+    [[ -z "${FFN_HIDDEN}" ]] || UCP_MODEL_ARGS+=(--ffn-hidden-size "${FFN_HIDDEN}")
     if [[ "${UCP_MODEL}" == llama ]]; then
         UCP_MODEL_ARGS+=(--num-key-value-heads "${KV_HEADS}" --normalization rmsnorm --swiglu
                          --position-embedding-type rope --untie-embeddings-and-output-weights
