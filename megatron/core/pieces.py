@@ -64,13 +64,6 @@ class PieceMap:
     local_shape: tuple[int, ...]
     pieces: list[Piece] = field(default_factory=list)
 
-    def to_json(self) -> dict:
-        return {"local_shape": list(self.local_shape), "pieces": [p.to_json() for p in self.pieces]}
-
-    @staticmethod
-    def from_json(d: dict) -> "PieceMap":
-        return PieceMap(tuple(d["local_shape"]), [Piece.from_json(p) for p in d["pieces"]])
-
 
 def shard_range(size: int, rank: int, world: int, what: str = "dimension") -> tuple[int, int]:
     """(start, length) of rank's equal share of ``size``; refuses sizes that do not divide."""

@@ -8,7 +8,6 @@ import datetime
 import os
 import pickle
 import queue as queue_mod
-import socket
 import tempfile
 import traceback
 from typing import Any, Callable
@@ -16,12 +15,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, store_path: str, fn: Callable, args: tuple, queue) -> None:

@@ -56,10 +56,6 @@ class Fragment:
     offset: int
     chunk: int
 
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "group": self.group, "start": self.start,
-                "end": self.end, "offset": self.offset, "chunk": self.chunk}
-
 
 class ParamGroup:
     """One set of hyperparameters (decay or no decay) and its partition buffers."""
