@@ -237,3 +237,29 @@ def test_load_without_checkpoint_starts_from_scratch(tmp_path, reference) -> Non
     losses = train_losses(1, TINY_GPT + ["--train-iters", str(2 * N), "--load", str(tmp_path)])
     assert losses == reference
     shutil.rmtree(tmp_path)
+
+
+ODD = ["--hidden-size", "48", "--num-attention-heads", "6", "--vocab-size", "101", "--num-layers", "3"]
+
+
+def _odd(argv: list[str]) -> list[str]:
+    """TINY_GPT with sizes that divide by 3 (heads, layers) and a vocab that needs padding."""
+    out = list(argv)
+    for flag, value in zip(ODD[::2], ODD[1::2]):
+        out[out.index(flag) + 1] = value
+    return out
+
+
+@pytest.mark.parametrize("source,target", [
+    (["--tensor-model-parallel-size", "3"], ["--zero-stage", "2"]),
+    (["--pipeline-model-parallel-size", "3"], ["--tensor-model-parallel-size", "3", "--zero-stage", "3"]),
+], ids=["tp3-to-dp3z2", "pp3-to-tp3z3"])
+def test_resume_with_degree_three_continues_loss(tmp_path, source, target) -> None:
+    base = _odd(TINY_GPT) + ["--global-batch-size", "6", "--train-iters", str(2 * N)]
+    reference = train_losses(1, base)
+    train_losses(3, base + source + ["--exit-interval", str(N), "--save", str(tmp_path)])
+    convert_to_universal(str(tmp_path / f"global_step{N}"), str(tmp_path / f"global_step{N}_universal"),
+                         progress=False)
+    for universal in ([], ["--universal-checkpoint"]):
+        losses = train_losses(3, base + target + ["--load", str(tmp_path)] + universal)
+        assert max(abs(a - b) for a, b in zip(losses, reference[N:])) < 1e-4
