@@ -150,21 +150,26 @@ def test_tiny_example_ends_with_pass_and_a_plot(tmp_path: Path) -> None:
     assert "on TP=2 PP=1 DP=1" in stdout and "on TP=1 PP=1 DP=2" in stdout
 
 
-@pytest.mark.parametrize("train,resume,layouts", [
+@pytest.mark.parametrize("train,resume,layouts,own_data", [
     ("megatron_gpt/run_bf16.sh", "megatron_gpt/run_universal_bf16.sh",
-     dict(TP="1", PP="2", DP="1", RESUME_TP="1", RESUME_PP="1", RESUME_DP="1")),
+     dict(TP="1", PP="2", DP="1", RESUME_TP="1", RESUME_PP="1", RESUME_DP="1"), False),
     ("megatron_gpt/run_fp16.sh", "megatron_gpt/run_universal_fp16.sh",
      dict(TP="1", PP="1", DP="2", ZERO_STAGE="2", RESUME_TP="2", RESUME_PP="1", RESUME_DP="1",
-          RESUME_ZERO_STAGE="0")),
+          RESUME_ZERO_STAGE="0"), True),
     ("llama/run_llama_bf16.sh", "llama/run_universal_llama_bf16.sh",
-     dict(TP="2", PP="1", DP="1", RESUME_TP="1", RESUME_PP="1", RESUME_DP="2")),
+     dict(TP="2", PP="1", DP="1", RESUME_TP="1", RESUME_PP="1", RESUME_DP="2"), False),
 ])
-def test_train_then_universal_resume_scripts_pass(tmp_path: Path, train: str, resume: str,
-                                                  layouts: dict[str, str]) -> None:
-    stdout = ok(run_script(train, tmp_path, **layouts))
+def test_train_then_universal_resume_scripts_pass(tmp_path: Path, sample_data: list[str], train: str, resume: str,
+                                                  layouts: dict[str, str], own_data: bool) -> None:
+    env = dict(layouts)
+    if own_data:  # DATA_PATH and the tokenizer files given: nothing is generated
+        env.update(DATA_PATH=_flag(sample_data, "--data-path"), TOKENIZER_TYPE="GPT2BPETokenizer",
+                   VOCAB_FILE=_flag(sample_data, "--vocab-file"), MERGE_FILE=_flag(sample_data, "--merge-file"))
+    stdout = ok(run_script(train, tmp_path, **env))
     assert_reference_run(tmp_path, stdout)
-    stdout = ok(run_script(resume, tmp_path, **layouts))
+    stdout = ok(run_script(resume, tmp_path, **env))
     assert_resumed_run(tmp_path, stdout)
+    assert (tmp_path / "data").exists() != own_data
 
 
 def test_universal_script_without_a_training_run_names_the_missing_checkpoint(tmp_path: Path) -> None:
