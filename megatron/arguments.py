@@ -81,7 +81,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-path", nargs="*", default=None, help="PREFIX, or a blend 'W1 PREFIX1 W2 PREFIX2 ...'")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--tokenizer-type", default=None,
-                   choices=["GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"])
+                   choices=["GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                            "HuggingFaceTokenizer", "HFTokenizer", "NullTokenizer"])
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
     g.add_argument("--tokenizer-model", "--tokenizer-path", dest="tokenizer_model", default=None,

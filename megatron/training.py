@@ -109,6 +109,8 @@ class Trainer:
             "consumed_tokens": self.state.consumed_tokens, "model_config": self.cfg.to_json(),
             "lr_schedule": self.schedule.state_dict(), "loss_scaler": self.scaler.state_dict(),
             "optimizer_step": self.optimizer.step_count, "seed": a.seed,
+            "tokenizer": {"type": "mock" if a.mock_data else a.tokenizer_type, "vocab_size": self.cfg.vocab_size,
+                          "padded_vocab_size": self.model.padded_vocab},
             "global_batch_size": a.global_batch_size, "micro_batch_size": a.micro_batch_size,
             "zero_stage": a.zero_stage, "precision": str(self.dtype).replace("torch.", ""),
         }
