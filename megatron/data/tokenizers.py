@@ -9,6 +9,7 @@ SentencePiece models from local text, so examples run with no download.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -16,17 +17,19 @@ from collections.abc import Iterable, Iterator, Sequence
 EOD_TOKEN = "<|endoftext|>"
 
 
-class MegatronTokenizer:
+class MegatronTokenizer(abc.ABC):
     """The interface every tokenizer type implements."""
 
     vocab_size: int
     eod: int
 
+    @abc.abstractmethod
     def tokenize(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Token ids of ``text`` (no end-of-document id appended)."""
 
+    @abc.abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
+        """The text of ``ids``."""
 
 
 class GPT2BPETokenizer(MegatronTokenizer):
