@@ -35,18 +35,11 @@ def _train_and_save(rank: int, world: int, argv: list[str]) -> None:
     pretrain(argv)
 
 
-def _load_only(rank: int, world: int, argv: list[str], universal: bool) -> int:
-    """Build the target layout and load; returns the bytes this rank read."""
-    from megatron import checkpointing
-    from megatron.arguments import parse_args
-    from megatron.training import Trainer
+def _load_only(rank: int, world: int, argv: list[str]) -> int:
+    """Build the target layout, which resumes from the checkpoint; returns the bytes this rank read."""
+    from megatron.training import build_trainer
 
-    args = parse_args(argv, world)
-    load_dir, args.load = args.load, None
-    trainer = Trainer(args, rank, world, __import__("torch").device("cpu"))
-    loaded = checkpointing.load_checkpoint(load_dir, trainer.model, trainer.optimizer, trainer.topo,
-                                           universal=universal)
-    return loaded.bytes_read
+    return build_trainer(argv).loaded.bytes_read
 
 
 def main() -> None:
@@ -82,8 +75,8 @@ def main() -> None:
     largest = 50257 * 768 * 4 / 2**20
 
     target = MODEL + ["--tensor-model-parallel-size", "1", "--train-iters", "2", "--load", ckpt]
-    native_reads = run_distributed(_load_only, 4, target, False, timeout=1800)
-    universal_reads = run_distributed(_load_only, 4, target, True, timeout=1800)
+    native_reads = run_distributed(_load_only, 4, target, timeout=1800)
+    universal_reads = run_distributed(_load_only, 4, target + ["--universal-checkpoint"], timeout=1800)
     usize = sum(os.path.getsize(f) for f in glob.glob(os.path.join(native + "_universal", "*")))
 
     print(f"\ncheckpoint: {size / 2**20:.0f} MiB native ({len(files)} files), {usize / 2**20:.0f} MiB universal")

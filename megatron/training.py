@@ -76,6 +76,7 @@ class Trainer:
         self.schedule = LRSchedule(args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters,
                                    args.lr_decay_style)
         self.state = TrainState()
+        self.loaded: checkpointing.Loaded | None = None  # what _resume read, for logs and benchmarks
         self.writer = self._tensorboard()
         if args.load:
             self._resume()
@@ -122,7 +123,7 @@ class Trainer:
 
     def _resume(self) -> None:
         a = self.args
-        loaded = checkpointing.load_checkpoint(a.load, self.model, self.optimizer, self.topo,
+        self.loaded = loaded = checkpointing.load_checkpoint(a.load, self.model, self.optimizer, self.topo,
                                                universal=a.universal_checkpoint, tag=a.load_tag,
                                                load_optimizer=not a.no_load_optim, load_rng=not a.no_load_rng,
                                                validate=self._validate_checkpoint)
@@ -227,8 +228,8 @@ class Trainer:
         return self.state
 
 
-def pretrain(argv: list[str] | None = None) -> TrainState:
-    """Entry point of ``pretrain_gpt.py``: parse flags, join the process group, train."""
+def build_trainer(argv: list[str] | None = None) -> Trainer:
+    """Parse flags, join the process group torchrun (or a test) set up, build the run."""
     from megatron.arguments import parse_args
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -236,7 +237,11 @@ def pretrain(argv: list[str] | None = None) -> TrainState:
         world = torch.distributed.get_world_size()
     args = parse_args(argv, world)
     rank, world, device = initialize_distributed(args.distributed_backend, args.device)
-    trainer = Trainer(args, rank, world, device)
-    state = trainer.train()
+    return Trainer(args, rank, world, device)
+
+
+def pretrain(argv: list[str] | None = None) -> TrainState:
+    """Entry point of ``pretrain_gpt.py``: build the run and train."""
+    state = build_trainer(argv).train()
     comm.barrier()
     return state

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from megatron.checkpointing import convert_to_universal
 from megatron.model.config import ModelConfig
@@ -46,10 +45,9 @@ def layout_args(layout: Layout) -> list[str]:
 def _train_and_inspect(rank: int, world: int, argv: list[str]) -> dict:
     """Train through the real Trainer, recording every step's grad norm and loss scale, then
     evaluate and return this rank's copy of the tied word embedding (if it holds one)."""
-    from megatron.arguments import parse_args
-    from megatron.training import Trainer
+    from megatron.training import build_trainer
 
-    trainer = Trainer(parse_args(argv, world), rank, world, torch.device("cpu"))
+    trainer = build_trainer(argv)
     norms, scales, step = [], [], trainer.optimizer.step
 
     def recording_step(lr: float) -> tuple[bool, float]:

@@ -7,7 +7,6 @@ import math
 import os
 
 import pytest
-import torch
 
 from megatron.arguments import parse_args
 from megatron.checkpointing import convert_to_universal

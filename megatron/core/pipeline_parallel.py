@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.core.parallel_state import Topology
+from megatron.core.schedules import micro_batch_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -73,7 +74,7 @@ class StageRunner:
             x = received.requires_grad_(grad)
         with torch.set_grad_enabled(grad):
             if self.topo.is_last_stage:
-                out = self.model(x, labels).float().sum() / self.denom
+                out = micro_batch_loss(self.model, x, labels, self.denom)
                 self.local_loss += out.detach()
             else:
                 out = self.model(x)

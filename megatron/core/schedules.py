@@ -29,6 +29,11 @@ def micro_batches(dataset, consumed: int, global_batch: int, micro: int, topo: T
     return out
 
 
+def micro_batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, denom: int) -> torch.Tensor:
+    """The last stage's share of the global-batch mean loss for one micro-batch."""
+    return model(inputs, labels).float().sum() / denom
+
+
 def forward_backward(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], topo: Topology,
                      loss_scale: float, denom: int, device: torch.device, backward: bool = True) -> torch.Tensor:
     """Run every micro-batch; returns the global batch's mean loss (the same on every rank)."""
@@ -39,7 +44,7 @@ def forward_backward(model: nn.Module, batches: list[tuple[torch.Tensor, torch.T
         local = torch.zeros(1, device=device)
         for tokens, labels in batches:
             with torch.set_grad_enabled(backward):
-                loss = model(tokens, labels).float().sum() / denom
+                loss = micro_batch_loss(model, tokens, labels, denom)
             if backward:
                 (loss * loss_scale).backward()
             local += loss.detach()

@@ -22,12 +22,8 @@ def train_losses(world: int, argv: list[str]) -> list[float]:
 
 
 def _train_and_inspect(rank: int, world: int, argv: list[str], inspect: Callable[[Any], Any]) -> Any:
-    from megatron.arguments import parse_args
-    from megatron.initialize import initialize_distributed
-    from megatron.training import Trainer
-    args = parse_args(argv, world)
-    rank, world, device = initialize_distributed(args.distributed_backend, args.device)
-    trainer = Trainer(args, rank, world, device)
+    from megatron.training import build_trainer
+    trainer = build_trainer(argv)
     trainer.train()
     return inspect(trainer)
 
