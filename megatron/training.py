@@ -22,9 +22,11 @@ from megatron.core.optimizer.zero3 import partition_parameters
 from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.core.schedules import forward_backward, micro_batches
 from megatron.data.build import build_datasets
+from megatron.deepspeed_lr import DeepSpeedLRSchedule
 from megatron.initialize import initialize_distributed, set_random_seeds
 from megatron.model.config import ModelConfig
 from megatron.model.gpt import GPTModel
+from megatron.model.recompute import recompute_from_args
 
 
 @dataclass
@@ -49,6 +51,25 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
         attention_dropout=args.attention_dropout, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
 
 
+def build_loss_scaler(args: argparse.Namespace) -> LossScaler:
+    """Static when a loss scale is given (Megatron's --loss-scale, or a DeepSpeed fp16
+    loss_scale > 0), dynamic for fp16 otherwise, none (1.0) for bf16 / fp32."""
+    min_scale = getattr(args, "min_loss_scale", 1.0)
+    if args.loss_scale is not None:
+        return LossScaler(scale=args.loss_scale, dynamic=False, min_scale=min_scale)
+    return LossScaler(scale=args.initial_loss_scale if args.fp16 else 1.0, dynamic=args.fp16,
+                      growth_interval=args.loss_scale_window, hysteresis=args.hysteresis,
+                      hysteresis_tracker=args.hysteresis, min_scale=min_scale)
+
+
+def build_lr_schedule(args: argparse.Namespace) -> LRSchedule | DeepSpeedLRSchedule:
+    """The DeepSpeed config's scheduler when it has one (DeepSpeed prefers it too), else Megatron's."""
+    ds = getattr(args, "ds_scheduler", None)
+    if ds is not None:
+        return DeepSpeedLRSchedule(ds["type"], ds["params"], args.lr)
+    return LRSchedule(args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style)
+
+
 class Trainer:
     """Owns the objects of one run and the loop over iterations."""
 
@@ -60,21 +81,20 @@ class Trainer:
         self.datasets, vocab_size = build_datasets(args)
         self.cfg = model_config_from_args(args, vocab_size)
         self.model = GPTModel(self.cfg, self.topo, args.seed).to(device)
+        self.model.set_recompute(recompute_from_args(args, zero3=args.zero_stage == 3))
         self.dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        self.scaler = LossScaler(scale=args.initial_loss_scale if args.fp16 else 1.0, dynamic=args.fp16,
-                                 growth_interval=args.loss_scale_window, hysteresis=args.hysteresis,
-                                 hysteresis_tracker=args.hysteresis)
+        self.scaler = build_loss_scaler(args)
         adam = AdamConfig(lr=args.lr, weight_decay=args.weight_decay, beta1=args.adam_beta1,
                           beta2=args.adam_beta2, eps=args.adam_eps, clip_grad=args.clip_grad,
-                          bucket_numel=args.ddp_bucket_size)
+                          bucket_numel=args.ddp_bucket_size, optimizer=args.optimizer,
+                          sgd_momentum=args.sgd_momentum)
         # The optimizer copies the fp32 canonical init before the model is cast down.
         self.optimizer = DistributedOptimizer(list(self.model.named_parameters()), self.topo, args.zero_stage,
                                               adam, self.scaler)
         self.model.to(self.dtype)
         if args.zero_stage == 3:  # keep only this rank's shard of each parameter from here on
             partition_parameters(self.model, self.topo, self.optimizer.fragments())
-        self.schedule = LRSchedule(args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters,
-                                   args.lr_decay_style)
+        self.schedule = build_lr_schedule(args)
         self.state = TrainState()
         self.loaded: checkpointing.Loaded | None = None  # what _resume read, for logs and benchmarks
         self.writer = self._tensorboard()
@@ -114,6 +134,7 @@ class Trainer:
                           "padded_vocab_size": self.model.padded_vocab},
             "global_batch_size": a.global_batch_size, "micro_batch_size": a.micro_batch_size,
             "zero_stage": a.zero_stage, "precision": str(self.dtype).replace("torch.", ""),
+            "optimizer": a.optimizer,
         }
 
     def save(self) -> None:
@@ -150,6 +171,11 @@ class Trainer:
         if difference:
             raise checkpointing.CheckpointError(f"checkpoint under {self.args.load} is of another model shape: "
                                                 f"{difference}")
+        saved_optimizer = saved.get("optimizer", "adam")
+        if saved_optimizer != self.args.optimizer and not self.args.no_load_optim:
+            raise checkpointing.CheckpointError(
+                f"checkpoint under {self.args.load} holds {saved_optimizer} optimizer state, this run uses "
+                f"--optimizer {self.args.optimizer}; use the same optimizer or pass --no-load-optim")
         if saved["global_batch_size"] != self.args.global_batch_size and not self.args.override_global_batch_size:
             raise checkpointing.CheckpointError(
                 f"checkpoint under {self.args.load} was trained with global batch size {saved['global_batch_size']}, "
@@ -186,6 +212,9 @@ class Trainer:
     def train(self) -> TrainState:
         a = self.args
         tokens_per_iter = a.global_batch_size * a.seq_length
+        if getattr(a, "loss_scale_not_used", None) is not None:
+            self.log(f"note: --loss-scale {a.loss_scale_not_used:g} is not used: with a DeepSpeed config its fp16 "
+                     f"section governs loss scaling (bf16 and fp32 are not scaled), as in Megatron-DeepSpeed")
         self.log(f"training {self.cfg.num_layers}-layer model on {self.topo.describe()} with ZeRO stage "
                  f"{a.zero_stage}, {self.dtype}, from iteration {self.state.iteration} to {a.train_iters}")
         resumed_into_same_folder = bool(a.load and a.save) and os.path.realpath(a.load) == os.path.realpath(a.save)
@@ -236,7 +265,7 @@ def build_trainer(argv: list[str] | None = None) -> Trainer:
     if torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
     args = parse_args(argv, world)
-    rank, world, device = initialize_distributed(args.distributed_backend, args.device)
+    rank, world, device = initialize_distributed(args.distributed_backend, args.device, args.local_rank)
     return Trainer(args, rank, world, device)
 
 
