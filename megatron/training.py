@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -274,3 +275,20 @@ def pretrain(argv: list[str] | None = None) -> TrainState:
     state = build_trainer(argv).train()
     comm.barrier()
     return state
+
+
+def main(argv: list[str]) -> int:
+    """``pretrain`` for the command line. An error in the configuration (flags, DeepSpeed
+    config, layout, data files) found while building the run is one line on stderr, printed
+    by rank 0 only (every rank exits 2); ``--debug`` shows the traceback instead."""
+    try:
+        trainer = build_trainer(argv)
+    except ValueError as exc:
+        if "--debug" in argv:
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    trainer.train()
+    comm.barrier()
+    return 0

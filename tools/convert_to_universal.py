@@ -2,6 +2,9 @@
 
     python tools/convert_to_universal.py --input_folder ckpt/global_step100 \
         --output_folder ckpt/global_step100_universal [--num_workers 4] [--replica-policy first]
+
+DeepSpeed's ds_to_universal.py flags --num_extract_workers (= --num_workers), --num_merge_workers
+and --keep_temp_folder are accepted too.
 """
 from __future__ import annotations
 
@@ -20,7 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input_folder", "--input-folder", required=True)
     p.add_argument("--output_folder", "--output-folder", default=None,
                    help="default: INPUT_FOLDER with a _universal suffix")
-    p.add_argument("--num_workers", "--num-workers", type=int, default=4)
+    p.add_argument("--num_workers", "--num-workers", "--num_extract_workers", "--num-extract-workers",
+                   dest="num_workers", type=int, default=4,
+                   help="tensors converted in parallel (ds_to_universal.py's --num_extract_workers: each worker "
+                        "reads and merges one canonical tensor at a time)")
+    p.add_argument("--num_merge_workers", "--num-merge-workers", type=int, default=None,
+                   help="accepted for ds_to_universal.py command lines; no effect: there is no separate merge "
+                        "stage here (extraction and merging are one pass per tensor, see --num_workers)")
+    p.add_argument("--keep_temp_folder", "--keep-temp-folder", action="store_true",
+                   help="accepted for ds_to_universal.py command lines; no effect: no temporary files are written")
     p.add_argument("--replica-policy", "--replica_policy", choices=["first", "mean", "strict"], default="first",
                    help="how replicated tensors (norms over TP, tied embeddings over PP) are merged: "
                         "first = take the owner's copy, mean = average, strict = refuse any disagreement")

@@ -25,7 +25,7 @@ def build_datasets(args: argparse.Namespace) -> tuple[tuple, int]:
                                 tokenizer_model=args.tokenizer_model, tokenizer_path=args.tokenizer_model,
                                 vocab_size=args.vocab_size)
     datasets = build_gpt_datasets(args.data_path, args.split, args.seq_length, args.seed,
-                                  (samples, eval_samples, eval_samples))
+                                  (samples, eval_samples, eval_samples), vocab_size=tokenizer.vocab_size)
     if datasets[0] is None:
         raise ValueError(f"--split {args.split} leaves no training documents in --data-path "
                          f"{' '.join(args.data_path)}: give the first (train) ratio a positive share")
