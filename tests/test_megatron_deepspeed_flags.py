@@ -1,0 +1,191 @@
+"""Megatron-DeepSpeed users' flags and the silent failures of issue 18, each with its new error.
+
+Flags upstream uses are accepted with their real meaning, or as documented no-ops, or
+refused; an unknown flag names the closest one; configuration errors are one line from
+rank 0 only; data with ids outside the vocabulary, a loss-curve comparison of a run with
+itself, and a "resumed" run that did not resume all fail loudly.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from megatron.arguments import build_parser, parse_args
+from megatron.data.gpt_dataset import build_gpt_datasets
+from megatron.data.indexed_dataset import IndexedDatasetBuilder, index_file_path
+from megatron.testing.training import TINY_GPT, train_losses
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = ["--train-iters", "3"]
+TAG = "lm-loss-training/lm loss"
+
+
+# --- flags ---------------------------------------------------------------------------------
+
+def test_upstream_flags_are_accepted_with_their_meaning() -> None:
+    args = parse_args(TINY_GPT + STEPS + [
+        "--ds-sequence-parallel-size", "1", "--loss-scale", "12", "--checkpoint-activations",
+        "--deepspeed-activation-checkpointing", "--data-impl", "mmap", "--optimizer", "adam",
+        "--no-query-key-layer-scaling", "--rotary-position-embeddings-theta", "500000", "--local_rank=0",
+        "--make-vocab-size-divisible-by", "256", "--init-method-std", "0.006"], 1)
+    assert args.zero_stage == 1  # Megatron-DeepSpeed's default
+    assert args.rotary_base == 500000.0 and args.loss_scale == 12.0 and args.local_rank == 0
+    assert args.checkpoint_activations and args.apply_query_key_layer_scaling is False
+
+
+def test_no_op_flags_say_so_in_help() -> None:
+    helps = {s: a.help or "" for a in build_parser()._actions for s in a.option_strings}
+    for flag in ("--data-impl", "--no-query-key-layer-scaling"):
+        assert "no-op" in helps[flag], flag
+    assert "not used" in helps["--loss-scale"]  # with --deepspeed, as upstream
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--ds-sequence-parallel-size", "2"], "DeepSpeed-Ulysses sequence parallelism is not implemented"),
+    (["--no-pipeline-parallel", "--pipeline-model-parallel-size", "2"], "--no-pipeline-parallel with"),
+    (["--deepspeed-activation-checkpointing"], "does nothing alone"),
+    (["--recompute-granularity", "full"], "needs --recompute-method"),
+    (["--recompute-activations", "--recompute-method", "block"], "applies to --recompute-granularity full only"),
+    (["--data-impl", "lazy"], "invalid choice: 'lazy'"),
+])
+def test_flags_that_would_change_training_are_refused(extra: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_args(TINY_GPT + STEPS + extra, 2)
+
+
+def test_unknown_flag_suggests_the_closest_one() -> None:
+    with pytest.raises(ValueError, match=r"--recompute-granulrity \(did you mean --recompute-granularity\?\)"):
+        parse_args(TINY_GPT + STEPS + ["--recompute-granulrity", "full"], 1)
+
+
+def _pretrain(argv: list[str], rank: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RANK": rank, "WORLD_SIZE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / "pretrain_gpt.py"), *argv], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_configuration_error_is_one_line_from_rank_zero_only() -> None:
+    bad = TINY_GPT + STEPS + ["--hidden-size", "30"]
+    first = _pretrain(bad, "0")
+    assert first.returncode == 2
+    assert first.stderr.strip().splitlines() == [
+        "error: --hidden-size 30 is not divisible by --num-attention-heads 4"]
+    other = _pretrain(bad, "1")
+    assert other.returncode == 2 and other.stderr.strip() == ""
+    debug = _pretrain(bad + ["--debug"], "0")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_local_rank_must_agree_with_the_environment(monkeypatch) -> None:
+    from megatron.initialize import initialize_distributed
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match="--local_rank 0 disagrees with the environment's LOCAL_RANK 1"):
+        initialize_distributed("auto", "cpu", local_rank=0)
+
+
+def test_static_loss_scale_without_deepspeed_is_applied() -> None:
+    from megatron.training import build_loss_scaler
+    scaler = build_loss_scaler(parse_args(TINY_GPT + STEPS + ["--fp16", "--loss-scale", "64"], 1))
+    assert not scaler.dynamic and scaler.scale == 64.0
+
+
+def test_sgd_is_layout_invariant_and_not_adam() -> None:
+    sgd = ["--optimizer", "sgd", "--sgd-momentum", "0.9", "--lr", "0.3", "--zero-stage", "1"]
+    one = train_losses(1, TINY_GPT + STEPS + sgd)
+    two = train_losses(2, TINY_GPT + STEPS + sgd)
+    assert two == pytest.approx(one, rel=1e-5)
+    adam = train_losses(1, TINY_GPT + STEPS + ["--lr", "0.3"])
+    assert one[0] == pytest.approx(adam[0], rel=1e-6) and abs(one[2] - adam[2]) > 1e-4
+
+
+# --- data --------------------------------------------------------------------------------
+
+def test_token_id_outside_vocabulary_is_refused_when_the_dataset_opens(tmp_path: Path) -> None:
+    prefix = str(tmp_path / "corpus_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for doc in range(20):
+        ids = [(doc * 7 + j) % 90 for j in range(30)]
+        if doc == 13:
+            ids[5] = 97  # vocabulary is 97 ids: 0..96
+        builder.add_document(ids)
+    builder.finalize(index_file_path(prefix))
+    with pytest.raises(ValueError, match=r"corpus_text_document\.bin: token id 97 at sequence 13, position 5 "
+                                         r"is outside the tokenizer's vocabulary of 97 ids"):
+        build_gpt_datasets([prefix], "1,0,0", 8, 1, (10, 0, 0), vocab_size=97)
+    assert build_gpt_datasets([prefix], "1,0,0", 8, 1, (10, 0, 0), vocab_size=98)[0] is not None
+
+
+# --- loss-curve tool ----------------------------------------------------------------------
+
+def _events(folder: Path, first: int, last: int) -> None:
+    writer = SummaryWriter(log_dir=str(folder))
+    for i in range(first, last + 1):
+        writer.add_scalar(TAG, 5.0 / i, i)
+    writer.close()
+
+
+def _compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "compare_loss_curves.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("same_folder", "are the same folder"),
+    ("resumed_inside_reference", "read the same files"),
+    ("copied_files", "byte-identical copy"),
+    ("trained_from_scratch", "trained from the start, not from a checkpoint"),
+    ("logged_before_resume_point", "at or before the resume point 10"),
+    ("nothing_after_resume_point", "no iteration after the resume point"),
+])
+def test_comparison_that_cannot_mean_anything_is_refused(tmp_path: Path, case: str, message: str) -> None:
+    ref, res = tmp_path / "tb" / "reference", tmp_path / "tb" / "resumed"
+    _events(ref, 1, 20)
+    extra: list[str] = []
+    if case == "same_folder":
+        res = ref
+    elif case == "resumed_inside_reference":
+        _events(res, 11, 20)
+        ref = tmp_path / "tb"
+    elif case == "copied_files":
+        shutil.copytree(ref, res)
+    elif case == "trained_from_scratch":
+        _events(res, 1, 20)
+    elif case == "logged_before_resume_point":
+        _events(res, 5, 20)
+        extra = ["--resume-iteration", "10"]
+    elif case == "nothing_after_resume_point":
+        _events(res, 21, 25)
+    proc = _compare("--reference", str(ref), "--resumed", str(res), *extra)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and "PASS" not in proc.stdout
+
+
+def test_comparison_lists_the_files_of_each_side(tmp_path: Path) -> None:
+    _events(tmp_path / "reference", 1, 20)
+    _events(tmp_path / "resumed", 11, 20)
+    proc = _compare("--reference", str(tmp_path / "reference"), "--resumed", str(tmp_path / "resumed"),
+                    "--precision", "bf16")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("reference: 20 points (iterations 1..20) from 1 file(s):")
+    assert str(tmp_path / "reference") in lines[1] and "tfevents" in lines[1]
+    assert lines[2].startswith("resumed:   10 points (iterations 11..20) from 1 file(s):")
+    assert "tolerance 3e-02" in proc.stdout
+
+
+def test_run_tb_analysis_takes_upstreams_positional_output_path(tmp_path: Path) -> None:
+    _events(tmp_path / "tensorboard" / "reference", 1, 20)
+    _events(tmp_path / "tensorboard" / "resumed", 11, 20)
+    env = {k: v for k, v in os.environ.items() if k not in ("OUTPUT", "REF_DIR", "RESUMED_DIR", "TOLERANCE")}
+    proc = subprocess.run(["bash", str(REPO / "examples_deepspeed/universal_checkpointing/run_tb_analysis.sh"),
+                           str(tmp_path)], capture_output=True, text=True, env={**env, "PRECISION": "fp32",
+                                                                               "PYTHON": sys.executable}, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS" in proc.stdout and (tmp_path / "loss_curves.png").is_file()
