@@ -255,6 +255,8 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
                           "use ZeRO stage 0-2 with pipeline parallelism, or PP=1 with ZeRO-3")
     if not args.mock_data and not args.data_path:
         raise ConfigError("give --data-path PREFIX (see tools/preprocess_data.py) or --mock-data")
+    if args.data_path and not args.mock_data and args.tokenizer_type is None and args.vocab_file and args.merge_file:
+        args.tokenizer_type = "GPT2BPETokenizer"  # upstream pretrain_gpt.py's default, given its two files
     if args.data_path and not args.mock_data and args.tokenizer_type is None:
         raise ConfigError("--data-path needs --tokenizer-type (the tokenizer the data was preprocessed with)")
     if args.mock_data and args.vocab_size is None:

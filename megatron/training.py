@@ -277,6 +277,9 @@ def pretrain(argv: list[str] | None = None) -> TrainState:
     return state
 
 
+_LATE_RANK_REPORT_S = 3.0
+
+
 def main(argv: list[str]) -> int:
     """``pretrain`` for the command line. An error in the configuration (flags, DeepSpeed
     config, layout, data files) found while building the run is one line on stderr, printed
@@ -286,8 +289,12 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         if "--debug" in argv:
             raise
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank != 0:
+            # Rank 0 usually meets the same error and reports it; the launcher stops the other
+            # ranks when it exits. A rank whose error rank 0 did not share still says so.
+            time.sleep(_LATE_RANK_REPORT_S)
+        print(f"error: {exc}" if rank == 0 else f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return 2
     trainer.train()
     comm.barrier()

