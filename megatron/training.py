@@ -6,7 +6,6 @@ loop (global sample order from consumed samples) -> save.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,6 +23,8 @@ from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.core.schedules import forward_backward, micro_batches
 from megatron.data.build import build_datasets
 from megatron.deepspeed_lr import DeepSpeedLRSchedule
+from megatron.flops import training_flops_per_iteration
+from megatron.metrics_writer import MetricsWriter
 from megatron.initialize import initialize_distributed, set_random_seeds
 from megatron.model.config import ModelConfig
 from megatron.model.gpt import GPTModel
@@ -75,7 +76,7 @@ class Trainer:
     """Owns the objects of one run and the loop over iterations."""
 
     def __init__(self, args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
-        self.args, self.device, self.rank = args, device, rank
+        self.args, self.device, self.rank, self.world = args, device, rank, world
         self.topo = Topology(ParallelDims(world, args.tensor_model_parallel_size,
                                           args.pipeline_model_parallel_size), rank)
         set_random_seeds(args.seed + 100 * self.topo.pp_rank)
@@ -98,29 +99,15 @@ class Trainer:
         self.schedule = build_lr_schedule(args)
         self.state = TrainState()
         self.loaded: checkpointing.Loaded | None = None  # what _resume read, for logs and benchmarks
-        self.writer = self._tensorboard()
+        self.writer = MetricsWriter(args, rank)
+        self.flops_per_iteration = training_flops_per_iteration(self.cfg, args.global_batch_size,
+                                                                self.model.padded_vocab)
         if args.load:
             self._resume()
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
             print(msg, flush=True)
-
-    def _tensorboard(self):
-        if not self.args.tensorboard_dir or self.rank != 0:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-        os.makedirs(self.args.tensorboard_dir, exist_ok=True)
-        return SummaryWriter(self.args.tensorboard_dir)
-
-    def _write_metrics(self, iteration: int, scalars: dict[str, float]) -> None:
-        if self.writer is None:
-            return
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, iteration)
-        self.writer.flush()
-        with open(os.path.join(self.args.tensorboard_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
 
     # --- checkpoints -------------------------------------------------------------------
 
@@ -210,6 +197,19 @@ class Trainer:
                                       self.device, backward=False)
         return float(total) / a.eval_iters
 
+    def _log_iteration(self, it: int, seconds: float, lr: float, loss: float, grad_norm: float, ok: bool) -> None:
+        """Megatron's iteration line, with throughput per rank (model FLOPs, see megatron/flops.py)."""
+        a, world = self.args, self.world
+        tokens = a.global_batch_size * a.seq_length
+        self.log(f" iteration {it:8d}/{a.train_iters:8d} | consumed samples: {self.state.consumed_samples:10d}"
+                 f" | elapsed time per iteration (ms): {1000 * seconds:.1f}"
+                 f" | learning rate: {lr:.3E} | global batch size: {a.global_batch_size:5d}"
+                 f" | lm loss: {loss:.6E} | loss scale: {self.scaler.scale:.1f}"
+                 f" | grad norm: {grad_norm:.3f} | skipped: {int(not ok)}"
+                 f" | tokens per second: {tokens / seconds:.1f}"
+                 f" | tokens per second per rank: {tokens / seconds / world:.1f}"
+                 f" | TFLOP/s per rank: {self.flops_per_iteration / seconds / world / 1e12:.3f}")
+
     def train(self) -> TrainState:
         a = self.args
         tokens_per_iter = a.global_batch_size * a.seq_length
@@ -222,6 +222,7 @@ class Trainer:
         saved_at = self.state.iteration if resumed_into_same_folder else -1
         window_start, window_iters = time.perf_counter(), 0
         while self.state.iteration < a.train_iters:
+            step_start = time.perf_counter()
             loss, grad_norm, ok = self.train_step()
             self.state.iteration += 1
             self.state.consumed_samples += a.global_batch_size
@@ -229,23 +230,19 @@ class Trainer:
             self.state.losses.append(loss)
             window_iters += 1
             it = self.state.iteration
+            lr = self.schedule.lr(self.schedule.num_steps)
             if it % a.log_interval == 0 or it == a.train_iters:
                 elapsed = time.perf_counter() - window_start
-                lr = self.schedule.lr(self.schedule.num_steps)
-                self.log(f" iteration {it:8d}/{a.train_iters:8d} | consumed samples: {self.state.consumed_samples:10d}"
-                         f" | elapsed time per iteration (ms): {1000 * elapsed / window_iters:.1f}"
-                         f" | learning rate: {lr:.3E} | global batch size: {a.global_batch_size:5d}"
-                         f" | lm loss: {loss:.6E} | loss scale: {self.scaler.scale:.1f}"
-                         f" | grad norm: {grad_norm:.3f} | skipped: {int(not ok)}"
-                         f" | tokens per second: {tokens_per_iter * window_iters / elapsed:.1f}")
+                self._log_iteration(it, elapsed / window_iters, lr, loss, grad_norm, ok)
                 window_start, window_iters = time.perf_counter(), 0
-            self._write_metrics(it, {"lm-loss-training/lm loss": loss, "learning-rate/learning-rate":
-                                     self.schedule.lr(self.schedule.num_steps), "grad-norm/grad-norm": grad_norm,
-                                     "loss-scale/loss-scale": self.scaler.scale})
+            self.writer.training(it, self.state.consumed_samples, self.state.consumed_tokens, {
+                "lm loss": loss, "learning rate": lr, "batch size": a.global_batch_size,
+                "loss scale": self.scaler.scale, "grad norm": grad_norm, "world size": self.world,
+                "iteration time": time.perf_counter() - step_start})
             if a.eval_interval and it % a.eval_interval == 0 and self.datasets[1] is not None:
                 val = self.evaluate()
                 self.log(f" validation loss at iteration {it} | lm loss value: {val:.6E}")
-                self._write_metrics(it, {"lm-loss-validation/lm loss": val})
+                self.writer.validation(it, self.state.consumed_samples, self.state.consumed_tokens, val)
             if a.save and a.save_interval and it % a.save_interval == 0:
                 self.save()
                 saved_at = it
@@ -253,8 +250,7 @@ class Trainer:
                 break
         if a.save and saved_at != self.state.iteration:
             self.save()
-        if self.writer is not None:
-            self.writer.close()
+        self.writer.close()
         return self.state
 
 

@@ -189,3 +189,48 @@ def test_run_tb_analysis_takes_upstreams_positional_output_path(tmp_path: Path) 
                                                                                "PYTHON": sys.executable}, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout and (tmp_path / "loss_curves.png").is_file()
+
+
+# --- logs ------------------------------------------------------------------------------------
+
+def _tags(folder: Path) -> set[str]:
+    from tensorboard.backend.event_processing import event_accumulator
+    tags: set[str] = set()
+    for path in folder.glob("*tfevents*"):
+        acc = event_accumulator.EventAccumulator(str(path))
+        acc.Reload()
+        tags.update(acc.Tags()["scalars"])
+    return tags
+
+
+def test_tensorboard_tags_and_switches_are_megatron_deepspeeds(tmp_path: Path) -> None:
+    base = TINY_GPT + ["--train-iters", "2", "--eval-interval", "2", "--eval-iters", "1"]
+    train_losses(1, base + ["--tensorboard-dir", str(tmp_path / "default")])
+    default = _tags(tmp_path / "default")
+    for tag in ("lm-loss-training/lm loss", "lm-loss-training/lm loss vs samples", "lm-loss-training/lm loss vs tokens",
+                "learning-rate/learning-rate", "loss-scale/loss-scale", "grad-norm/grad-norm",
+                "lm-loss-validation/lm loss validation", "steps-vs-samples/y=steps,x=samples"):
+        assert tag in default, tag
+    assert not any(t.startswith(("batch-size/", "world-size/", "iteration-time/")) or "ppl" in t for t in default)
+    train_losses(1, base + ["--tensorboard-dir", str(tmp_path / "switched"), "--log-batch-size-to-tensorboard",
+                            "--log-world-size-to-tensorboard", "--log-timers-to-tensorboard",
+                            "--log-validation-ppl-to-tensorboard", "--no-log-learnig-rate-to-tensorboard",
+                            "--no-log-loss-scale-to-tensorboard"])
+    switched = _tags(tmp_path / "switched")
+    assert {"batch-size/batch-size", "world-size/world-size", "iteration-time/iteration-time",
+            "lm-loss-validation/lm loss validation ppl"} <= switched
+    assert not any(t.startswith(("learning-rate/", "loss-scale/")) for t in switched)
+
+
+def test_training_flops_follow_megatrons_formula() -> None:
+    from megatron.flops import training_flops_per_iteration
+    from megatron.model.config import ModelConfig
+    # Llama-2-7B-like: 32 layers, hidden 4096, 32 heads, 8 KV heads, SwiGLU FFN 11008, seq 4096, vocab 32000.
+    cfg = ModelConfig(num_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                      vocab_size=32000, seq_length=4096, ffn_hidden_size=11008, swiglu=True)
+    h, s, L, b = 4096, 4096, 32, 1
+    by_hand = 12 * b * s * L * h * h * ((1 + 8 / 32 + s / h) + 11008 / h * 1.5 + 32000 / (2 * L * h))
+    assert training_flops_per_iteration(cfg, b, 32000) == pytest.approx(by_hand, rel=1e-12)
+    # Dense parameters x 6 x tokens is the usual estimate without the attention-score term.
+    params = L * (h * h * (2 + 2 * 8 / 32) + 3 * h * 11008) + 32000 * h
+    assert training_flops_per_iteration(cfg, b, 32000) == pytest.approx(6 * params * s + 12 * L * h * s * s, rel=1e-3)
