@@ -234,3 +234,50 @@ def test_training_flops_follow_megatrons_formula() -> None:
     # Dense parameters x 6 x tokens is the usual estimate without the attention-score term.
     params = L * (h * h * (2 + 2 * 8 / 32) + 3 * h * 11008) + 32000 * h
     assert training_flops_per_iteration(cfg, b, 32000) == pytest.approx(6 * params * s + 12 * L * h * s * s, rel=1e-3)
+
+
+# --- data tools ----------------------------------------------------------------------------
+
+def test_preprocess_data_takes_upstreams_command_line(tmp_path: Path) -> None:
+    """upstream README's preprocess command (paths changed): same output for any --workers/--partitions."""
+    from megatron.data.indexed_dataset import IndexedDataset
+    data = prepare_sample(tmp_path)
+    outputs = []
+    for workers, partitions in ((1, 1), (2, 3)):
+        prefix = tmp_path / f"my-gpt2-{workers}"
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"),
+                               "--input", str(data["corpus"]), "--output-prefix", str(prefix),
+                               "--vocab-file", data["--vocab-file"], "--dataset-impl", "mmap",
+                               "--tokenizer-type", "GPT2BPETokenizer", "--merge-file", data["--merge-file"],
+                               "--append-eod", "--workers", str(workers), "--partitions", str(partitions)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "docs/s" in proc.stdout
+        outputs.append(Path(f"{prefix}_text_document.bin").read_bytes())
+        assert len(IndexedDataset(f"{prefix}_text_document")) == 300
+    assert outputs[0] == outputs[1]
+
+
+def test_preprocess_split_sentences_without_nltk_data_is_a_clear_error(tmp_path: Path) -> None:
+    data = prepare_sample(tmp_path)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(data["corpus"]),
+                           "--output-prefix", str(tmp_path / "s"), "--vocab-file", data["--vocab-file"],
+                           "--merge-file", data["--merge-file"], "--split-sentences", "--keep-newlines"],
+                          capture_output=True, text=True, timeout=120)
+    try:
+        import nltk
+        nltk.data.find("tokenizers/punkt/english.pickle")
+    except (ImportError, LookupError):
+        assert proc.returncode != 0 and "--split-sentences" in proc.stderr and "punkt" in proc.stderr
+        assert not list(tmp_path.glob("s_*"))  # nothing half-written
+    else:
+        assert proc.returncode == 0 and (tmp_path / "s_text_sentence.idx").is_file()
+
+
+def prepare_sample(folder: Path) -> dict:
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "prepare_sample_data.py"), "--output-dir",
+                          str(folder / "sample"), "--tokenizer", "gpt2bpe", "--num-docs", "300", "--vocab-size",
+                          "300", "--seed", "1", "--print-args"], capture_output=True, text=True, check=True
+                         ).stdout.split("\n")
+    flags = [line for line in out if line]
+    return {**dict(zip(flags[0::2], flags[1::2])), "corpus": folder / "sample" / "corpus.jsonl"}
