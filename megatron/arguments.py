@@ -142,6 +142,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mock-data", action="store_true", help="built-in deterministic synthetic corpus")
     g.add_argument("--data-path", nargs="*", default=None, help="PREFIX, or a blend 'W1 PREFIX1 W2 PREFIX2 ...'")
     g.add_argument("--split", default="969,30,1")
+    g.add_argument("--train-data-path", nargs="*", default=None, help="train split only (no --split applied)")
+    g.add_argument("--valid-data-path", nargs="*", default=None)
+    g.add_argument("--test-data-path", nargs="*", default=None)
+    g.add_argument("--data-cache-path", default=None,
+                   help="no-op: sample indices are recomputed from the seed at start-up, nothing is cached on disk")
+    g.add_argument("--num-workers", type=int, default=2,
+                   help="> 0: the next global batch is read in a background thread while the current one "
+                        "trains (the batches do not change); 0: read in the training thread")
     g.add_argument("--data-impl", choices=["mmap", "infer"], default="infer",
                    help="no-op: the memory-mapped .bin/.idx format is the only one (as upstream's mmap)")
     g.add_argument("--tokenizer-type", default=None,
@@ -267,11 +275,20 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
     if args.zero_stage == 3 and pp > 1:
         raise ConfigError("--zero-stage 3 with --pipeline-model-parallel-size > 1 is not supported: "
                           "use ZeRO stage 0-2 with pipeline parallelism, or PP=1 with ZeRO-3")
-    if not args.mock_data and not args.data_path:
+    split_paths = args.train_data_path or args.valid_data_path or args.test_data_path
+    if split_paths and args.data_path:
+        raise ConfigError("give --data-path (split by --split) or --train-data-path/--valid-data-path/"
+                          "--test-data-path, not both")
+    if split_paths and not args.train_data_path:
+        raise ConfigError("--valid-data-path / --test-data-path need --train-data-path")
+    if split_paths:
+        args.data_path = None
+    if not args.mock_data and not (args.data_path or args.train_data_path):
         raise ConfigError("give --data-path PREFIX (see tools/preprocess_data.py) or --mock-data")
-    if args.data_path and not args.mock_data and args.tokenizer_type is None and args.vocab_file and args.merge_file:
+    real_data = bool(args.data_path or args.train_data_path) and not args.mock_data
+    if real_data and args.tokenizer_type is None and args.vocab_file and args.merge_file:
         args.tokenizer_type = "GPT2BPETokenizer"  # upstream pretrain_gpt.py's default, given its two files
-    if args.data_path and not args.mock_data and args.tokenizer_type is None:
+    if real_data and args.tokenizer_type is None:
         raise ConfigError("--data-path needs --tokenizer-type (the tokenizer the data was preprocessed with)")
     if args.mock_data and args.vocab_size is None:
         raise ConfigError("--mock-data needs --vocab-size")

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -22,6 +23,7 @@ from megatron.core.optimizer.zero3 import partition_parameters
 from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.core.schedules import forward_backward, micro_batches
 from megatron.data.build import build_datasets
+from megatron.data.prefetch import Prefetcher
 from megatron.deepspeed_lr import DeepSpeedLRSchedule
 from megatron.flops import training_flops_per_iteration
 from megatron.metrics_writer import MetricsWriter
@@ -100,6 +102,9 @@ class Trainer:
         self.state = TrainState()
         self.loaded: checkpointing.Loaded | None = None  # what _resume read, for logs and benchmarks
         self.writer = MetricsWriter(args, rank)
+        self.prefetcher = Prefetcher(partial(micro_batches, self.datasets[0], global_batch=args.global_batch_size,
+                                             micro=args.micro_batch_size, topo=self.topo, device=device),
+                                     args.global_batch_size, enabled=args.num_workers > 0)
         self.flops_per_iteration = training_flops_per_iteration(self.cfg, args.global_batch_size,
                                                                 self.model.padded_vocab)
         if args.load:
@@ -173,8 +178,7 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, bool]:
         a = self.args
-        batches = micro_batches(self.datasets[0], self.state.consumed_samples, a.global_batch_size,
-                                a.micro_batch_size, self.topo, self.device)
+        batches = self.prefetcher.get(self.state.consumed_samples)
         self.optimizer.zero_grad()
         self.model.train()
         denom = a.global_batch_size * a.seq_length
@@ -251,6 +255,7 @@ class Trainer:
         if a.save and saved_at != self.state.iteration:
             self.save()
         self.writer.close()
+        self.prefetcher.close()
         return self.state
 
 

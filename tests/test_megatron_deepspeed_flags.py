@@ -281,3 +281,24 @@ def prepare_sample(folder: Path) -> dict:
                          ).stdout.split("\n")
     flags = [line for line in out if line]
     return {**dict(zip(flags[0::2], flags[1::2])), "corpus": folder / "sample" / "corpus.jsonl"}
+
+
+def test_prefetching_loader_does_not_change_the_losses() -> None:
+    argv = TINY_GPT + ["--train-iters", "4"]
+    assert train_losses(1, argv + ["--num-workers", "2"]) == train_losses(1, argv + ["--num-workers", "0"])
+
+
+def test_per_split_data_paths(tmp_path: Path) -> None:
+    data = prepare_sample(tmp_path)
+    tokenizer = ["--vocab-file", data["--vocab-file"], "--merge-file", data["--merge-file"]]
+    base = [a for a in TINY_GPT if a not in ("--mock-data",)]
+    base = base[:base.index("--vocab-size")] + base[base.index("--vocab-size") + 2:]
+    prefix = data["--data-path"]
+    split = train_losses(1, base + tokenizer + STEPS + ["--train-data-path", prefix, "--valid-data-path", prefix,
+                                                        "--data-cache-path", str(tmp_path / "cache")])
+    whole = train_losses(1, base + tokenizer + STEPS + ["--data-path", prefix, "--split", "1,0,0"])
+    assert split == whole  # the train split is the whole prefix in both
+    with pytest.raises(ValueError, match="not both"):
+        parse_args(base + tokenizer + STEPS + ["--data-path", prefix, "--train-data-path", prefix], 1)
+    with pytest.raises(ValueError, match="need --train-data-path"):
+        parse_args(base + tokenizer + STEPS + ["--valid-data-path", prefix], 1)
