@@ -97,6 +97,11 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-tag", default=None, help="a checkpoint folder name under --load, e.g. global_step100")
     g.add_argument("--universal-checkpoint", action="store_true",
                    help="resume from the universal checkpoint named by LOAD/latest_universal")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="exit with an error if --load holds no checkpoint, even a new --save folder")
+    g.add_argument("--allow-missing-checkpoint", action="store_true",
+                   help="start from scratch when --load holds no checkpoint (upstream Megatron's default); "
+                        "without it only a new, empty --save folder given as --load starts fresh")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--override-global-batch-size", action="store_true",
@@ -176,6 +181,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--data-path needs --tokenizer-type (the tokenizer the data was preprocessed with)")
     if args.mock_data and args.vocab_size is None:
         raise ValueError("--mock-data needs --vocab-size")
+    if args.exit_on_missing_checkpoint and args.allow_missing_checkpoint:
+        raise ValueError("--exit-on-missing-checkpoint and --allow-missing-checkpoint are mutually exclusive")
     if args.universal_checkpoint and not args.load:
         raise ValueError("--universal-checkpoint needs --load DIR")
     if args.lr_decay_iters is None:

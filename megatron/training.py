@@ -78,6 +78,8 @@ class Trainer:
         self.state = TrainState()
         self.loaded: checkpointing.Loaded | None = None  # what _resume read, for logs and benchmarks
         self.writer = self._tensorboard()
+        if args.save:
+            checkpointing.check_save_folder(args.save)
         if args.load:
             self._resume()
 
@@ -126,7 +128,8 @@ class Trainer:
         self.loaded = loaded = checkpointing.load_checkpoint(a.load, self.model, self.optimizer, self.topo,
                                                universal=a.universal_checkpoint, tag=a.load_tag,
                                                load_optimizer=not a.no_load_optim, load_rng=not a.no_load_rng,
-                                               validate=self._validate_checkpoint)
+                                               validate=self._validate_checkpoint,
+                                               start_fresh=self._start_fresh_policy())
         if loaded is None:
             self.log(f"no checkpoint found under {a.load}: starting from scratch")
             return
@@ -143,6 +146,16 @@ class Trainer:
         self.log(f"resumed from {loaded.path} ({loaded.kind}) at iteration {self.state.iteration}, "
                  f"consumed samples {self.state.consumed_samples}; RNG "
                  f"{'restored exactly (same layout)' if loaded.rng_restored else 're-derived from the seed (layout changed)'}")
+
+    def _start_fresh_policy(self) -> str:
+        """A missing checkpoint starts a new run only where the user plainly meant one (see ``locate``)."""
+        a = self.args
+        if a.exit_on_missing_checkpoint:
+            return checkpointing.NEVER
+        if a.allow_missing_checkpoint:
+            return checkpointing.ALWAYS
+        same = bool(a.save) and os.path.realpath(a.load) == os.path.realpath(a.save)
+        return checkpointing.IF_NEW if same else checkpointing.NEVER
 
     def _validate_checkpoint(self, saved: dict) -> None:
         """Refuse a checkpoint of another model shape or (unless asked) another global batch size."""

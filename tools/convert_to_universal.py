@@ -1,7 +1,7 @@
 """Convert a native checkpoint (DIR/global_stepN) into a universal one (DIR/global_stepN_universal).
 
     python tools/convert_to_universal.py --input_folder ckpt/global_step100 \
-        --output_folder ckpt/global_step100_universal [--num_workers 4] [--replica-policy first]
+        --output_folder ckpt/global_step100_universal [--num_workers 4] [--replica-policy first] [--overwrite]
 """
 from __future__ import annotations
 
@@ -24,13 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replica-policy", "--replica_policy", choices=["first", "mean", "strict"], default="first",
                    help="how replicated tensors (norms over TP, tied embeddings over PP) are merged: "
                         "first = take the owner's copy, mean = average, strict = refuse any disagreement")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing universal checkpoint in OUTPUT_FOLDER (never a native one)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     output = args.output_folder or args.input_folder.rstrip("/") + "_universal"
     start = time.perf_counter()
     try:
         report = convert_to_universal(args.input_folder, output, args.num_workers, args.replica_policy,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, overwrite=args.overwrite)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
