@@ -43,7 +43,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
         vocab_size=vocab_size, seq_length=args.seq_length, ffn_hidden_size=args.ffn_hidden_size,
         num_key_value_heads=args.num_key_value_heads, max_position_embeddings=args.max_position_embeddings,
         normalization=args.normalization, swiglu=args.swiglu, position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base, tie_embeddings=not args.untie_embeddings_and_output_weights,
+        rotary_base=args.rotary_base, embed_layernorm=args.embed_layernorm, openai_gelu=args.openai_gelu, tie_embeddings=not args.untie_embeddings_and_output_weights,
         add_bias_linear=not args.disable_bias_linear, layernorm_epsilon=args.layernorm_epsilon,
         init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
