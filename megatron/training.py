@@ -150,7 +150,9 @@ class Trainer:
         if difference:
             raise checkpointing.CheckpointError(f"checkpoint under {self.args.load} is of another model shape: "
                                                 f"{difference}")
-        if saved["global_batch_size"] != self.args.global_batch_size and not self.args.override_global_batch_size:
+        imported = saved["global_batch_size"] is None  # weights imported from another tool: no batch size yet
+        if not imported and saved["global_batch_size"] != self.args.global_batch_size \
+                and not self.args.override_global_batch_size:
             raise checkpointing.CheckpointError(
                 f"checkpoint under {self.args.load} was trained with global batch size {saved['global_batch_size']}, "
                 f"this run uses {self.args.global_batch_size}; pass --override-global-batch-size to continue anyway")
