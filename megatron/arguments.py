@@ -27,10 +27,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
     g.add_argument("--normalization", choices=["layernorm", "rmsnorm"], default="layernorm")
     g.add_argument("--swiglu", action="store_true")
-    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "alibi"],
+                   default="learned_absolute")
     g.add_argument("--use-rotary-position-embeddings", action="store_true", help="alias of --position-embedding-type rope")
     g.add_argument("--rotary-base", type=float, default=10000.0)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--embed-layernorm", action="store_true", help="a norm after the word embedding (BLOOM)")
+    g.add_argument("--openai-gelu", action="store_true", help="GeLU's tanh approximation (GPT-2, BLOOM)")
     g.add_argument("--disable-bias-linear", action="store_true")
 
 

@@ -43,7 +43,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
         vocab_size=vocab_size, seq_length=args.seq_length, ffn_hidden_size=args.ffn_hidden_size,
         num_key_value_heads=args.num_key_value_heads, max_position_embeddings=args.max_position_embeddings,
         normalization=args.normalization, swiglu=args.swiglu, position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base, tie_embeddings=not args.untie_embeddings_and_output_weights,
+        rotary_base=args.rotary_base, embed_layernorm=args.embed_layernorm, openai_gelu=args.openai_gelu, tie_embeddings=not args.untie_embeddings_and_output_weights,
         add_bias_linear=not args.disable_bias_linear, layernorm_epsilon=args.layernorm_epsilon,
         init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
@@ -163,7 +163,9 @@ class Trainer:
         if difference:
             raise checkpointing.CheckpointError(f"checkpoint under {self.args.load} is of another model shape: "
                                                 f"{difference}")
-        if saved["global_batch_size"] != self.args.global_batch_size and not self.args.override_global_batch_size:
+        imported = saved["global_batch_size"] is None  # weights imported from another tool: no batch size yet
+        if not imported and saved["global_batch_size"] != self.args.global_batch_size \
+                and not self.args.override_global_batch_size:
             raise checkpointing.CheckpointError(
                 f"checkpoint under {self.args.load} was trained with global batch size {saved['global_batch_size']}, "
                 f"this run uses {self.args.global_batch_size}; pass --override-global-batch-size to continue anyway")

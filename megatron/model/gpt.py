@@ -38,6 +38,8 @@ class GPTModel(nn.Module):
                 self.embedding.position_embeddings = nn.Module()
                 self.embedding.position_embeddings.weight = make_param(
                     pos.shape, [whole_piece(pos, owner=topo.tp_rank == 0)], [pos], seed)
+            if cfg.embed_layernorm:
+                self.embedding.layernorm = Norm("embedding.layernorm", cfg, topo, seed)
         start, count = shard_range(cfg.num_layers, topo.pp_rank, topo.pp, "--num-layers")
         self.layers = nn.ModuleDict({str(i): TransformerLayer(i, cfg, topo, seed) for i in range(start, start + count)})
         self.final_norm = self.output_layer = None
@@ -73,6 +75,8 @@ class GPTModel(nn.Module):
         x = self.embedding.word_embeddings(tokens)
         if self.cfg.position_embedding_type == "learned_absolute":
             x = x + self.embedding.position_embeddings.weight[: tokens.shape[1]]
+        if self.cfg.embed_layernorm:
+            x = self.embedding.layernorm(x)
         return F.dropout(x, self.cfg.hidden_dropout, self.training)
 
     def rope(self, seq: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -1,4 +1,4 @@
-"""One decoder layer: norm, attention (fused QKV, GQA, RoPE), norm, MLP (GeLU or SwiGLU).
+"""One decoder layer: norm, attention (fused QKV, GQA, RoPE or ALiBi), norm, MLP (GeLU or SwiGLU).
 
 Local tensors are fused for speed; their piece maps point at canonical, unfused
 q, k, v, gate and up tensors so a TP change cannot scramble them.
@@ -58,6 +58,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al.; BLOOM's recipe for head counts that are not a
+    power of two: the power-of-two slopes, then every other slope of the next power)."""
+    def powers(n: int) -> list[float]:
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = powers(closest) + powers(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes: torch.Tensor, seq: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Causal attention bias ``[heads, seq, seq]``: slope * (key - query) where a query may look,
+    -inf elsewhere. Softmax ignores a per-row constant, so this equals BLOOM's slope * key."""
+    pos = torch.arange(seq, device=device)
+    distance = (pos[None, :] - pos[:, None]).float()
+    bias = slopes.to(device)[:, None, None] * distance
+    return bias.masked_fill(distance > 0, float("-inf")).to(dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, prefix: str, cfg: ModelConfig, topo: Topology, seed: int) -> None:
         super().__init__()
@@ -69,6 +90,9 @@ class Attention(nn.Module):
         v_w, v_b = _linear_specs(f"{prefix}.v", kv * hd, h, std, bias)
         q_start, q_len = shard_or_raise(heads * hd, topo, q_w.name)
         self.local_heads = heads // topo.tp
+        if cfg.position_embedding_type == "alibi":  # slopes by global head index: this rank's heads
+            first = topo.tp_rank * self.local_heads
+            self.alibi_slopes = alibi_slopes(heads)[first:first + self.local_heads]  # fp32, not cast with the model
         if kv >= topo.tp:
             kv_start, kv_len = shard_or_raise(kv * hd, topo, k_w.name)
             owner, slot = True, None
@@ -101,7 +125,11 @@ class Attention(nn.Module):
             rep = self.local_heads // self.local_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         p = self.cfg.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        if self.cfg.position_embedding_type == "alibi":
+            bias = alibi_bias(self.alibi_slopes, s, q.dtype, q.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * hd))
 
 
@@ -111,6 +139,7 @@ class MLP(nn.Module):
         h, f, std, bias = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std, cfg.add_bias_linear
         start, length = shard_or_raise(f, topo, f"{prefix} ffn")
         self.swiglu = cfg.swiglu
+        self.gelu_approximate = "tanh" if cfg.openai_gelu else "none"
         if cfg.swiglu:
             names = (f"{prefix}.gate", f"{prefix}.up")
         else:
@@ -126,7 +155,7 @@ class MLP(nn.Module):
             gate, up = y.chunk(2, dim=-1)
             y = F.silu(gate) * up
         else:
-            y = F.gelu(y)
+            y = F.gelu(y, approximate=self.gelu_approximate)
         return self.fc2(y)
 
 
