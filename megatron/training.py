@@ -6,10 +6,11 @@ loop (global sample order from consumed samples) -> save.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -22,9 +23,14 @@ from megatron.core.optimizer.zero3 import partition_parameters
 from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.core.schedules import forward_backward, micro_batches
 from megatron.data.build import build_datasets
+from megatron.data.prefetch import Prefetcher
+from megatron.deepspeed_lr import DeepSpeedLRSchedule
+from megatron.flops import training_flops_per_iteration
+from megatron.metrics_writer import MetricsWriter
 from megatron.initialize import initialize_distributed, set_random_seeds
 from megatron.model.config import ModelConfig
 from megatron.model.gpt import GPTModel
+from megatron.model.recompute import recompute_from_args
 
 
 @dataclass
@@ -49,59 +55,66 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
         attention_dropout=args.attention_dropout, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
 
 
+def build_loss_scaler(args: argparse.Namespace) -> LossScaler:
+    """Static when a loss scale is given (Megatron's --loss-scale, or a DeepSpeed fp16
+    loss_scale > 0), dynamic for fp16 otherwise, none (1.0) for bf16 / fp32."""
+    min_scale = getattr(args, "min_loss_scale", 1.0)
+    if args.loss_scale is not None:
+        return LossScaler(scale=args.loss_scale, dynamic=False, min_scale=min_scale)
+    return LossScaler(scale=args.initial_loss_scale if args.fp16 else 1.0, dynamic=args.fp16,
+                      growth_interval=args.loss_scale_window, hysteresis=args.hysteresis,
+                      hysteresis_tracker=args.hysteresis, min_scale=min_scale)
+
+
+def build_lr_schedule(args: argparse.Namespace) -> LRSchedule | DeepSpeedLRSchedule:
+    """The DeepSpeed config's scheduler when it has one (DeepSpeed prefers it too), else Megatron's."""
+    ds = getattr(args, "ds_scheduler", None)
+    if ds is not None:
+        return DeepSpeedLRSchedule(ds["type"], ds["params"], args.lr)
+    return LRSchedule(args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style)
+
+
 class Trainer:
     """Owns the objects of one run and the loop over iterations."""
 
     def __init__(self, args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
-        self.args, self.device, self.rank = args, device, rank
+        self.args, self.device, self.rank, self.world = args, device, rank, world
         self.topo = Topology(ParallelDims(world, args.tensor_model_parallel_size,
                                           args.pipeline_model_parallel_size), rank)
         set_random_seeds(args.seed + 100 * self.topo.pp_rank)
         self.datasets, vocab_size = build_datasets(args)
         self.cfg = model_config_from_args(args, vocab_size)
         self.model = GPTModel(self.cfg, self.topo, args.seed).to(device)
+        self.model.set_recompute(recompute_from_args(args, zero3=args.zero_stage == 3))
         self.dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        self.scaler = LossScaler(scale=args.initial_loss_scale if args.fp16 else 1.0, dynamic=args.fp16,
-                                 growth_interval=args.loss_scale_window, hysteresis=args.hysteresis,
-                                 hysteresis_tracker=args.hysteresis)
+        self.scaler = build_loss_scaler(args)
         adam = AdamConfig(lr=args.lr, weight_decay=args.weight_decay, beta1=args.adam_beta1,
                           beta2=args.adam_beta2, eps=args.adam_eps, clip_grad=args.clip_grad,
-                          bucket_numel=args.ddp_bucket_size)
+                          bucket_numel=args.ddp_bucket_size, optimizer=args.optimizer,
+                          sgd_momentum=args.sgd_momentum)
         # The optimizer copies the fp32 canonical init before the model is cast down.
         self.optimizer = DistributedOptimizer(list(self.model.named_parameters()), self.topo, args.zero_stage,
                                               adam, self.scaler)
         self.model.to(self.dtype)
         if args.zero_stage == 3:  # keep only this rank's shard of each parameter from here on
             partition_parameters(self.model, self.topo, self.optimizer.fragments())
-        self.schedule = LRSchedule(args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters,
-                                   args.lr_decay_style)
+        self.schedule = build_lr_schedule(args)
         self.state = TrainState()
         self.loaded: checkpointing.Loaded | None = None  # what _resume read, for logs and benchmarks
-        self.writer = self._tensorboard()
+        self.writer = MetricsWriter(args, rank)
         if args.save:
             checkpointing.check_save_folder(args.save)
+        self.prefetcher = Prefetcher(partial(micro_batches, self.datasets[0], global_batch=args.global_batch_size,
+                                             micro=args.micro_batch_size, topo=self.topo, device=device),
+                                     args.global_batch_size, enabled=args.num_workers > 0)
+        self.flops_per_iteration = training_flops_per_iteration(self.cfg, args.global_batch_size,
+                                                                self.model.padded_vocab)
         if args.load:
             self._resume()
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
             print(msg, flush=True)
-
-    def _tensorboard(self):
-        if not self.args.tensorboard_dir or self.rank != 0:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-        os.makedirs(self.args.tensorboard_dir, exist_ok=True)
-        return SummaryWriter(self.args.tensorboard_dir)
-
-    def _write_metrics(self, iteration: int, scalars: dict[str, float]) -> None:
-        if self.writer is None:
-            return
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, iteration)
-        self.writer.flush()
-        with open(os.path.join(self.args.tensorboard_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
 
     # --- checkpoints -------------------------------------------------------------------
 
@@ -116,6 +129,7 @@ class Trainer:
                           "padded_vocab_size": self.model.padded_vocab},
             "global_batch_size": a.global_batch_size, "micro_batch_size": a.micro_batch_size,
             "zero_stage": a.zero_stage, "precision": str(self.dtype).replace("torch.", ""),
+            "optimizer": a.optimizer,
         }
 
     def save(self) -> None:
@@ -163,6 +177,11 @@ class Trainer:
         if difference:
             raise checkpointing.CheckpointError(f"checkpoint under {self.args.load} is of another model shape: "
                                                 f"{difference}")
+        saved_optimizer = saved.get("optimizer", "adam")
+        if saved_optimizer != self.args.optimizer and not self.args.no_load_optim:
+            raise checkpointing.CheckpointError(
+                f"checkpoint under {self.args.load} holds {saved_optimizer} optimizer state, this run uses "
+                f"--optimizer {self.args.optimizer}; use the same optimizer or pass --no-load-optim")
         imported = saved["global_batch_size"] is None  # weights imported from another tool: no batch size yet
         if not imported and saved["global_batch_size"] != self.args.global_batch_size \
                 and not self.args.override_global_batch_size:
@@ -174,8 +193,7 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, bool]:
         a = self.args
-        batches = micro_batches(self.datasets[0], self.state.consumed_samples, a.global_batch_size,
-                                a.micro_batch_size, self.topo, self.device)
+        batches = self.prefetcher.get(self.state.consumed_samples)
         self.optimizer.zero_grad()
         self.model.train()
         denom = a.global_batch_size * a.seq_length
@@ -198,15 +216,32 @@ class Trainer:
                                       self.device, backward=False)
         return float(total) / a.eval_iters
 
+    def _log_iteration(self, it: int, seconds: float, lr: float, loss: float, grad_norm: float, ok: bool) -> None:
+        """Megatron's iteration line, with throughput per rank (model FLOPs, see megatron/flops.py)."""
+        a, world = self.args, self.world
+        tokens = a.global_batch_size * a.seq_length
+        self.log(f" iteration {it:8d}/{a.train_iters:8d} | consumed samples: {self.state.consumed_samples:10d}"
+                 f" | elapsed time per iteration (ms): {1000 * seconds:.1f}"
+                 f" | learning rate: {lr:.3E} | global batch size: {a.global_batch_size:5d}"
+                 f" | lm loss: {loss:.6E} | loss scale: {self.scaler.scale:.1f}"
+                 f" | grad norm: {grad_norm:.3f} | skipped: {int(not ok)}"
+                 f" | tokens per second: {tokens / seconds:.1f}"
+                 f" | tokens per second per rank: {tokens / seconds / world:.1f}"
+                 f" | TFLOP/s per rank: {self.flops_per_iteration / seconds / world / 1e12:.3f}")
+
     def train(self) -> TrainState:
         a = self.args
         tokens_per_iter = a.global_batch_size * a.seq_length
+        if getattr(a, "loss_scale_not_used", None) is not None:
+            self.log(f"note: --loss-scale {a.loss_scale_not_used:g} is not used: with a DeepSpeed config its fp16 "
+                     f"section governs loss scaling (bf16 and fp32 are not scaled), as in Megatron-DeepSpeed")
         self.log(f"training {self.cfg.num_layers}-layer model on {self.topo.describe()} with ZeRO stage "
                  f"{a.zero_stage}, {self.dtype}, from iteration {self.state.iteration} to {a.train_iters}")
         resumed_into_same_folder = bool(a.load and a.save) and os.path.realpath(a.load) == os.path.realpath(a.save)
         saved_at = self.state.iteration if resumed_into_same_folder else -1
         window_start, window_iters = time.perf_counter(), 0
         while self.state.iteration < a.train_iters:
+            step_start = time.perf_counter()
             loss, grad_norm, ok = self.train_step()
             self.state.iteration += 1
             self.state.consumed_samples += a.global_batch_size
@@ -214,23 +249,19 @@ class Trainer:
             self.state.losses.append(loss)
             window_iters += 1
             it = self.state.iteration
+            lr = self.schedule.lr(self.schedule.num_steps)
             if it % a.log_interval == 0 or it == a.train_iters:
                 elapsed = time.perf_counter() - window_start
-                lr = self.schedule.lr(self.schedule.num_steps)
-                self.log(f" iteration {it:8d}/{a.train_iters:8d} | consumed samples: {self.state.consumed_samples:10d}"
-                         f" | elapsed time per iteration (ms): {1000 * elapsed / window_iters:.1f}"
-                         f" | learning rate: {lr:.3E} | global batch size: {a.global_batch_size:5d}"
-                         f" | lm loss: {loss:.6E} | loss scale: {self.scaler.scale:.1f}"
-                         f" | grad norm: {grad_norm:.3f} | skipped: {int(not ok)}"
-                         f" | tokens per second: {tokens_per_iter * window_iters / elapsed:.1f}")
+                self._log_iteration(it, elapsed / window_iters, lr, loss, grad_norm, ok)
                 window_start, window_iters = time.perf_counter(), 0
-            self._write_metrics(it, {"lm-loss-training/lm loss": loss, "learning-rate/learning-rate":
-                                     self.schedule.lr(self.schedule.num_steps), "grad-norm/grad-norm": grad_norm,
-                                     "loss-scale/loss-scale": self.scaler.scale})
+            self.writer.training(it, self.state.consumed_samples, self.state.consumed_tokens, {
+                "lm loss": loss, "learning rate": lr, "batch size": a.global_batch_size,
+                "loss scale": self.scaler.scale, "grad norm": grad_norm, "world size": self.world,
+                "iteration time": time.perf_counter() - step_start})
             if a.eval_interval and it % a.eval_interval == 0 and self.datasets[1] is not None:
                 val = self.evaluate()
                 self.log(f" validation loss at iteration {it} | lm loss value: {val:.6E}")
-                self._write_metrics(it, {"lm-loss-validation/lm loss": val})
+                self.writer.validation(it, self.state.consumed_samples, self.state.consumed_tokens, val)
             if a.save and a.save_interval and it % a.save_interval == 0:
                 self.save()
                 saved_at = it
@@ -238,8 +269,8 @@ class Trainer:
                 break
         if a.save and saved_at != self.state.iteration:
             self.save()
-        if self.writer is not None:
-            self.writer.close()
+        self.writer.close()
+        self.prefetcher.close()
         return self.state
 
 
@@ -251,7 +282,7 @@ def build_trainer(argv: list[str] | None = None) -> Trainer:
     if torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
     args = parse_args(argv, world)
-    rank, world, device = initialize_distributed(args.distributed_backend, args.device)
+    rank, world, device = initialize_distributed(args.distributed_backend, args.device, args.local_rank)
     return Trainer(args, rank, world, device)
 
 
@@ -260,3 +291,27 @@ def pretrain(argv: list[str] | None = None) -> TrainState:
     state = build_trainer(argv).train()
     comm.barrier()
     return state
+
+
+_LATE_RANK_REPORT_S = 3.0
+
+
+def main(argv: list[str]) -> int:
+    """``pretrain`` for the command line. An error in the configuration (flags, DeepSpeed
+    config, layout, data files) found while building the run is one line on stderr, printed
+    by rank 0 only (every rank exits 2); ``--debug`` shows the traceback instead."""
+    try:
+        trainer = build_trainer(argv)
+    except ValueError as exc:
+        if "--debug" in argv:
+            raise
+        rank = int(os.environ.get("RANK", "0"))
+        if rank != 0:
+            # Rank 0 usually meets the same error and reports it; the launcher stops the other
+            # ranks when it exits. A rank whose error rank 0 did not share still says so.
+            time.sleep(_LATE_RANK_REPORT_S)
+        print(f"error: {exc}" if rank == 0 else f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        return 2
+    trainer.train()
+    comm.barrier()
+    return 0

@@ -8,6 +8,9 @@ one into a PyTorch DCP.
         --output_folder ckpt/global_step100_universal
     python tools/convert_to_universal.py --output-format dcp  --input_folder ckpt/global_step100_universal \
         --output_folder DCP_DIR
+
+DeepSpeed's ds_to_universal.py flags --num_extract_workers (= --num_workers), --num_merge_workers
+and --keep_temp_folder are accepted too.
 """
 from __future__ import annotations
 
@@ -70,7 +73,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="dcp: write a PyTorch DCP from a native or universal checkpoint")
     p.add_argument("--model-config", "--model_config", default=None,
                    help="JSON file of the model's shape, for dcp/mcore inputs that do not record it")
-    p.add_argument("--num_workers", "--num-workers", type=int, default=4)
+    p.add_argument("--num_workers", "--num-workers", "--num_extract_workers", "--num-extract-workers",
+                   dest="num_workers", type=int, default=4,
+                   help="tensors converted in parallel (ds_to_universal.py's --num_extract_workers: each worker "
+                        "reads and merges one canonical tensor at a time)")
+    p.add_argument("--num_merge_workers", "--num-merge-workers", type=int, default=None,
+                   help="accepted for ds_to_universal.py command lines; no effect: there is no separate merge "
+                        "stage here (extraction and merging are one pass per tensor, see --num_workers)")
+    p.add_argument("--keep_temp_folder", "--keep-temp-folder", action="store_true",
+                   help="accepted for ds_to_universal.py command lines; no effect: no temporary files are written")
     p.add_argument("--replica-policy", "--replica_policy", choices=["first", "mean", "strict"], default="first",
                    help="how replicated tensors (norms over TP, tied embeddings over PP) are merged: "
                         "first = take the owner's copy, mean = average, strict = refuse any disagreement")

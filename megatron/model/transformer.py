@@ -6,6 +6,7 @@ q, k, v, gate and up tensors so a TP change cannot scramble them.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from megatron.core.pieces import CanonicalSpec, whole_piece
 from megatron.core.tensor_parallel import (ColumnParallelLinear, OutputSegment, RowParallelLinear,
                                            make_param, shard_or_raise)
 from megatron.model.config import ModelConfig
+from megatron.model.recompute import maybe_recompute
 
 
 class Norm(nn.Module):
@@ -110,6 +112,7 @@ class Attention(nn.Module):
         ], topo, seed)
         d_w, d_b = _linear_specs(f"{prefix}.dense", h, heads * hd, std / math.sqrt(2 * cfg.num_layers), bias)
         self.dense = RowParallelLinear(d_w, d_b, topo, seed)
+        self.recompute_core = False  # selective recomputation: softmax(QK^T)V again in backward
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         b, s, _ = x.shape
@@ -127,9 +130,10 @@ class Attention(nn.Module):
         p = self.cfg.attention_dropout if self.training else 0.0
         if self.cfg.position_embedding_type == "alibi":
             bias = alibi_bias(self.alibi_slopes, s, q.dtype, q.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+            core = partial(F.scaled_dot_product_attention, attn_mask=bias, dropout_p=p)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            core = partial(F.scaled_dot_product_attention, dropout_p=p, is_causal=True)
+        out = maybe_recompute(self.recompute_core, core, q, k, v)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * hd))
 
 
