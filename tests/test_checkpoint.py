@@ -153,13 +153,15 @@ def test_checkpoint_of_another_model_shape_is_refused(saved) -> None:
         train_losses(world, argv)
 
 
-def test_other_global_batch_size_needs_the_override_flag(saved) -> None:
+def test_other_global_batch_size_with_iteration_schedule_needs_a_scheduler_flag(saved) -> None:
+    """Schedules count samples (as Megatron's): iteration flags at another global batch give
+    another schedule, which is refused unless a flag says which one wins."""
     world, flags = layout(tp=1, dp=2)
     argv = TINY_GPT + flags + ["--train-iters", str(2 * N), "--load", os.path.dirname(saved)]
     argv[argv.index("--global-batch-size") + 1] = "16"
-    with pytest.raises(RuntimeError, match="global batch size 8, this run uses 16"):
+    with pytest.raises(RuntimeError, match=r"lr_decay_steps: checkpoint 48, command line 96"):
         train_losses(world, argv)
-    assert len(train_losses(world, argv + ["--override-global-batch-size"])) == N
+    assert len(train_losses(world, argv + ["--use-checkpoint-opt_param-scheduler"])) == N
 
 
 def test_inspect_lists_layout_and_verifies_checksums(saved) -> None:

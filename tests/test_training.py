@@ -11,7 +11,6 @@ import pytest
 
 from megatron.arguments import parse_args
 from megatron.core.optimizer.grad_scaler import LossScaler
-from megatron.core.optimizer.lr_scheduler import LRSchedule
 from megatron.metrics_io import read_scalars
 from megatron.testing.training import TINY_GPT, train_losses
 
@@ -59,16 +58,6 @@ def test_loss_scaler_halves_after_hysteresis_and_grows_after_window() -> None:
     s.update(found_inf=False)
     s.update(found_inf=False)
     assert s.scale == 1024.0
-
-
-def test_lr_schedule_warmup_then_cosine_to_min() -> None:
-    sched = LRSchedule(max_lr=1.0, min_lr=0.1, warmup_steps=4, decay_steps=14, decay_style="cosine")
-    assert [sched.lr(s) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
-    assert sched.lr(9) == pytest.approx(0.55)
-    assert sched.lr(14) == pytest.approx(0.1)
-    assert sched.lr(100) == 0.1
-    linear = LRSchedule(max_lr=1.0, min_lr=0.0, warmup_steps=0, decay_steps=10, decay_style="linear")
-    assert linear.lr(5) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("extra,message", [
