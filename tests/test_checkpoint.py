@@ -65,7 +65,7 @@ def test_resume_on_other_layout_continues_loss(tmp_path, reference, source, targ
     for universal in (False, True):
         losses = resume(str(tmp_path), target, universal)
         assert len(losses) == N
-        diff = max(abs(a - b) for a, b in zip(losses, reference[N:]))
+        diff = max(abs(a - b) for a, b in zip(losses, reference[N:], strict=True))
         assert diff < 1e-4, f"universal={universal}: max |diff| {diff}"
 
 
@@ -199,7 +199,7 @@ def test_crash_during_save_keeps_previous_checkpoint_loadable(tmp_path, referenc
     assert open(tmp_path / "latest").read() == f"global_step{N}"
     assert not (tmp_path / f"global_step{2 * N}").exists()
     losses = resume(str(tmp_path), layout(tp=1, dp=2), universal=False)
-    assert max(abs(a - b) for a, b in zip(losses, reference[N:])) < 1e-4
+    assert max(abs(a - b) for a, b in zip(losses, reference[N:], strict=True)) < 1e-4
 
 
 def test_converter_detects_disagreeing_replicas(saved) -> None:
@@ -264,4 +264,4 @@ def test_resume_with_degree_three_continues_loss(tmp_path, source, target) -> No
                          progress=False)
     for universal in ([], ["--universal-checkpoint"]):
         losses = train_losses(3, base + target + ["--load", str(tmp_path)] + universal)
-        assert max(abs(a - b) for a, b in zip(losses, reference[N:])) < 1e-4
+        assert max(abs(a - b) for a, b in zip(losses, reference[N:], strict=True)) < 1e-4
