@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.checkpointing.commit import commit_folder, recover_interrupted_commits, write_atomic
-from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES
+from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES, WEIGHTS_ONLY
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
 from megatron.core import comm
 from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
@@ -34,8 +34,9 @@ def check_save_folder(save_dir: str) -> None:
                               f"permissions)")
 
 
-def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology) -> dict:
-    """Write this rank's fragments; return its entry of the manifest."""
+def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
+                    states: tuple[str, ...] = STATES, save_rng: bool = True) -> dict:
+    """Write this rank's fragments (the ``states`` of each); return its entry of the manifest."""
     file = f"rank_{topo.rank:05d}.safetensors"
     write_tensors = optimizer.stage >= 1 or topo.dp_rank == 0  # stage 0: DP replicas are identical
     params, entries, canonical = {}, [], {}
@@ -49,22 +50,25 @@ def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimiz
                         "pieces": [pc.to_json() for pc in p.piece_map.pieces],
                         "group": f.group, "fragments": fragments}
         if fragments:
-            entries += [(f"{name}/{s}", (f.end - f.start,)) for s in STATES]
+            entries += [(f"{name}/{s}", (f.end - f.start,)) for s in states]
     writer = SafetensorsWriter(os.path.join(folder, file), entries, {"rank": str(topo.rank)})
     for f in optimizer.fragments():
         if write_tensors and f.end > f.start:
-            for s, t in optimizer.fragment_state(f).items():
-                writer.write(f"{f.name}/{s}", t)
+            views = optimizer.fragment_state(f)
+            for s in states:
+                writer.write(f"{f.name}/{s}", views[s])
     info = writer.close()
     return {"file": file, "file_info": info.to_json(), "rank": topo.rank,
             "position": [topo.pp_rank, topo.tp_rank],
             "coords": {"tp": topo.tp_rank, "dp": topo.dp_rank, "pp": topo.pp_rank},
-            "params": params, "canonical": canonical, "rng": rng_state()}
+            "params": params, "canonical": canonical, "rng": rng_state() if save_rng else None}
 
 
 def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: DistributedOptimizer,
-                    topo: Topology) -> str:
-    """Collective: every rank calls it. Returns the committed checkpoint folder."""
+                    topo: Topology, save_optim: bool = True, save_rng: bool = True) -> str:
+    """Collective: every rank calls it. Returns the committed checkpoint folder.
+    ``save_optim=False`` (``--no-save-optim``) writes the fp32 weights only."""
+    states = STATES if save_optim else WEIGHTS_ONLY
     tag = f"global_step{state['iteration']}"
     final = os.path.join(save_dir, tag)
     tmp = os.path.join(save_dir, f".{tag}.tmp")
@@ -74,7 +78,7 @@ def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: Dis
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
         os.makedirs(tmp)
     comm.barrier()
-    entry = write_rank_file(tmp, model, optimizer, topo)
+    entry = write_rank_file(tmp, model, optimizer, topo, states, save_rng)
     entries = [None] * topo.world_size if topo.rank == 0 else None
     if dist.is_initialized() and topo.world_size > 1:
         dist.gather_object(entry, entries, dst=0)
@@ -88,8 +92,9 @@ def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: Dis
             "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "native", "state": state,
             "topology": topo.describe(), "zero_stage": optimizer.stage,
             "param_groups": optimizer.hyperparameters(), "canonical": dict(sorted(canonical.items())),
+            "saved_states": list(states),
             "files": {e["file"]: e.pop("file_info") for e in entries},
-            "rng": {str(e["rank"]): e.pop("rng") for e in entries},
+            "rng": {str(e["rank"]): rng for e in entries if (rng := e.pop("rng")) is not None},
             "sources": entries,
         }
         write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
