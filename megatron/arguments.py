@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import difflib
 
+from megatron.core.batch_rampup import BatchRampup
+from megatron.core.optimizer.lr_scheduler import DECAY_STYLES, WD_INCR_STYLES
 from megatron.deepspeed_config import merge_deepspeed_config
 
 
@@ -39,12 +41,12 @@ class MegatronArgumentParser(argparse.ArgumentParser):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int, required=True)
-    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--num-layers", type=int, default=None)
+    g.add_argument("--hidden-size", type=int, default=None)
     g.add_argument("--ffn-hidden-size", type=int, default=None)
-    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--num-attention-heads", type=int, default=None)
     g.add_argument("--num-key-value-heads", type=int, default=None, help="GQA; 1 gives MQA")
-    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--seq-length", type=int, default=None)
     g.add_argument("--max-position-embeddings", type=int, default=None)
     g.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for --mock-data / NullTokenizer")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
@@ -54,11 +56,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
     g.add_argument("--normalization", choices=["layernorm", "rmsnorm"], default="layernorm")
     g.add_argument("--swiglu", action="store_true")
-    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "alibi"],
+                   default="learned_absolute")
     g.add_argument("--use-rotary-position-embeddings", action="store_true", help="alias of --position-embedding-type rope")
     g.add_argument("--rotary-base", "--rotary-position-embeddings-theta", dest="rotary_base", type=float,
                    default=10000.0, help="RoPE theta")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--embed-layernorm", action="store_true", help="a norm after the word embedding (BLOOM)")
+    g.add_argument("--openai-gelu", action="store_true", help="GeLU's tanh approximation (GPT-2, BLOOM)")
     g.add_argument("--disable-bias-linear", action="store_true")
     g.add_argument("--no-query-key-layer-scaling", dest="apply_query_key_layer_scaling", action="store_false",
                    help="no-op: attention here computes softmax(QK^T/sqrt(d)) directly, which is what this "
@@ -69,12 +74,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=None)
     g.add_argument("--global-batch-size", type=int, default=None)
-    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="linear")
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=int, default=None)
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
@@ -92,6 +94,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sgd-momentum", type=float, default=0.9)
     g.add_argument("--loss-scale-window", type=int, default=1000)
     g.add_argument("--hysteresis", type=int, default=2)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
     g.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
                    help="ZeRO stage (default 1, as Megatron-DeepSpeed)")
     g.add_argument("--ddp-bucket-size", type=int, default=1 << 22, help="elements per DP all-reduce bucket")
@@ -112,11 +115,130 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb-exp-name", default="")
     g.add_argument("--wandb-save-dir", default="")
     g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit once training has run this long")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM, finish the current iteration, save and exit with status 0")
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--debug", action="store_true", help="show tracebacks of configuration errors")
     g.add_argument("--distributed-backend", choices=["auto", "gloo", "nccl"], default="auto")
+
+
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
+    """Megatron-DeepSpeed's OptimizerParamScheduler flags (counted in samples underneath)."""
+    g = p.add_argument_group("learning-rate and weight-decay schedule")
+    g.add_argument("--train-samples", type=int, default=None, help="train this many samples (instead of --train-iters)")
+    g.add_argument("--train-tokens", type=int, default=None, help="also stop once this many tokens are trained")
+    g.add_argument("--lr-decay-style", choices=list(DECAY_STYLES), default="linear")
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-samples", type=int, default=None)
+    g.add_argument("--lr-decay-tokens", type=int, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-samples", type=int, default=0)
+    g.add_argument("--lr-warmup-tokens", type=int, default=None)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None, help="warmup as a fraction of the decay")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0, help="the LR warmup starts from")
+    g.add_argument("--start-weight-decay", type=float, default=None)
+    g.add_argument("--end-weight-decay", type=float, default=None)
+    g.add_argument("--weight-decay-incr-style", choices=list(WD_INCR_STYLES), default="constant")
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true",
+                   help="on resume, the command line's schedule replaces the checkpoint's")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's schedule whatever the command line says")
+    g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None, metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="grow the global batch from START by INCREMENT over SAMPLES samples")
+
+
+def _validate_schedule(args: argparse.Namespace) -> None:
+    """Megatron's rules: iteration- or sample-based training, never a mix."""
+    if (args.train_iters is None) == (args.train_samples is None):
+        raise ConfigError("give exactly one of --train-iters and --train-samples")
+    if args.train_iters is not None:
+        mixed = [f for f, v in (("--lr-decay-samples", args.lr_decay_samples), ("--lr-warmup-samples",
+                 args.lr_warmup_samples), ("--rampup-batch-size", args.rampup_batch_size)) if v]
+        if mixed:
+            raise ConfigError(f"--train-iters counts iterations: use --lr-decay-iters / --lr-warmup-iters, "
+                             f"not {', '.join(mixed)} (or train by --train-samples)")
+        if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
+            raise ConfigError("give only one of --lr-warmup-fraction and --lr-warmup-iters")
+    else:
+        mixed = [f for f, v in (("--lr-decay-iters", args.lr_decay_iters), ("--lr-warmup-iters",
+                 args.lr_warmup_iters)) if v]
+        if mixed:
+            raise ConfigError(f"--train-samples counts samples: use --lr-decay-samples / --lr-warmup-samples, "
+                             f"not {', '.join(mixed)}")
+        if args.lr_warmup_fraction is not None and args.lr_warmup_samples:
+            raise ConfigError("give only one of --lr-warmup-fraction and --lr-warmup-samples")
+    if args.weight_decay_incr_style == "constant":
+        if args.start_weight_decay is not None or args.end_weight_decay is not None:
+            if args.start_weight_decay != args.end_weight_decay:
+                raise ConfigError("--start-weight-decay / --end-weight-decay need --weight-decay-incr-style "
+                                 "linear or cosine")
+        args.start_weight_decay = args.end_weight_decay = args.weight_decay
+    elif args.start_weight_decay is None or args.end_weight_decay is None:
+        raise ConfigError(f"--weight-decay-incr-style {args.weight_decay_incr_style} needs --start-weight-decay "
+                         f"and --end-weight-decay")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
+    if args.rampup_batch_size:
+        BatchRampup(*args.rampup_batch_size, args.global_batch_size)
+
+
+REQUIRED_MODEL_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
+# ModelConfig fields that --use-checkpoint-args takes, with the flag that sets each (and
+# whether the flag is the negation of the field).
+_CHECKPOINT_MODEL_ARGS = {
+    "num_layers": ("num_layers", False), "hidden_size": ("hidden_size", False),
+    "num_attention_heads": ("num_attention_heads", False), "seq_length": ("seq_length", False),
+    "ffn_hidden_size": ("ffn_hidden_size", False), "num_key_value_heads": ("num_key_value_heads", False),
+    "max_position_embeddings": ("max_position_embeddings", False), "normalization": ("normalization", False),
+    "swiglu": ("swiglu", False), "position_embedding_type": ("position_embedding_type", False),
+    "rotary_base": ("rotary_base", False), "layernorm_epsilon": ("layernorm_epsilon", False),
+    "make_vocab_size_divisible_by": ("make_vocab_size_divisible_by", False),
+    "tie_embeddings": ("untie_embeddings_and_output_weights", True),
+    "add_bias_linear": ("disable_bias_linear", True),
+}
+
+
+def _take_model_args_from_checkpoint(args: argparse.Namespace) -> None:
+    """``--use-checkpoint-args``: the model shape of the checkpoint replaces the flags' (as
+    Megatron's ``load_args_from_checkpoint``); parallel sizes stay this run's."""
+    from megatron.checkpointing.locate import resolve_checkpoint
+    from megatron.checkpointing.reader import CheckpointReader
+
+    if not args.load:
+        raise ConfigError("--use-checkpoint-args needs --load DIR")
+    path = resolve_checkpoint(args.load, args.universal_checkpoint, args.load_tag)
+    if path is None:
+        raise ConfigError(f"--use-checkpoint-args: no checkpoint under {args.load} (no 'latest' file)")
+    saved = CheckpointReader(path).manifest["state"]["model_config"]
+    for field, (flag, negated) in _CHECKPOINT_MODEL_ARGS.items():
+        if field in saved:
+            setattr(args, flag, (not saved[field]) if negated else saved[field])
+    if args.use_rotary_position_embeddings and saved.get("position_embedding_type") != "rope":
+        args.use_rotary_position_embeddings = False
+
+
+def planned_train_iters(args: argparse.Namespace) -> int:
+    """Iterations the run takes in all (Megatron's ``update_train_iters``)."""
+    if args.train_iters is not None:
+        return args.train_iters
+    if not args.rampup_batch_size:
+        return args.train_samples // args.global_batch_size
+    rampup, consumed, iters = BatchRampup(*args.rampup_batch_size, args.global_batch_size), 0, 0
+    while consumed < args.train_samples:
+        consumed += rampup.global_batch(consumed)
+        iters += 1
+    return iters
+
+
+def total_train_samples(args: argparse.Namespace) -> int:
+    """Samples the run trains in all (sizes the training dataset)."""
+    return args.train_samples if args.train_samples is not None else args.train_iters * args.global_batch_size
 
 
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -169,12 +291,23 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-tag", default=None, help="a checkpoint folder name under --load, e.g. global_step100")
     g.add_argument("--universal-checkpoint", action="store_true",
                    help="resume from the universal checkpoint named by LOAD/latest_universal")
-    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="exit with an error if --load holds no checkpoint, even a new --save folder")
+    g.add_argument("--allow-missing-checkpoint", action="store_true",
+                   help="start from scratch when --load holds no checkpoint (upstream Megatron's default); "
+                        "without it only a new, empty --save folder given as --load starts fresh")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="do not load optimizer state, loss scaler or LR schedule (Megatron's meaning)")
     g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--override-global-batch-size", action="store_true",
-                   help="allow resuming with a different global batch size: consumed samples and the "
-                        "iteration count continue, so later iterations see more (or fewer) samples each "
-                        "and the LR schedule, counted in iterations, no longer lines up with samples")
+    g.add_argument("--no-save-optim", action="store_true",
+                   help="save weights only: no Adam moments, loss scaler or LR schedule")
+    g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only and start at iteration 0 (no optimizer, schedule, RNG or data position)")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model shape from the checkpoint under --load")
+    g.add_argument("--override-data-position", action="store_true",
+                   help="accept a resume whose seed, data or tokenizer differ from the checkpoint's")
 
 
 def _add_recompute_args(p: argparse.ArgumentParser) -> None:
@@ -196,8 +329,8 @@ def _add_recompute_args(p: argparse.ArgumentParser) -> None:
 def build_parser(argument_default=None) -> argparse.ArgumentParser:
     p = MegatronArgumentParser(description="Megatron-style GPT pretraining with universal checkpointing",
                                allow_abbrev=False, argument_default=argument_default)
-    for add in (_add_model_args, _add_training_args, _add_parallel_args, _add_data_args, _add_checkpoint_args,
-                _add_recompute_args):
+    for add in (_add_model_args, _add_training_args, _add_schedule_args, _add_parallel_args, _add_data_args,
+                _add_checkpoint_args, _add_recompute_args):
         add(p)
     return p
 
@@ -256,6 +389,11 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
     dp = world_size // (tp * pp)
     if args.deepspeed_config:
         merge_deepspeed_config(args, dp, explicit if explicit is not None else set(vars(args)), ConfigError)
+    if args.use_checkpoint_args:
+        _take_model_args_from_checkpoint(args)
+    missing = [f"--{n.replace('_', '-')}" for n in REQUIRED_MODEL_ARGS if getattr(args, n) is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} required (or --use-checkpoint-args with --load)")
     if args.use_rotary_position_embeddings:
         args.position_embedding_type = "rope"
     if args.zero_stage is None:
@@ -292,10 +430,11 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
         raise ConfigError("--data-path needs --tokenizer-type (the tokenizer the data was preprocessed with)")
     if args.mock_data and args.vocab_size is None:
         raise ConfigError("--mock-data needs --vocab-size")
+    if args.exit_on_missing_checkpoint and args.allow_missing_checkpoint:
+        raise ConfigError("--exit-on-missing-checkpoint and --allow-missing-checkpoint are mutually exclusive")
     if args.universal_checkpoint and not args.load:
         raise ConfigError("--universal-checkpoint needs --load DIR")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
+    _validate_schedule(args)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
 

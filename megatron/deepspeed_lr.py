@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from megatron.core.optimizer.lr_scheduler import SchedulerMismatch
+
 
 @dataclass
 class DeepSpeedLRSchedule:
     kind: str  # WarmupLR | WarmupDecayLR | WarmupCosineLR
     params: dict
     base_lr: float  # the optimizer's lr: WarmupLR's default max, WarmupCosineLR's reference
+    base_weight_decay: float  # DeepSpeed's schedulers leave weight decay constant
     num_steps: int = 0
     _warmup: int = field(init=False)
 
@@ -57,13 +60,28 @@ class DeepSpeedLRSchedule:
         ratio = (1 + math.cos(math.pi * progress)) / 2
         return max(0.0, p["cos_min_ratio"] + (1.0 - p["cos_min_ratio"]) * ratio)
 
-    def step(self) -> None:
+    def weight_decay(self) -> float:
+        return self.base_weight_decay
+
+    def step(self, samples: int = 0, tokens: int = 0) -> None:
+        """One applied optimizer step; DeepSpeed counts steps, not the ``samples`` or ``tokens``
+        that Megatron's scheduler counts (taken for the same call)."""
         self.num_steps += 1
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "params": self.params, "base_lr": self.base_lr, "num_steps": self.num_steps,
                 "last_batch_iteration": self.num_steps - 1}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Resume: the step count continues; the schedule's shape comes from the current config."""
+    def load_state_dict(self, state: dict, policy: str = "strict") -> list[str]:
+        """Resume: the step count continues. As with Megatron's scheduler, a schedule that differs
+        from the checkpoint's is refused under ``strict``; ``checkpoint`` keeps the saved one."""
+        saved = (state.get("kind"), state.get("params"))
+        differences = [] if saved == (self.kind, self.params) else [
+            f"scheduler: checkpoint {saved[0] or 'Megatron'} {saved[1] or ''}, command line {self.kind} {self.params}"]
+        if differences and policy == "strict":
+            raise SchedulerMismatch(differences[0] + "\npass --override-opt_param-scheduler to use the DeepSpeed "
+                                    "config's scheduler, or --use-checkpoint-opt_param-scheduler to keep the saved one")
+        if differences and policy == "checkpoint" and saved[0] is not None:
+            self.kind, self.params = saved
         self.num_steps = int(state["num_steps"])
+        return differences

@@ -14,7 +14,8 @@ import pytest
 from megatron.arguments import parse_args
 from megatron.deepspeed_lr import DeepSpeedLRSchedule
 from megatron.testing.training import TINY_GPT, train_losses
-from megatron.training import build_loss_scaler, build_lr_schedule
+from megatron.core.optimizer.grad_scaler import loss_scaler_from_args
+from megatron.training import build_lr_schedule
 
 STEPS = ["--train-iters", "4"]
 _FROM_CONFIG = ("--micro-batch-size", "--global-batch-size", "--lr")
@@ -87,7 +88,7 @@ def test_optimizer_section_sets_type_and_params_with_deepspeed_defaults(tmp_path
 
 def test_fp16_dynamic_scaling_takes_deepspeed_defaults_and_static_scale(tmp_path) -> None:
     args = ds_args(tmp_path, {"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True}})
-    scaler = build_loss_scaler(args)
+    scaler = loss_scaler_from_args(args)
     assert args.fp16 and scaler.dynamic
     assert (scaler.scale, scaler.growth_interval, scaler.hysteresis, scaler.min_scale) == (2.0 ** 16, 1000, 2, 1.0)
     # Upstream's run_fp16.sh: loss_scale 0 (dynamic) from 2^12, while --loss-scale 12 is Megatron's
@@ -95,11 +96,11 @@ def test_fp16_dynamic_scaling_takes_deepspeed_defaults_and_static_scale(tmp_path
     args = ds_args(tmp_path, {"train_micro_batch_size_per_gpu": 2, "fp16": {
         "enabled": True, "loss_scale": 0, "loss_scale_window": 50, "hysteresis": 2, "min_loss_scale": 1,
         "initial_scale_power": 12}}, ["--loss-scale", "12"])
-    scaler = build_loss_scaler(args)
+    scaler = loss_scaler_from_args(args)
     assert scaler.dynamic and (scaler.scale, scaler.growth_interval) == (4096.0, 50)
     assert args.loss_scale_not_used == 12.0
     args = ds_args(tmp_path, {"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True, "loss_scale": 128}})
-    scaler = build_loss_scaler(args)
+    scaler = loss_scaler_from_args(args)
     assert not scaler.dynamic and scaler.scale == 128.0
 
 

@@ -91,8 +91,8 @@ def test_local_rank_must_agree_with_the_environment(monkeypatch) -> None:
 
 
 def test_static_loss_scale_without_deepspeed_is_applied() -> None:
-    from megatron.training import build_loss_scaler
-    scaler = build_loss_scaler(parse_args(TINY_GPT + STEPS + ["--fp16", "--loss-scale", "64"], 1))
+    from megatron.core.optimizer.grad_scaler import loss_scaler_from_args
+    scaler = loss_scaler_from_args(parse_args(TINY_GPT + STEPS + ["--fp16", "--loss-scale", "64"], 1))
     assert not scaler.dynamic and scaler.scale == 64.0
 
 

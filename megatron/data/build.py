@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron.arguments import planned_train_iters, total_train_samples
 from megatron.data.mock import MockGPTDataset
 
 
@@ -12,8 +13,8 @@ def build_datasets(args: argparse.Namespace) -> tuple[tuple, int]:
     With ``--data-path`` the vocabulary is the tokenizer's own size (the model pads it
     for tensor parallelism), so every token id the data holds has an embedding row.
     """
-    samples = args.train_iters * args.global_batch_size
-    eval_samples = (args.train_iters // max(args.eval_interval, 1) + 1) * args.eval_iters * args.global_batch_size
+    samples = total_train_samples(args)
+    eval_samples = (planned_train_iters(args) // max(args.eval_interval, 1) + 1) * args.eval_iters * args.global_batch_size
     if args.mock_data:
         datasets = tuple(MockGPTDataset(args.vocab_size, args.seq_length, args.seed, n, split)
                          for n, split in ((samples, "train"), (eval_samples, "valid"), (eval_samples, "test")))

@@ -12,21 +12,24 @@ T = TypeVar("T")
 
 
 class Prefetcher(Generic[T]):
-    """``get(consumed)`` returns ``load(consumed)`` and starts loading ``consumed + step``."""
+    """``get(consumed)`` returns ``load(consumed, batch(consumed))`` and starts loading the next
+    batch, at ``consumed + batch(consumed)`` (``batch`` gives the global batch size there)."""
 
-    def __init__(self, load: Callable[[int], T], step: int, enabled: bool) -> None:
-        self.load, self.step = load, step
+    def __init__(self, load: Callable[[int, int], T], batch: Callable[[int], int], enabled: bool) -> None:
+        self.load, self.batch = load, batch
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if enabled else None
         self.pending: tuple[int, Future] | None = None
 
     def get(self, consumed: int) -> T:
+        size = self.batch(consumed)
         if self.pool is None:
-            return self.load(consumed)
+            return self.load(consumed, size)
         if self.pending is not None and self.pending[0] == consumed:
             batch = self.pending[1].result()
         else:
-            batch = self.load(consumed)
-        self.pending = (consumed + self.step, self.pool.submit(self.load, consumed + self.step))
+            batch = self.load(consumed, size)
+        upcoming = consumed + size
+        self.pending = (upcoming, self.pool.submit(self.load, upcoming, self.batch(upcoming)))
         return batch
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core.dropout import DropoutRNG
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import CanonicalSpec, shard_range, whole_piece
 from megatron.core.tensor_parallel import (VocabParallelEmbedding, copy_to_tp, gather_from_tp,
@@ -27,6 +28,7 @@ class GPTModel(nn.Module):
         cfg.check_parallel(topo.tp, topo.pp)
         self.recompute = RecomputeConfig()
         self.cfg, self.topo = cfg, topo
+        self.dropout_rng = DropoutRNG(seed)  # shared by every layer; the schedule sets its sample
         self.pre_process, self.post_process = topo.is_first_stage, topo.is_last_stage
         self.padded_vocab = cfg.padded_vocab_size(topo.tp)
         word = CanonicalSpec(WORD_EMBEDDING, (cfg.vocab_size, cfg.hidden_size), "normal", cfg.init_method_std)
@@ -40,8 +42,10 @@ class GPTModel(nn.Module):
                 self.embedding.position_embeddings = nn.Module()
                 self.embedding.position_embeddings.weight = make_param(
                     pos.shape, [whole_piece(pos, owner=topo.tp_rank == 0)], [pos], seed)
+            if cfg.embed_layernorm:
+                self.embedding.layernorm = Norm("embedding.layernorm", cfg, topo, seed)
         start, count = shard_range(cfg.num_layers, topo.pp_rank, topo.pp, "--num-layers")
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(i, cfg, topo, seed) for i in range(start, start + count)})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(i, cfg, topo, seed, self.dropout_rng) for i in range(start, start + count)})
         self.final_norm = self.output_layer = None
         if self.post_process:
             self.final_norm = Norm("final_norm", cfg, topo, seed)
@@ -81,7 +85,9 @@ class GPTModel(nn.Module):
         x = self.embedding.word_embeddings(tokens)
         if self.cfg.position_embedding_type == "learned_absolute":
             x = x + self.embedding.position_embeddings.weight[: tokens.shape[1]]
-        return F.dropout(x, self.cfg.hidden_dropout, self.training)
+        if self.cfg.embed_layernorm:
+            x = self.embedding.layernorm(x)
+        return self.dropout_rng.hidden(x, self.cfg.hidden_dropout if self.training else 0.0, -1, "embedding")
 
     def rope(self, seq: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.cfg.position_embedding_type != "rope":
