@@ -32,6 +32,7 @@ TINY_ENV = {
     "NUM_LAYERS": "2", "HIDDEN": "32", "HEADS": "4", "KV_HEADS": "2", "SEQ": "32", "MBS": "2", "GBS": "4",
     "TRAIN_ITERS": str(TRAIN_ITERS), "SAVE_ITERS": str(SAVE_ITERS), "LOG_INTERVAL": "1",
     "NUM_DOCS": "300", "TOKENIZER_VOCAB": "400", "DEVICE": "cpu", "ZERO_STAGE": "1", "EXTRA_ARGS": "",
+    "WARMUP_ITERS": "1",  # the LR warmup must end before the 4-iteration decay does
 }
 LAYOUT_VARS = ("TP", "PP", "DP", "RESUME_TP", "RESUME_PP", "RESUME_DP", "RESUME_ZERO_STAGE", "PRECISION",
                "TOLERANCE", "DATA_PATH", "TOKENIZER_TYPE", "PLOT", "FFN_HIDDEN")
