@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -235,10 +234,10 @@ def _rewrite_checksums(folder: str, file: str) -> None:
     json.dump(manifest, open(path, "w"))
 
 
-def test_load_without_checkpoint_starts_from_scratch(tmp_path, reference) -> None:
-    losses = train_losses(1, TINY_GPT + ["--train-iters", str(2 * N), "--load", str(tmp_path)])
+def test_new_run_loading_its_empty_save_folder_starts_from_scratch(tmp_path, reference) -> None:
+    losses = train_losses(1, TINY_GPT + ["--train-iters", str(2 * N), "--load", str(tmp_path),
+                                         "--save", str(tmp_path)])
     assert losses == reference
-    shutil.rmtree(tmp_path)
 
 
 ODD = ["--hidden-size", "48", "--num-attention-heads", "6", "--vocab-size", "101", "--num-layers", "3"]

@@ -2,7 +2,6 @@
 same curve, and a resume on another layout continues it."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

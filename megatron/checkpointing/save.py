@@ -13,45 +13,25 @@ import shutil
 import torch.distributed as dist
 from torch import nn
 
+from megatron.checkpointing.commit import commit_folder, recover_interrupted_commits, write_atomic
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES, WEIGHTS_ONLY
-from megatron.checkpointing.safetensors_io import SafetensorsWriter
+from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
 from megatron.core import comm
 from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import Topology
 from megatron.initialize import rng_state
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Replace ``path`` with ``text`` so that readers see the old or the new content, never a mix."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def commit_folder(tmp: str, final: str) -> None:
-    """Move a finished folder into place, replacing an older one of the same name."""
-    fsync_dir(tmp)
-    if os.path.exists(final):
-        trash = final + ".old"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(os.path.dirname(os.path.abspath(final)))
+def check_save_folder(save_dir: str) -> None:
+    """Refuse a --save path that cannot hold checkpoints before any training time is spent."""
+    if os.path.lexists(save_dir) and not os.path.isdir(save_dir):
+        raise CheckpointError(f"--save {save_dir} is a file, expected a folder for checkpoints; choose another path")
+    existing = os.path.abspath(save_dir)
+    while not os.path.lexists(existing):  # the folder is created at the first save, under this one
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise CheckpointError(f"--save {save_dir}: cannot create or write that folder (check the path and "
+                              f"permissions)")
 
 
 def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
@@ -94,6 +74,7 @@ def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: Dis
     tmp = os.path.join(save_dir, f".{tag}.tmp")
     if topo.rank == 0:
         os.makedirs(save_dir, exist_ok=True)
+        recover_interrupted_commits(save_dir)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
         os.makedirs(tmp)
     comm.barrier()

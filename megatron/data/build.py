@@ -25,8 +25,17 @@ def build_datasets(args: argparse.Namespace) -> tuple[tuple, int]:
     tokenizer = build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
                                 tokenizer_model=args.tokenizer_model, tokenizer_path=args.tokenizer_model,
                                 vocab_size=args.vocab_size)
+    if args.train_data_path:  # one prefix (or blend) per split, each used whole
+        datasets = tuple(
+            build_gpt_datasets(paths, "1,0,0", args.seq_length, args.seed, (n, 0, 0),
+                               vocab_size=tokenizer.vocab_size)[0] if paths else None
+            for paths, n in ((args.train_data_path, samples), (args.valid_data_path, eval_samples),
+                             (args.test_data_path, eval_samples)))
+        if datasets[0] is None:
+            raise ValueError(f"--train-data-path {' '.join(args.train_data_path)} holds no documents")
+        return datasets, tokenizer.vocab_size
     datasets = build_gpt_datasets(args.data_path, args.split, args.seq_length, args.seed,
-                                  (samples, eval_samples, eval_samples))
+                                  (samples, eval_samples, eval_samples), vocab_size=tokenizer.vocab_size)
     if datasets[0] is None:
         raise ValueError(f"--split {args.split} leaves no training documents in --data-path "
                          f"{' '.join(args.data_path)}: give the first (train) ratio a positive share")
