@@ -285,6 +285,7 @@ class Trainer:
         ppl = math.exp(min(20.0, val))  # Megatron clips the exponent at 20
         self.log(f" validation loss at iteration {it} | lm loss value: {val:.6E} | lm loss PPL: {ppl:.6E}")
         self.writer.validation(it, self.state.consumed_samples, self.state.consumed_tokens, val)
+
     def _finished(self) -> bool:
         a = self.args
         if a.train_iters is not None and self.state.iteration >= a.train_iters:
