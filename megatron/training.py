@@ -198,7 +198,7 @@ class Trainer:
             raise checkpointing.CheckpointError(
                 f"checkpoint under {a.load} holds {saved_optimizer} optimizer state, this run uses "
                 f"--optimizer {a.optimizer}; use the same optimizer or pass --no-load-optim")
-        if not (a.no_load_optim or a.finetune) and "opt_param_scheduler" not in saved:
+        if load_optim and "opt_param_scheduler" not in saved:
             raise checkpointing.CheckpointError(f"checkpoint under {a.load} was saved with --no-save-optim: pass "
                                                 f"--no-load-optim or --finetune to start the optimizer afresh")
         if a.finetune:
