@@ -168,3 +168,17 @@ def test_rampup_run_resumes_on_another_layout(tmp_path) -> None:
     assert len(resumed) == 4
     for a, b in zip(resumed, whole[0][2:], strict=True):
         assert abs(a - b) <= 1e-5 * abs(b)
+
+
+def test_a_longer_run_with_constant_weight_decay_is_the_same_schedule() -> None:
+    """Only --train-iters grows (the decay length is pinned by --lr-decay-iters): with a constant
+    WD the WD increment length changes nothing, so the resume is accepted."""
+    saved = OptimizerParamScheduler(shape_from(ITER_FLAGS + " --lr-decay-iters 10")).state_dict()
+    longer = OptimizerParamScheduler(shape_from(ITER_FLAGS.replace("--train-iters 10", "--train-iters 20")
+                                                + " --lr-decay-iters 10"))
+    assert longer.load_state_dict(saved) == []
+    ramped = OptimizerParamScheduler(shape_from(ITER_FLAGS.replace("--train-iters 10", "--train-iters 20")
+                                                + " --lr-decay-iters 10 --weight-decay-incr-style linear "
+                                                  "--start-weight-decay 0 --end-weight-decay 0.1"))
+    with pytest.raises(SchedulerMismatch, match="wd_incr_style: checkpoint 'constant', command line 'linear'"):
+        ramped.load_state_dict(saved)
