@@ -198,7 +198,7 @@ class Trainer:
             raise checkpointing.CheckpointError(
                 f"checkpoint under {a.load} holds {saved_optimizer} optimizer state, this run uses "
                 f"--optimizer {a.optimizer}; use the same optimizer or pass --no-load-optim")
-        if not (a.no_load_optim or a.finetune) and "opt_param_scheduler" not in saved:
+        if load_optim and "opt_param_scheduler" not in saved:
             raise checkpointing.CheckpointError(f"checkpoint under {a.load} was saved with --no-save-optim: pass "
                                                 f"--no-load-optim or --finetune to start the optimizer afresh")
         if a.finetune:
@@ -285,6 +285,7 @@ class Trainer:
         ppl = math.exp(min(20.0, val))  # Megatron clips the exponent at 20
         self.log(f" validation loss at iteration {it} | lm loss value: {val:.6E} | lm loss PPL: {ppl:.6E}")
         self.writer.validation(it, self.state.consumed_samples, self.state.consumed_tokens, val)
+
     def _finished(self) -> bool:
         a = self.args
         if a.train_iters is not None and self.state.iteration >= a.train_iters:
