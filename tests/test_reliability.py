@@ -285,3 +285,64 @@ def test_save_naming_a_file_is_refused_before_training(tmp_path) -> None:
     f.write_text("")
     with pytest.raises(RuntimeError, match="--save .* is a file"):
         train_losses(1, TP2[:-2] + ["--train-iters", "1", "--save", str(f)])
+
+
+# --- defects 3, 8, 9, 10: the manifest is checksummed and validated ------------------------------
+
+def test_edited_manifest_value_is_refused_by_its_checksum(ckpt) -> None:
+    path = os.path.join(ckpt, "global_step4", "manifest.json")
+    text = open(path).read()
+    assert '"consumed_samples": 32' in text
+    open(path, "w").write(text.replace('"consumed_samples": 32', '"consumed_samples": 24'))
+    with pytest.raises(CheckpointError, match="manifest.json: checksum: the manifest's content does not match"):
+        describe_checkpoint(os.path.join(ckpt, "global_step4"))
+    with pytest.raises(RuntimeError, match="does not match its sha256"):
+        _resume(ckpt)
+
+
+def _source_param(m: dict, index: int = 0) -> dict:
+    params = m["sources"][index]["params"]
+    return params[sorted(params)[0]]
+
+
+def _set(path: list, value):
+    def edit(m):
+        target = m
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return edit
+
+
+HOSTILE_MANIFESTS = {
+    "list": (lambda m: [m], "expected an object, found list"),
+    "missing-key": (lambda m: m.pop("canonical") and None, "missing field"),
+    "unknown-field": (_set(["surprise"], 1), "unknown field"),
+    "kind": (_set(["kind"], "hybrid"), "kind: expected 'native' or 'universal'"),
+    "iteration-type": (_set(["state", "iteration"], "4"), "state.iteration: expected an integer"),
+    "block-size-zero": (lambda m: next(iter(m["files"].values())).__setitem__("block_size", 0), "block_size"),
+    "absurd-shape": (lambda m: next(iter(m["canonical"].values())).__setitem__("shape", [1 << 30, 1 << 30]),
+                     "absurd"),
+    "dotdot-file": (lambda m: m["files"].__setitem__("../rank_00000.safetensors",
+                                                     m["files"].pop("rank_00000.safetensors")), "plain name"),
+    "absolute-file": (lambda m: m["sources"][0].__setitem__("file", "/etc/passwd"), "plain name"),
+    "narrowed-local-shape": (lambda m: _source_param(m).__setitem__(
+        "local_shape", [_source_param(m)["local_shape"][0] - 1] + _source_param(m)["local_shape"][1:]),
+        "outside"),
+    "overlapping-pieces": (lambda m: _source_param(m)["pieces"].append(dict(_source_param(m)["pieces"][0])) or None,
+                           "overlaps pieces"),
+    "beta2-string": (_set(["param_groups", 0, "beta2"], "0.5"), "finite number"),
+    "eps-nan": (_set(["param_groups", 0, "eps"], float("nan")), "finite number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_MANIFESTS))
+def test_hostile_manifest_is_refused_in_one_line_naming_the_file(ckpt, case) -> None:
+    from megatron.testing.tamper import edit_manifest
+
+    edit, match = HOSTILE_MANIFESTS[case]
+    step = os.path.join(ckpt, "global_step4")
+    edit_manifest(step, edit)
+    with pytest.raises(CheckpointError, match=match) as info:
+        describe_checkpoint(step)
+    assert "manifest.json" in str(info.value) and "\n" not in str(info.value)

@@ -18,6 +18,7 @@ from threading import Lock
 import torch
 from tqdm import tqdm
 
+from megatron.checkpointing.manifest import seal
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES, CheckpointReader
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
 from megatron.checkpointing.commit import commit_folder, is_checkpoint, write_atomic
@@ -163,7 +164,7 @@ def convert_to_universal(input_folder: str, output_folder: str, num_workers: int
         "replica_check": {"policy": replica_policy, "max_abs_diff": report.max_replica_diff,
                           "tensor": report.max_replica_tensor},
     }
-    write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+    write_atomic(os.path.join(tmp, MANIFEST), seal(manifest))
     commit_folder(tmp, output_folder)
     parent = os.path.dirname(os.path.abspath(output_folder))
     write_atomic(os.path.join(parent, "latest_universal"), os.path.basename(output_folder))

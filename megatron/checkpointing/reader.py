@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from megatron.checkpointing.manifest import validate
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader
 from megatron.core.pieces import Box, Piece, box_flat_span, box_slices, intersect, translate
 
@@ -56,6 +57,7 @@ def read_manifest(path: str) -> dict:
             manifest = json.load(f)
     except ValueError as e:
         raise CheckpointError(f"{file} is not valid JSON ({e}): the manifest is corrupted") from e
+    validate(manifest, file)
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{file}: format {manifest.get('format')!r} version "
                               f"{manifest.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}")
@@ -116,6 +118,11 @@ class CheckpointReader:
                                   f"{holder.pieces[0].canonical if holder.pieces else '?'} are missing "
                                   f"({missing} not found in any rank file): a rank file is missing "
                                   f"or the manifest is inconsistent")
+        for f, _, _ in parts:
+            stored = self.file(f.file).numel(f"{f.key}/{state}")
+            if stored != f.end - f.start:
+                raise CheckpointError(f"{self.path}: {f.file} holds {stored} elements of {f.key}/{state}, the "
+                                      f"manifest says [{f.start}, {f.end}): the manifest and the file disagree")
         if len(parts) == 1:  # one fragment holds the box: copy straight from the mapped file
             f = parts[0][0]
             span = self.file(f.file).read(f"{f.key}/{state}", lo - f.start, hi - f.start)

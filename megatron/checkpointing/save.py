@@ -6,7 +6,6 @@ A crash at any point leaves the previous checkpoint and the ``latest`` files int
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -14,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.checkpointing.commit import commit_folder, recover_interrupted_commits, write_atomic
+from megatron.checkpointing.manifest import seal
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
 from megatron.core import comm
@@ -92,7 +92,7 @@ def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: Dis
             "rng": {str(e["rank"]): e.pop("rng") for e in entries},
             "sources": entries,
         }
-        write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+        write_atomic(os.path.join(tmp, MANIFEST), seal(manifest))
         commit_folder(tmp, final)
         write_atomic(os.path.join(save_dir, "latest"), tag)
         write_atomic(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), str(state["iteration"]))
