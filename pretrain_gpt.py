@@ -1,5 +1,7 @@
 """Pretrain a GPT / Llama model: ``torchrun --nproc_per_node N pretrain_gpt.py <Megatron flags>``."""
-from megatron.training import pretrain
+import sys
+
+from megatron.training import main
 
 if __name__ == "__main__":
-    pretrain()
+    sys.exit(main())

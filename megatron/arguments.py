@@ -97,6 +97,9 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-tag", default=None, help="a checkpoint folder name under --load, e.g. global_step100")
     g.add_argument("--universal-checkpoint", action="store_true",
                    help="resume from the universal checkpoint named by LOAD/latest_universal")
+    g.add_argument("--keep-last-k", type=int, default=None,
+                   help="after each save keep only the newest K native checkpoints (never the one 'latest' names)")
+    g.add_argument("--debug", action="store_true", help="show the full traceback of checkpoint and flag errors")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="exit with an error if --load holds no checkpoint, even a new --save folder")
     g.add_argument("--allow-missing-checkpoint", action="store_true",
@@ -181,6 +184,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--data-path needs --tokenizer-type (the tokenizer the data was preprocessed with)")
     if args.mock_data and args.vocab_size is None:
         raise ValueError("--mock-data needs --vocab-size")
+    if args.keep_last_k is not None and args.keep_last_k < 1:
+        raise ValueError(f"--keep-last-k must be at least 1, got {args.keep_last_k}")
     if args.exit_on_missing_checkpoint and args.allow_missing_checkpoint:
         raise ValueError("--exit-on-missing-checkpoint and --allow-missing-checkpoint are mutually exclusive")
     if args.universal_checkpoint and not args.load:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -79,7 +80,7 @@ class Trainer:
         self.loaded: checkpointing.Loaded | None = None  # what _resume read, for logs and benchmarks
         self.writer = self._tensorboard()
         if args.save:
-            checkpointing.check_save_folder(args.save)
+            self._claim_save_folder()
         if args.load:
             self._resume()
 
@@ -118,18 +119,35 @@ class Trainer:
             "zero_stage": a.zero_stage, "precision": str(self.dtype).replace("torch.", ""),
         }
 
+    def _claim_save_folder(self) -> None:
+        """Refuse an unusable --save folder, or one another job saves into, before any training."""
+        error = None
+        if self.rank == 0:
+            try:
+                checkpointing.check_save_folder(self.args.save)
+                checkpointing.acquire_folder_lock(self.args.save)
+            except (OSError, checkpointing.CheckpointError) as e:
+                error = checkpointing.as_checkpoint_error(e, f"--save {self.args.save}")
+        checkpointing.raise_if_any_failed(error)
+
     def save(self) -> None:
         path = checkpointing.save_checkpoint(self.args.save, self._global_state(), self.model, self.optimizer,
-                                             self.topo)
+                                             self.topo, keep_last_k=self.args.keep_last_k)
         self.log(f"saved checkpoint at iteration {self.state.iteration} to {path}")
 
     def _resume(self) -> None:
         a = self.args
-        self.loaded = loaded = checkpointing.load_checkpoint(a.load, self.model, self.optimizer, self.topo,
-                                               universal=a.universal_checkpoint, tag=a.load_tag,
-                                               load_optimizer=not a.no_load_optim, load_rng=not a.no_load_rng,
-                                               validate=self._validate_checkpoint,
-                                               start_fresh=self._start_fresh_policy())
+        loaded, error = None, None
+        try:
+            loaded = checkpointing.load_checkpoint(a.load, self.model, self.optimizer, self.topo,
+                                                   universal=a.universal_checkpoint, tag=a.load_tag,
+                                                   load_optimizer=not a.no_load_optim, load_rng=not a.no_load_rng,
+                                                   validate=self._validate_checkpoint,
+                                                   start_fresh=self._start_fresh_policy())
+        except (OSError, checkpointing.CheckpointError) as e:
+            error = checkpointing.as_checkpoint_error(e, f"loading {a.load}")
+        checkpointing.raise_if_any_failed(error)  # every rank stops with the same one-line message
+        self.loaded = loaded
         if loaded is None:
             self.log(f"no checkpoint found under {a.load}: starting from scratch")
             return
@@ -238,6 +256,8 @@ class Trainer:
             self.save()
         if self.writer is not None:
             self.writer.close()
+        if a.save:
+            checkpointing.release_folder_lock(a.save)
         return self.state
 
 
@@ -254,7 +274,23 @@ def build_trainer(argv: list[str] | None = None) -> Trainer:
 
 
 def pretrain(argv: list[str] | None = None) -> TrainState:
-    """Entry point of ``pretrain_gpt.py``: build the run and train."""
+    """Build the run and train (raises on bad flags or checkpoints; see ``main``)."""
     state = build_trainer(argv).train()
     comm.barrier()
     return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``pretrain_gpt.py``: a checkpoint or flag error is one line on stderr, printed
+    once per job (by rank 0; every rank holds the same message), exit status 2; ``--debug`` shows
+    the traceback instead."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        pretrain(argv)
+    except (checkpointing.CheckpointError, ValueError) as e:
+        if "--debug" in argv:
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0

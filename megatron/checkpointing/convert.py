@@ -44,6 +44,9 @@ def assemble(reader: CheckpointReader, name: str, state: str, policy: str) -> tu
     Returns the tensor and the largest |owner - replica| difference."""
     shape = reader.canonical[name]
     full = reader.read_region(name, ((0,) * len(shape), shape), state)
+    if not bool(torch.isfinite(full).all()):
+        raise CheckpointError(f"{reader.path}: {name} ({state}) holds NaN or Inf values: training had diverged "
+                              f"when it was saved; convert an earlier checkpoint")
     max_diff = 0.0
     replicas = reader.replica_pieces(name)
     total, count = (full.clone(), torch.ones(shape)) if policy == "mean" and replicas else (None, None)
@@ -52,8 +55,8 @@ def assemble(reader: CheckpointReader, name: str, state: str, policy: str) -> tu
         region = box_slices(box)
         values = torch.from_numpy(reader.read_local_box(holder, state, translate(box, piece.canonical_offsets,
                                                                                   piece.local_offsets)))
-        diff = float((values - full[region]).abs().max()) if values.numel() else 0.0
-        if policy == "strict" and diff > 0:
+        diff = float((values - full[region]).abs().nan_to_num(nan=math.inf).max()) if values.numel() else 0.0
+        if policy == "strict" and diff > 0:  # a NaN replica counts as an infinite disagreement
             raise CheckpointError(f"{reader.path}: replicas of {name} ({state}) disagree by up to {diff:.3e} "
                                   f"(--replica-policy strict); use --replica-policy first or mean to convert anyway")
         max_diff = max(max_diff, diff)
