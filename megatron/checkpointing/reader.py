@@ -117,12 +117,12 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: elements [{lo}, {hi}) of a saved tensor holding "
                                   f"{holder.pieces[0].canonical if holder.pieces else '?'} are missing "
                                   f"({missing} not found in any rank file): a rank file is missing "
-                                  f"or the manifest is inconsistent")
+                                  f"or {MANIFEST} is inconsistent")
         for f, _, _ in parts:
             stored = self.file(f.file).numel(f"{f.key}/{state}")
             if stored != f.end - f.start:
                 raise CheckpointError(f"{self.path}: {f.file} holds {stored} elements of {f.key}/{state}, the "
-                                      f"manifest says [{f.start}, {f.end}): the manifest and the file disagree")
+                                      f"{MANIFEST} says [{f.start}, {f.end}): the manifest and the file disagree")
         if len(parts) == 1:  # one fragment holds the box: copy straight from the mapped file
             f = parts[0][0]
             span = self.file(f.file).read(f"{f.key}/{state}", lo - f.start, hi - f.start)
@@ -152,8 +152,8 @@ class CheckpointReader:
             covered += math.prod(overlap[1])
         if covered != math.prod(box[1]):
             raise CheckpointError(f"{self.path}: tensor {name} region offsets {box[0]} sizes {box[1]} is covered "
-                                  f"{covered} times element-wise, expected {math.prod(box[1])}: pieces are "
-                                  f"missing or overlap")
+                                  f"{covered} times element-wise, expected {math.prod(box[1])}: pieces in "
+                                  f"{MANIFEST} are missing or overlap")
         return torch.from_numpy(out)
 
     def replica_pieces(self, name: str) -> list[tuple[Holder, Piece]]:
