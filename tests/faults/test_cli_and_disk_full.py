@@ -32,9 +32,9 @@ def _pretrain_cli(*argv: str, world: int = 2, limit: int | None = None):
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(port),
            "pretrain_gpt.py", *TP2, *argv]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, preexec_fn=preexec,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, preexec_fn=preexec, cwd=root)
 
 
 def _error_lines(stderr: str) -> list[str]:
