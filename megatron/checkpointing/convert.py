@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from megatron.checkpointing.manifest import seal
-from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES, CheckpointReader
+from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, CheckpointReader, saved_states
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
 from megatron.checkpointing.commit import commit_folder, is_checkpoint, write_atomic
 from megatron.checkpointing.locate import POINTERS, checkpoint_folders
@@ -133,15 +133,16 @@ def convert_to_universal(input_folder: str, output_folder: str, num_workers: int
     plan = _plan_files(reader, max(1, num_workers))
     report = ConversionReport(output_folder)
     lock = Lock()
+    states = saved_states(reader.manifest)
     bar = tqdm(total=sum(len(f) for f in plan), desc="converting", unit="tensor", disable=not progress)
 
     def write_file(index: int, names: list[str]) -> tuple[str, dict, dict]:
         file = f"universal_{index:03d}.safetensors"
-        entries = [(f"{n}/{s}", reader.canonical[n]) for n in names for s in STATES]
+        entries = [(f"{n}/{s}", reader.canonical[n]) for n in names for s in states]
         writer = SafetensorsWriter(os.path.join(tmp, file), entries, {"kind": "universal"})
         params = {}
         for n in names:
-            for s in STATES:
+            for s in states:
                 tensor, diff = assemble(reader, n, s, replica_policy)
                 writer.write(f"{n}/{s}", tensor.reshape(-1))
                 with lock:
@@ -162,7 +163,9 @@ def convert_to_universal(input_folder: str, output_folder: str, num_workers: int
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "universal", "state": m["state"],
         "source_topology": m["topology"], "source_zero_stage": m["zero_stage"], "param_groups": m["param_groups"],
-        "canonical": m["canonical"], "files": {f: info for f, info, _ in results},
+        "canonical": m["canonical"], "saved_states": list(states), "files": {f: info for f, info, _ in results},
+        # Kept so that a resume on the saving layout restores every rank's RNG exactly.
+        "rng": m.get("rng", {}),
         "sources": [{"file": f, "position": [f], "params": params} for f, _, params in results],
         "replica_check": {"policy": replica_policy, "max_abs_diff": report.max_replica_diff,
                           "tensor": report.max_replica_tensor},

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from megatron.checkpointing.locate import NEVER, resolve_checkpoint
-from megatron.checkpointing.reader import STATES, CheckpointReader
+from megatron.checkpointing.reader import STATES, WEIGHTS_ONLY, CheckpointReader, saved_states
 from megatron.checkpointing.safetensors_io import CheckpointError
 from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import Topology
@@ -70,8 +70,11 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
     if validate is not None:
         validate(state)
     _check_param_groups(reader, model, optimizer)
+    if load_optimizer and saved_states(reader.manifest) != STATES:
+        raise CheckpointError(f"{path} holds weights only (saved with --no-save-optim): pass --no-load-optim "
+                              f"or --finetune to start the optimizer afresh")
     params = dict(model.named_parameters())
-    states = STATES if load_optimizer else ("fp32",)
+    states = STATES if load_optimizer else WEIGHTS_ONLY
     for f in optimizer.fragments():
         views = optimizer.fragment_state(f)
         for s in states:
@@ -82,7 +85,9 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
     if load_optimizer:
         optimizer.load_hyperparameters(reader.manifest["param_groups"])
     optimizer.copy_master_to_model()
-    same_layout = reader.kind == "native" and reader.manifest["topology"] == topo.describe()
+    # A universal checkpoint keeps its source's RNG table: the saving layout resumes exactly.
+    saved_layout = reader.manifest["topology" if reader.kind == "native" else "source_topology"]
+    same_layout = saved_layout == topo.describe()
     rng_restored = False
     if load_rng and same_layout and str(topo.rank) in reader.manifest.get("rng", {}):
         set_rng_state(reader.manifest["rng"][str(topo.rank)])

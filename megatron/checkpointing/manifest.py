@@ -17,14 +17,16 @@ from typing import Any
 
 from megatron.checkpointing.safetensors_io import CheckpointError
 
+STATES = ("fp32", "exp_avg", "exp_avg_sq")  # the per-parameter states a checkpoint may hold
+
 CHECKSUM = "checksum"
 MAX_ELEMENTS = 1 << 40  # no canonical tensor of a real model comes near 4 TiB of fp32
 MAX_BLOCK = 1 << 30
 TOP_FIELDS = {
     "native": {"format", "format_version", "kind", "state", "topology", "zero_stage", "param_groups", "canonical",
-               "files", "rng", "sources", CHECKSUM},
+               "saved_states", "files", "rng", "sources", CHECKSUM},
     "universal": {"format", "format_version", "kind", "state", "source_topology", "source_zero_stage",
-                  "param_groups", "canonical", "files", "sources", "replica_check", CHECKSUM},
+                  "param_groups", "canonical", "saved_states", "files", "rng", "sources", "replica_check", CHECKSUM},
 }
 REQUIRED = {"format", "format_version", "kind", "state", "param_groups", "canonical", "files", "sources", CHECKSUM}
 SOURCE_FIELDS = {"file", "rank", "position", "coords", "params"}
@@ -103,6 +105,12 @@ def validate(manifest: Any, file: str) -> dict:
     check = c.dict(manifest[CHECKSUM], CHECKSUM, {"sha256"})
     if check["sha256"] != digest(manifest):
         raise c.fail(CHECKSUM, "the manifest's content does not match its sha256")
+    saved = manifest.get("saved_states", list(STATES))
+    if not isinstance(saved, list) or not saved or saved[0] != "fp32" or not set(saved) <= set(STATES) \
+            or len(set(saved)) != len(saved):
+        raise c.fail("saved_states", f"expected fp32 and optionally {list(STATES[1:])}, found {saved!r}")
+    if not isinstance(manifest.get("rng", {}), dict):
+        raise c.fail("rng", "expected an object")
     state = c.dict(manifest["state"], "state", required={"iteration"})
     for key in STATE_COUNTERS:
         if key in state:

@@ -18,14 +18,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from megatron.checkpointing.manifest import validate
+from megatron.checkpointing.manifest import STATES, validate
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader
 from megatron.core.pieces import Box, Piece, box_flat_span, box_slices, intersect, translate
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron-ucp"
 FORMAT_VERSION = 1
-STATES = ("fp32", "exp_avg", "exp_avg_sq")
+WEIGHTS_ONLY = ("fp32",)  # what --no-save-optim writes
+
+
+def saved_states(manifest: dict) -> tuple[str, ...]:
+    """The per-parameter states a checkpoint holds (older ones: all of them)."""
+    return tuple(manifest.get("saved_states", STATES))
 
 
 @dataclass

@@ -17,7 +17,7 @@ from megatron.checkpointing.commit import commit_folder, remove_old_checkpoints,
     write_pointers
 from megatron.checkpointing.lock import acquire_folder_lock
 from megatron.checkpointing.manifest import seal
-from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES
+from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES, WEIGHTS_ONLY
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
 from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import Topology
@@ -36,8 +36,9 @@ def check_save_folder(save_dir: str) -> None:
                               f"permissions)")
 
 
-def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology) -> dict:
-    """Write this rank's fragments; return its entry of the manifest."""
+def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
+                    states: tuple[str, ...] = STATES, save_rng: bool = True) -> dict:
+    """Write this rank's fragments (the ``states`` of each); return its entry of the manifest."""
     file = f"rank_{topo.rank:05d}.safetensors"
     write_tensors = optimizer.stage >= 1 or topo.dp_rank == 0  # stage 0: DP replicas are identical
     params, entries, canonical = {}, [], {}
@@ -51,25 +52,29 @@ def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimiz
                         "pieces": [pc.to_json() for pc in p.piece_map.pieces],
                         "group": f.group, "fragments": fragments}
         if fragments:
-            entries += [(f"{name}/{s}", (f.end - f.start,)) for s in STATES]
+            entries += [(f"{name}/{s}", (f.end - f.start,)) for s in states]
     writer = SafetensorsWriter(os.path.join(folder, file), entries, {"rank": str(topo.rank)})
     for f in optimizer.fragments():
         if write_tensors and f.end > f.start:
-            for s, t in optimizer.fragment_state(f).items():
-                writer.write(f"{f.name}/{s}", t)
+            views = optimizer.fragment_state(f)
+            for s in states:
+                writer.write(f"{f.name}/{s}", views[s])
     info = writer.close()
     return {"file": file, "file_info": info.to_json(), "rank": topo.rank,
             "position": [topo.pp_rank, topo.tp_rank],
             "coords": {"tp": topo.tp_rank, "dp": topo.dp_rank, "pp": topo.pp_rank},
-            "params": params, "canonical": canonical, "rng": rng_state()}
+            "params": params, "canonical": canonical, "rng": rng_state() if save_rng else None}
 
 
 def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: DistributedOptimizer,
-                    topo: Topology, keep_last_k: int | None = None) -> str:
-    """Collective: every rank calls it. Returns the committed checkpoint folder. With
-    ``keep_last_k``, older native checkpoints beyond the newest k are removed after the commit.
-    A failure on any rank (disk full, ...) raises the same CheckpointError on every rank and
-    leaves the previous checkpoint and the ``latest`` files as they were."""
+                    topo: Topology, save_optim: bool = True, save_rng: bool = True,
+                    keep_last_k: int | None = None) -> str:
+    """Collective: every rank calls it. Returns the committed checkpoint folder.
+    ``save_optim=False`` (``--no-save-optim``) writes the fp32 weights only. With ``keep_last_k``,
+    older native checkpoints beyond the newest k are removed after the commit. A failure on any
+    rank (disk full, ...) raises the same CheckpointError on every rank and leaves the previous
+    checkpoint and the ``latest`` files as they were."""
+    states = STATES if save_optim else WEIGHTS_ONLY
     tag = f"global_step{state['iteration']}"
     final = os.path.join(save_dir, tag)
     tmp = os.path.join(save_dir, f".{tag}.tmp")
@@ -85,7 +90,7 @@ def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: Dis
     raise_if_any_failed(error)
     entry = None
     try:
-        entry = write_rank_file(tmp, model, optimizer, topo)
+        entry = write_rank_file(tmp, model, optimizer, topo, states, save_rng)
     except (OSError, CheckpointError) as e:
         error = as_checkpoint_error(e, f"saving {final} (rank {topo.rank})")
     try:
@@ -101,7 +106,7 @@ def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: Dis
         entries = [entry]
     if topo.rank == 0:
         try:
-            _commit(save_dir, tmp, final, tag, state, topo, optimizer, entries, keep_last_k)
+            _commit(save_dir, tmp, final, tag, state, topo, optimizer, entries, states, keep_last_k)
         except (OSError, CheckpointError) as e:
             error = as_checkpoint_error(e, f"saving {final}")
             shutil.rmtree(tmp, ignore_errors=True)  # our own unfinished save: give the space back
@@ -110,7 +115,8 @@ def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: Dis
 
 
 def _commit(save_dir: str, tmp: str, final: str, tag: str, state: dict, topo: Topology,
-            optimizer: DistributedOptimizer, entries: list[dict], keep_last_k: int | None) -> None:
+            optimizer: DistributedOptimizer, entries: list[dict], states: tuple[str, ...],
+            keep_last_k: int | None) -> None:
     """Rank 0: manifest last into the temporary folder, then the folder, then the pointers."""
     canonical = {}
     for e in entries:
@@ -119,8 +125,9 @@ def _commit(save_dir: str, tmp: str, final: str, tag: str, state: dict, topo: To
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "native", "state": state,
         "topology": topo.describe(), "zero_stage": optimizer.stage,
         "param_groups": optimizer.hyperparameters(), "canonical": dict(sorted(canonical.items())),
+        "saved_states": list(states),
         "files": {e["file"]: e.pop("file_info") for e in entries},
-        "rng": {str(e["rank"]): e.pop("rng") for e in entries},
+        "rng": {str(e["rank"]): rng for e in entries if (rng := e.pop("rng")) is not None},
         "sources": entries,
     }
     write_atomic(os.path.join(tmp, MANIFEST), seal(manifest))
