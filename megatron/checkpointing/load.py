@@ -79,6 +79,9 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
         views = optimizer.fragment_state(f)
         for s in states:
             fill_fragment(reader, params[f.name], f.start, f.end, s, views[s])
+            if not bool(torch.isfinite(views[s]).all()):
+                raise CheckpointError(f"{path}: {f.name} ({s}) holds NaN or Inf values in the checkpoint: "
+                                      f"training had diverged when it was saved; load an earlier checkpoint")
     if load_optimizer:
         optimizer.load_hyperparameters(reader.manifest["param_groups"])
     optimizer.copy_master_to_model()

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from megatron.checkpointing.manifest import STATES, validate
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader
 from megatron.core.pieces import Box, Piece, box_flat_span, box_slices, intersect, translate
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron-ucp"
 FORMAT_VERSION = 1
-STATES = ("fp32", "exp_avg", "exp_avg_sq")
 WEIGHTS_ONLY = ("fp32",)  # what --no-save-optim writes
 
 
@@ -62,6 +62,7 @@ def read_manifest(path: str) -> dict:
             manifest = json.load(f)
     except ValueError as e:
         raise CheckpointError(f"{file} is not valid JSON ({e}): the manifest is corrupted") from e
+    validate(manifest, file)
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{file}: format {manifest.get('format')!r} version "
                               f"{manifest.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}")
@@ -121,7 +122,12 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: elements [{lo}, {hi}) of a saved tensor holding "
                                   f"{holder.pieces[0].canonical if holder.pieces else '?'} are missing "
                                   f"({missing} not found in any rank file): a rank file is missing "
-                                  f"or the manifest is inconsistent")
+                                  f"or {MANIFEST} is inconsistent")
+        for f, _, _ in parts:
+            stored = self.file(f.file).numel(f"{f.key}/{state}")
+            if stored != f.end - f.start:
+                raise CheckpointError(f"{self.path}: {f.file} holds {stored} elements of {f.key}/{state}, the "
+                                      f"{MANIFEST} says [{f.start}, {f.end}): the manifest and the file disagree")
         if len(parts) == 1:  # one fragment holds the box: copy straight from the mapped file
             f = parts[0][0]
             span = self.file(f.file).read(f"{f.key}/{state}", lo - f.start, hi - f.start)
@@ -151,8 +157,8 @@ class CheckpointReader:
             covered += math.prod(overlap[1])
         if covered != math.prod(box[1]):
             raise CheckpointError(f"{self.path}: tensor {name} region offsets {box[0]} sizes {box[1]} is covered "
-                                  f"{covered} times element-wise, expected {math.prod(box[1])}: pieces are "
-                                  f"missing or overlap")
+                                  f"{covered} times element-wise, expected {math.prod(box[1])}: pieces in "
+                                  f"{MANIFEST} are missing or overlap")
         return torch.from_numpy(out)
 
     def replica_pieces(self, name: str) -> list[tuple[Holder, Piece]]:
