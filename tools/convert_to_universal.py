@@ -2,12 +2,15 @@
 one into a PyTorch DCP.
 
     python tools/convert_to_universal.py --input_folder ckpt/global_step100 \
-        --output_folder ckpt/global_step100_universal [--num_workers 4] [--replica-policy first]
+        --output_folder ckpt/global_step100_universal [--num_workers 4] [--replica-policy first] [--overwrite]
     python tools/convert_to_universal.py --input-format dcp   --input_folder DCP_DIR  --output_folder ckpt/global_step0_universal
     python tools/convert_to_universal.py --input-format mcore --input_folder megatron_ckpt/iter_0000100 \
         --output_folder ckpt/global_step100_universal
     python tools/convert_to_universal.py --output-format dcp  --input_folder ckpt/global_step100_universal \
         --output_folder DCP_DIR
+
+DeepSpeed's ds_to_universal.py flags --num_extract_workers (= --num_workers), --num_merge_workers
+and --keep_temp_folder are accepted too.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def _model_config(path: str | None):
 def _convert_native(args: argparse.Namespace, output: str) -> None:
     start = time.perf_counter()
     report = convert_to_universal(args.input_folder, output, args.num_workers, args.replica_policy,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, overwrite=args.overwrite)
     seconds = time.perf_counter() - start
     print(f"wrote {report.tensors} canonical tensors ({report.bytes_written / 2**20:.1f} MiB in "
           f"{len(report.files)} files) to {report.output} in {seconds:.2f} s; read "
@@ -70,10 +73,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="dcp: write a PyTorch DCP from a native or universal checkpoint")
     p.add_argument("--model-config", "--model_config", default=None,
                    help="JSON file of the model's shape, for dcp/mcore inputs that do not record it")
-    p.add_argument("--num_workers", "--num-workers", type=int, default=4)
+    p.add_argument("--num_workers", "--num-workers", "--num_extract_workers", "--num-extract-workers",
+                   dest="num_workers", type=int, default=4,
+                   help="tensors converted in parallel (ds_to_universal.py's --num_extract_workers: each worker "
+                        "reads and merges one canonical tensor at a time)")
+    p.add_argument("--num_merge_workers", "--num-merge-workers", type=int, default=None,
+                   help="accepted for ds_to_universal.py command lines; no effect: there is no separate merge "
+                        "stage here (extraction and merging are one pass per tensor, see --num_workers)")
+    p.add_argument("--keep_temp_folder", "--keep-temp-folder", action="store_true",
+                   help="accepted for ds_to_universal.py command lines; no effect: no temporary files are written")
     p.add_argument("--replica-policy", "--replica_policy", choices=["first", "mean", "strict"], default="first",
                    help="how replicated tensors (norms over TP, tied embeddings over PP) are merged: "
                         "first = take the owner's copy, mean = average, strict = refuse any disagreement")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing universal checkpoint in OUTPUT_FOLDER (never a native one)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.output_format == "dcp" and args.input_format != "native":

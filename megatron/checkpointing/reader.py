@@ -25,6 +25,12 @@ MANIFEST = "manifest.json"
 FORMAT = "megatron-ucp"
 FORMAT_VERSION = 1
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
+WEIGHTS_ONLY = ("fp32",)  # what --no-save-optim writes
+
+
+def saved_states(manifest: dict) -> tuple[str, ...]:
+    """The per-parameter states a checkpoint holds (older ones: all of them)."""
+    return tuple(manifest.get("saved_states", STATES))
 
 
 @dataclass

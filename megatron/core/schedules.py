@@ -13,19 +13,21 @@ import torch
 from torch import nn
 
 from megatron.core import comm
+from megatron.core.dropout import begin_micro_batch
 from megatron.core.parallel_state import Topology
 
 
 def micro_batches(dataset, consumed: int, global_batch: int, micro: int, topo: Topology,
-                  device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This DP rank's (tokens, labels) micro-batches of the global batch at ``consumed``."""
+                  device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """This DP rank's (tokens, labels, global index of the first sample) micro-batches of the
+    global batch at ``consumed``."""
     count = global_batch // (micro * topo.dp)
     out = []
     for m in range(count):
         first = consumed + (m * topo.dp + topo.dp_rank) * micro
         samples = np.stack([dataset[(first + j) % len(dataset)] for j in range(micro)])
         t = torch.from_numpy(samples).to(device)
-        out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
+        out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous(), first))
     return out
 
 
@@ -34,7 +36,7 @@ def micro_batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tenso
     return model(inputs, labels).float().sum() / denom
 
 
-def forward_backward(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], topo: Topology,
+def forward_backward(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, int]], topo: Topology,
                      loss_scale: float, denom: int, device: torch.device, backward: bool = True) -> torch.Tensor:
     """Run every micro-batch; returns the global batch's mean loss (the same on every rank)."""
     if topo.pp > 1:
@@ -42,7 +44,8 @@ def forward_backward(model: nn.Module, batches: list[tuple[torch.Tensor, torch.T
         local = forward_backward_pipelined(model, batches, topo, loss_scale, denom, device, backward)
     else:
         local = torch.zeros(1, device=device)
-        for tokens, labels in batches:
+        for tokens, labels, first_sample in batches:
+            begin_micro_batch(model, first_sample)
             with torch.set_grad_enabled(backward):
                 loss = micro_batch_loss(model, tokens, labels, denom)
             if backward:

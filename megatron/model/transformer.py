@@ -6,16 +6,19 @@ q, k, v, gate and up tensors so a TP change cannot scramble them.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core.dropout import DropoutRNG
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import CanonicalSpec, whole_piece
 from megatron.core.tensor_parallel import (ColumnParallelLinear, OutputSegment, RowParallelLinear,
                                            make_param, shard_or_raise)
 from megatron.model.config import ModelConfig
+from megatron.model.recompute import maybe_recompute
 
 
 class Norm(nn.Module):
@@ -80,9 +83,12 @@ def alibi_bias(slopes: torch.Tensor, seq: int, dtype: torch.dtype, device) -> to
 
 
 class Attention(nn.Module):
-    def __init__(self, prefix: str, cfg: ModelConfig, topo: Topology, seed: int) -> None:
+    def __init__(self, prefix: str, cfg: ModelConfig, topo: Topology, seed: int, index: int = 0,
+                 dropout_rng: DropoutRNG | None = None) -> None:
         super().__init__()
         self.cfg, hd, h = cfg, cfg.head_dim, cfg.hidden_size
+        self.index, self.dropout_rng = index, dropout_rng or DropoutRNG(seed)
+        self.head_offset = topo.tp_rank * (cfg.num_attention_heads // topo.tp)
         heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
         std, bias = cfg.init_method_std, cfg.add_bias_linear
         q_w, q_b = _linear_specs(f"{prefix}.q", heads * hd, h, std, bias)
@@ -110,6 +116,7 @@ class Attention(nn.Module):
         ], topo, seed)
         d_w, d_b = _linear_specs(f"{prefix}.dense", h, heads * hd, std / math.sqrt(2 * cfg.num_layers), bias)
         self.dense = RowParallelLinear(d_w, d_b, topo, seed)
+        self.recompute_core = False  # selective recomputation: softmax(QK^T)V again in backward
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         b, s, _ = x.shape
@@ -125,12 +132,31 @@ class Attention(nn.Module):
             rep = self.local_heads // self.local_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         p = self.cfg.attention_dropout if self.training else 0.0
-        if self.cfg.position_embedding_type == "alibi":
-            bias = alibi_bias(self.alibi_slopes, s, q.dtype, q.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        bias = alibi_bias(self.alibi_slopes, s, q.dtype, q.device) \
+            if self.cfg.position_embedding_type == "alibi" else None
+        if p > 0:
+            core = partial(self._dropout_attention, p=p, bias=bias)
+        elif bias is not None:
+            core = partial(F.scaled_dot_product_attention, attn_mask=bias)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            core = partial(F.scaled_dot_product_attention, is_causal=True)
+        out = maybe_recompute(self.recompute_core, core, q, k, v)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * hd))
+
+    def _dropout_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention whose probability dropout is keyed by global head (see core.dropout).
+        ``bias`` (ALiBi) already holds the causal mask as -inf."""
+        s = q.shape[-2]
+        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+        if bias is None:
+            causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(causal, float("-inf"))
+        else:
+            scores = scores + bias.float()
+        probs = scores.softmax(-1).to(q.dtype)
+        probs = self.dropout_rng.attention(probs, p, self.index, self.head_offset, self.cfg.num_attention_heads)
+        return probs @ v
 
 
 class MLP(nn.Module):
@@ -162,15 +188,18 @@ class MLP(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-norm decoder layer; ``index`` is global, so canonical names do not depend on PP."""
 
-    def __init__(self, index: int, cfg: ModelConfig, topo: Topology, seed: int) -> None:
+    def __init__(self, index: int, cfg: ModelConfig, topo: Topology, seed: int,
+                 dropout_rng: DropoutRNG | None = None) -> None:
         super().__init__()
         prefix = f"layers.{index}"
-        self.dropout = cfg.hidden_dropout
+        self.index, self.dropout = index, cfg.hidden_dropout
+        self.dropout_rng = dropout_rng or DropoutRNG(seed)
         self.input_norm = Norm(f"{prefix}.input_norm", cfg, topo, seed)
-        self.attention = Attention(f"{prefix}.attention", cfg, topo, seed)
+        self.attention = Attention(f"{prefix}.attention", cfg, topo, seed, index, self.dropout_rng)
         self.post_attention_norm = Norm(f"{prefix}.post_attention_norm", cfg, topo, seed)
         self.mlp = MLP(f"{prefix}.mlp", cfg, topo, seed)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + F.dropout(self.attention(self.input_norm(x), rope), self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.post_attention_norm(x)), self.dropout, self.training)
+        p = self.dropout if self.training else 0.0
+        x = x + self.dropout_rng.hidden(self.attention(self.input_norm(x), rope), p, self.index, "attention_out")
+        return x + self.dropout_rng.hidden(self.mlp(self.post_attention_norm(x)), p, self.index, "mlp_out")
