@@ -174,10 +174,11 @@ def test_training_from_hf_import_is_layout_invariant(tmp_path: Path, family: str
     assert import_hf.main(["--input_folder", str(folder), "--output_folder",
                            str(tmp_path / "ckpt" / "global_step0_universal")]) == 0
     base = ("--seq-length 16 --micro-batch-size 2 --global-batch-size 8 --lr 1e-3 --mock-data --vocab-size 97 "
-            "--hidden-dropout 0 --attention-dropout 0 --log-interval 1000 --universal-checkpoint "
+            "--hidden-dropout 0 --attention-dropout 0 --log-interval 1000 --universal-checkpoint --finetune "
             f"--load {tmp_path / 'ckpt'} ").split() + HF_MODELS[family][1].split()
     expected = hf_logits(folder, text_batch(97, 16))
-    for logits in inspect_trained(2, base + ["--train-iters", "0", "--tensor-model-parallel-size", "2"], _eval_logits):
+    frozen = ["--train-iters", "1", "--lr", "0", "--min-lr", "0", "--tensor-model-parallel-size", "2"]  # one step of lr 0
+    for logits in inspect_trained(2, base + frozen, _eval_logits):
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     base += ["--train-iters", "3"]
     ref = train_losses(1, base)
