@@ -60,10 +60,10 @@ def checkpoint_config(reader: CheckpointReader) -> ModelConfig:
 def imported_state(cfg: ModelConfig, iteration: int = 0, tokenizer: dict | None = None,
                    optimizer_step: int = 0, consumed_samples: int = 0) -> dict:
     """The training state of an imported model: nothing consumed yet unless the source says so.
-    The batch size and seed are unknown (None), so a resume takes them from its own flags."""
-    return {"iteration": iteration, "consumed_samples": consumed_samples, "consumed_tokens": 0, "model_config": cfg.to_json(),
-            "lr_schedule": {"num_steps": iteration}, "loss_scaler": {}, "optimizer_step": optimizer_step,
-            "seed": None, "tokenizer": tokenizer or {"type": None, "vocab_size": cfg.vocab_size},
+    The batch size and seed are unknown (None) and there is no LR schedule, so a run starts
+    from it with --finetune (or --no-load-optim) and takes the rest from its own flags."""
+    return {"iteration": iteration, "consumed_samples": consumed_samples, "consumed_tokens": 0,
+            "model_config": cfg.to_json(), "optimizer_step": optimizer_step, "seed": None, "tokenizer": tokenizer or {"type": None, "vocab_size": cfg.vocab_size},
             "global_batch_size": None, "micro_batch_size": None, "zero_stage": None, "precision": "float32"}
 
 
