@@ -32,7 +32,7 @@ def model_flags(hidden: int, layers: int) -> list[str]:
 def measure(dp: int, stage: int, hidden: int, layers: int) -> dict:
     """Rank 0's footprint (every rank holds the same sizes up to padding) and the parameter count."""
     def inspect(trainer) -> dict:
-        count = sum(math.prod(p.piece_map.local_shape) for p in trainer.model.parameters())
+        count = sum(math.prod(p.sharding.piece_map.local_shape) for p in trainer.model.parameters())
         return {**resident_bytes(trainer.model, trainer.optimizer).to_json(), "numel": count}
     results = inspect_trained(dp, model_flags(hidden, layers) + ["--zero-stage", str(stage)], inspect)
     return results[0]

@@ -20,6 +20,7 @@ from megatron.checkpointing.safetensors_io import CheckpointError
 from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import flat_range_boxes, intersect, translate
+from megatron.core.sharding import sharding_of
 from megatron.initialize import set_rng_state
 
 
@@ -54,10 +55,11 @@ def fill_fragment(reader: CheckpointReader, param: nn.Parameter, start: int, end
                   dest: torch.Tensor) -> None:
     """Fill ``dest`` (the flat elements [start, end) of ``param``) with ``state`` from the checkpoint."""
     dest.zero_()
-    shape = tuple(param.piece_map.local_shape)  # under ZeRO-3 the parameter itself is empty here
+    record = sharding_of(param)
+    shape = tuple(record.local_shape)  # under ZeRO-3 the parameter itself is empty here
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
     for box in flat_range_boxes(shape, start, end):
-        for piece in param.piece_map.pieces:
+        for piece in record.piece_map.pieces:
             overlap = intersect(box, (piece.local_offsets, piece.sizes))
             if overlap is None:
                 continue
@@ -101,7 +103,7 @@ def _check_param_groups(reader: CheckpointReader, model: nn.Module, optimizer: D
     """Every canonical tensor must have its saved shape and land in its saved optimizer group."""
     params = dict(model.named_parameters())
     for f in optimizer.fragments():
-        for name, spec in params[f.name].canonical_specs.items():
+        for name, spec in sharding_of(params[f.name]).specs.items():
             entry = reader.manifest["canonical"].get(name)
             if entry is None:
                 raise CheckpointError(f"{reader.path} has no tensor {name!r}: the checkpoint is of another "

@@ -18,6 +18,7 @@ from megatron.checkpointing.safetensors_io import SafetensorsWriter
 from megatron.core import comm
 from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import Topology
+from megatron.core.sharding import sharding_of
 from megatron.initialize import rng_state
 
 
@@ -61,12 +62,12 @@ def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimiz
     params, entries, canonical = {}, [], {}
     model_params = dict(model.named_parameters())
     for f in optimizer.fragments():
-        name, p = f.name, model_params[f.name]
-        for spec in p.canonical_specs.values():
+        name, record = f.name, sharding_of(model_params[f.name])
+        for spec in record.specs.values():
             canonical[spec.name] = {"shape": list(spec.shape), "group": f.group}
         fragments = [[f.start, f.end]] if write_tensors and f.end > f.start else []
-        params[name] = {"local_shape": list(p.piece_map.local_shape),  # p is empty under ZeRO-3
-                        "pieces": [pc.to_json() for pc in p.piece_map.pieces],
+        params[name] = {"local_shape": list(record.local_shape),  # the tensor is empty under ZeRO-3
+                        "pieces": [pc.to_json() for pc in record.piece_map.pieces],
                         "group": f.group, "fragments": fragments}
         if fragments:
             entries += [(f"{name}/{s}", (f.end - f.start,)) for s in STATES]
