@@ -20,8 +20,8 @@ from megatron.checkpointing.safetensors_io import CheckpointError
 from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import flat_range_boxes, intersect, translate
+from megatron.core.rng import set_rng_state
 from megatron.core.sharding import sharding_of
-from megatron.initialize import set_rng_state
 
 
 @dataclass
@@ -84,18 +84,28 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
     _check_param_groups(reader, model, optimizer)
     params = dict(model.named_parameters())
     states = STATES if load_optimizer else ("fp32",)
+    same_layout = (reader.kind == "native" and reader.manifest["topology"] == topo.describe()
+                   and reader.manifest["zero_stage"] == optimizer.stage)
+    # Same layout: copy this rank's fragments straight from the file that stored them, parsing
+    # only that rank's table. Otherwise go through the canonical tensors (all tables).
+    stored = reader.rank_table(topo.rank)["params"] if same_layout else {}
     for f in optimizer.fragments():
         views = optimizer.fragment_state(f)
         for s in states:
-            fill_fragment(reader, params[f.name], f.start, f.end, s, views[s])
+            if f.name in stored and f.end > f.start:
+                rank = stored[f.name].get("stored_by", topo.rank)
+                views[s].copy_(torch.from_numpy(reader.read_stored(rank, f.name, s, f.start, f.end)))
+            else:
+                fill_fragment(reader, params[f.name], f.start, f.end, s, views[s])
     if load_optimizer:
         optimizer.load_hyperparameters(reader.manifest["param_groups"])
     optimizer.copy_master_to_model()
-    same_layout = reader.kind == "native" and reader.manifest["topology"] == topo.describe()
     rng_restored = False
-    if load_rng and same_layout and str(topo.rank) in reader.manifest.get("rng", {}):
-        set_rng_state(reader.manifest["rng"][str(topo.rank)])
-        rng_restored = True
+    if load_rng and same_layout:
+        rng = reader.rank_table(topo.rank).get("rng")
+        if rng is not None:
+            set_rng_state(rng)
+            rng_restored = True
     return Loaded(path, reader.kind, state, rng_restored, reader.bytes_read, reader.total_bytes)
 
 

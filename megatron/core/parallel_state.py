@@ -239,6 +239,13 @@ class Topology:
     def describe(self) -> dict[str, int]:
         return self.dims.describe()
 
+    def position(self, group: str) -> dict[str, int]:
+        """This rank's coordinates on ``group``'s mesh outside ``group``'s axes: what tells apart the
+        local tensors of a parameter replicated or partitioned over ``group``."""
+        kind, axes = GROUPS[group]
+        coords = self.coords if kind == "dense" else self.expert_coords
+        return {a: c for a, c in coords.items() if a not in axes}
+
     def rank_key(self) -> dict[str, int]:
         """This rank's full coordinates on both meshes: what keys its checkpoint file."""
         return {**self.coords, **{a: self.expert_coords[a] for a in ("edp", "ep", "etp")}}

@@ -111,6 +111,8 @@ class DistributedOptimizer:
         adam = {"beta1": cfg.beta1, "beta2": cfg.beta2, "eps": cfg.eps}
         zero_groups = sorted({sharding_of(p).zero_group for _, p in named_params} | {"dp-cp-sp"},
                              key=lambda name: (name != "dp-cp-sp", name))  # dense groups keep indices 0 and 1
+        # The parameters' device (a single GPU process has no NCCL backend to tell it).
+        device = next((p.device for _, p in named_params), topo.device)
         self.groups = []
         for zero_group in zero_groups:
             shards = topo.group_size(zero_group) if stage >= 1 else 1
@@ -122,7 +124,7 @@ class DistributedOptimizer:
                          if sharding_of(p).zero_group == zero_group and sharding_of(p).weight_decay == decay]
                 hyper = {"weight_decay": cfg.weight_decay if decay else 0.0, **adam}
                 self.groups.append(ParamGroup(len(self.groups), hyper, named, zero_group, shards, shard_rank,
-                                              topo.device, count))
+                                              device, count))
         self.step_count = 0
         for g in self.groups:
             for f, p, master in g.views(g.master):
@@ -215,7 +217,7 @@ class DistributedOptimizer:
         Returns (whether the update was applied, the global gradient norm)."""
         self._finish_gradient_reduction()
         inv_scale = 1.0 / self.scaler.scale
-        stats = torch.zeros(2, dtype=torch.float64, device=self.topo.device)
+        stats = torch.zeros(2, dtype=torch.float64, device=self.groups[0].device)
         for g in self.groups:
             if inv_scale != 1.0:
                 g.grad.mul_(inv_scale)
