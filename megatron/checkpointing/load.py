@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +33,7 @@ class Loaded:
     rng_restored: bool
     bytes_read: int
     total_bytes: int
+    json_bytes_parsed: int = 0  # manifest and rank tables this rank parsed
 
 
 def resolve_checkpoint(load_dir: str, universal: bool, tag: str | None) -> str | None:
@@ -94,7 +96,7 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
         for s in states:
             if f.name in stored and f.end > f.start:
                 rank = stored[f.name].get("stored_by", topo.rank)
-                views[s].copy_(torch.from_numpy(reader.read_stored(rank, f.name, s, f.start, f.end)))
+                views[s].copy_(torch.from_numpy(np.array(reader.read_stored(rank, f.name, s, f.start, f.end))))
             else:
                 fill_fragment(reader, params[f.name], f.start, f.end, s, views[s])
     if load_optimizer:
@@ -106,7 +108,8 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
         if rng is not None:
             set_rng_state(rng)
             rng_restored = True
-    return Loaded(path, reader.kind, state, rng_restored, reader.bytes_read, reader.total_bytes)
+    return Loaded(path, reader.kind, state, rng_restored, reader.bytes_read, reader.total_bytes,
+                  reader.json_bytes_parsed)
 
 
 def _check_param_groups(reader: CheckpointReader, model: nn.Module, optimizer: DistributedOptimizer) -> None:

@@ -90,6 +90,22 @@ def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimiz
             "table": table_file, "table_sha256": hashlib.sha256(table).hexdigest(), "canonical": canonical}
 
 
+def write_manifest(folder: str, entries: list[dict], state: dict, optimizer: DistributedOptimizer,
+                   topo: Topology) -> None:
+    """Rank 0: the global state plus one small entry per rank (its files, checksums, coordinates)."""
+    canonical = {}
+    for e in entries:
+        canonical.update(e.pop("canonical"))
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "native", "state": state,
+        "topology": topo.describe(), "zero_stage": optimizer.stage,
+        "param_groups": optimizer.hyperparameters(), "canonical": dict(sorted(canonical.items())),
+        "files": {e["file"]: e.pop("file_info") for e in entries},
+        "sources": entries,
+    }
+    write_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
+
+
 def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: DistributedOptimizer,
                     topo: Topology) -> str:
     """Collective: every rank calls it. Returns the committed checkpoint folder."""
@@ -108,17 +124,7 @@ def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: Dis
     else:
         entries = [entry]
     if topo.rank == 0:
-        canonical = {}
-        for e in entries:
-            canonical.update(e.pop("canonical"))
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "native", "state": state,
-            "topology": topo.describe(), "zero_stage": optimizer.stage,
-            "param_groups": optimizer.hyperparameters(), "canonical": dict(sorted(canonical.items())),
-            "files": {e["file"]: e.pop("file_info") for e in entries},
-            "sources": entries,
-        }
-        write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+        write_manifest(tmp, entries, state, optimizer, topo)
         commit_folder(tmp, final)
         write_atomic(os.path.join(save_dir, "latest"), tag)
         write_atomic(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), str(state["iteration"]))
