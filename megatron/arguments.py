@@ -7,17 +7,46 @@ Nothing below this module reads ``sys.argv``.
 from __future__ import annotations
 
 import argparse
-import json
+import difflib
+
+from megatron.core.batch_rampup import BatchRampup
+from megatron.core.optimizer.lr_scheduler import DECAY_STYLES, WD_INCR_STYLES
+from megatron.deepspeed_config import merge_deepspeed_config
+
+
+class ConfigError(ValueError):
+    """A command line or configuration the run cannot honour; printed as one line by rank 0."""
+
+
+class MegatronArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ``ConfigError`` (so rank 0 alone reports it, in one line) and
+    suggests the closest known flag for an unknown one."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            message = self._suggest(message.split(":", 1)[1].split())
+        raise ConfigError(message)
+
+    def _suggest(self, unknown: list[str]) -> str:
+        known = [s for a in self._actions for s in a.option_strings]
+        parts = []
+        for flag in unknown:
+            if not flag.startswith("-"):
+                continue
+            name = flag.split("=", 1)[0]
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        return "unrecognized arguments: " + (", ".join(parts) or " ".join(unknown))
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int, required=True)
-    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--num-layers", type=int, default=None)
+    g.add_argument("--hidden-size", type=int, default=None)
     g.add_argument("--ffn-hidden-size", type=int, default=None)
-    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--num-attention-heads", type=int, default=None)
     g.add_argument("--num-key-value-heads", type=int, default=None, help="GQA; 1 gives MQA")
-    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--seq-length", type=int, default=None)
     g.add_argument("--max-position-embeddings", type=int, default=None)
     g.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for --mock-data / NullTokenizer")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
@@ -27,23 +56,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
     g.add_argument("--normalization", choices=["layernorm", "rmsnorm"], default="layernorm")
     g.add_argument("--swiglu", action="store_true")
-    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "alibi"],
+                   default="learned_absolute")
     g.add_argument("--use-rotary-position-embeddings", action="store_true", help="alias of --position-embedding-type rope")
-    g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--rotary-base", "--rotary-position-embeddings-theta", dest="rotary_base", type=float,
+                   default=10000.0, help="RoPE theta")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--embed-layernorm", action="store_true", help="a norm after the word embedding (BLOOM)")
+    g.add_argument("--openai-gelu", action="store_true", help="GeLU's tanh approximation (GPT-2, BLOOM)")
     g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--no-query-key-layer-scaling", dest="apply_query_key_layer_scaling", action="store_false",
+                   help="no-op: attention here computes softmax(QK^T/sqrt(d)) directly, which is what this "
+                        "flag selects; Megatron's 1/layer-number pre-scaling is the same product, reordered")
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=None)
     g.add_argument("--global-batch-size", type=int, default=None)
-    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="linear")
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=int, default=None)
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
@@ -53,26 +86,177 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--loss-scale", type=float, default=None,
+                   help="static loss scale (Megatron: applied whatever the precision). With --deepspeed it is "
+                        "not used, as in Megatron-DeepSpeed: the DeepSpeed config's fp16 section governs scaling")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam: AdamW (decoupled weight decay, as Megatron); sgd: SGD with momentum")
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
     g.add_argument("--loss-scale-window", type=int, default=1000)
     g.add_argument("--hysteresis", type=int, default=2)
-    g.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3])
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
+                   help="ZeRO stage (default 1, as Megatron-DeepSpeed)")
     g.add_argument("--ddp-bucket-size", type=int, default=1 << 22, help="elements per DP all-reduce bucket")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--tensorboard-log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000)
+    g.add_argument("--log-timers-to-tensorboard", action="store_true", help="iteration-time/iteration-time")
+    g.add_argument("--log-batch-size-to-tensorboard", action="store_true")
+    g.add_argument("--no-log-learnig-rate-to-tensorboard", "--no-log-learning-rate-to-tensorboard",
+                   dest="log_learning_rate_to_tensorboard", action="store_false")
+    g.add_argument("--no-log-loss-scale-to-tensorboard", dest="log_loss_scale_to_tensorboard",
+                   action="store_false")
+    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true")
+    g.add_argument("--log-memory-to-tensorboard", action="store_true", help="CUDA allocator statistics (GPUs only)")
+    g.add_argument("--log-world-size-to-tensorboard", action="store_true")
+    g.add_argument("--wandb-project", default="", help="also log to Weights & Biases (needs the wandb package)")
+    g.add_argument("--wandb-exp-name", default="")
+    g.add_argument("--wandb-save-dir", default="")
     g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit once training has run this long")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM, finish the current iteration, save and exit with status 0")
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--debug", action="store_true", help="show tracebacks of configuration errors")
     g.add_argument("--distributed-backend", choices=["auto", "gloo", "nccl"], default="auto")
+
+
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
+    """Megatron-DeepSpeed's OptimizerParamScheduler flags (counted in samples underneath)."""
+    g = p.add_argument_group("learning-rate and weight-decay schedule")
+    g.add_argument("--train-samples", type=int, default=None, help="train this many samples (instead of --train-iters)")
+    g.add_argument("--train-tokens", type=int, default=None, help="also stop once this many tokens are trained")
+    g.add_argument("--lr-decay-style", choices=list(DECAY_STYLES), default="linear")
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-samples", type=int, default=None)
+    g.add_argument("--lr-decay-tokens", type=int, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-samples", type=int, default=0)
+    g.add_argument("--lr-warmup-tokens", type=int, default=None)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None, help="warmup as a fraction of the decay")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0, help="the LR warmup starts from")
+    g.add_argument("--start-weight-decay", type=float, default=None)
+    g.add_argument("--end-weight-decay", type=float, default=None)
+    g.add_argument("--weight-decay-incr-style", choices=list(WD_INCR_STYLES), default="constant")
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true",
+                   help="on resume, the command line's schedule replaces the checkpoint's")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's schedule whatever the command line says")
+    g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None, metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="grow the global batch from START by INCREMENT over SAMPLES samples")
+
+
+def _validate_schedule(args: argparse.Namespace) -> None:
+    """Megatron's rules: iteration- or sample-based training, never a mix."""
+    if (args.train_iters is None) == (args.train_samples is None):
+        raise ConfigError("give exactly one of --train-iters and --train-samples")
+    if args.train_iters is not None:
+        mixed = [f for f, v in (("--lr-decay-samples", args.lr_decay_samples), ("--lr-warmup-samples",
+                 args.lr_warmup_samples), ("--rampup-batch-size", args.rampup_batch_size)) if v]
+        if mixed:
+            raise ConfigError(f"--train-iters counts iterations: use --lr-decay-iters / --lr-warmup-iters, "
+                             f"not {', '.join(mixed)} (or train by --train-samples)")
+        if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
+            raise ConfigError("give only one of --lr-warmup-fraction and --lr-warmup-iters")
+    else:
+        mixed = [f for f, v in (("--lr-decay-iters", args.lr_decay_iters), ("--lr-warmup-iters",
+                 args.lr_warmup_iters)) if v]
+        if mixed:
+            raise ConfigError(f"--train-samples counts samples: use --lr-decay-samples / --lr-warmup-samples, "
+                             f"not {', '.join(mixed)}")
+        if args.lr_warmup_fraction is not None and args.lr_warmup_samples:
+            raise ConfigError("give only one of --lr-warmup-fraction and --lr-warmup-samples")
+    if args.weight_decay_incr_style == "constant":
+        if args.start_weight_decay is not None or args.end_weight_decay is not None:
+            if args.start_weight_decay != args.end_weight_decay:
+                raise ConfigError("--start-weight-decay / --end-weight-decay need --weight-decay-incr-style "
+                                 "linear or cosine")
+        args.start_weight_decay = args.end_weight_decay = args.weight_decay
+    elif args.start_weight_decay is None or args.end_weight_decay is None:
+        raise ConfigError(f"--weight-decay-incr-style {args.weight_decay_incr_style} needs --start-weight-decay "
+                         f"and --end-weight-decay")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
+    if args.rampup_batch_size:
+        BatchRampup(*args.rampup_batch_size, args.global_batch_size)
+
+
+REQUIRED_MODEL_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
+# ModelConfig fields that --use-checkpoint-args takes, with the flag that sets each (and
+# whether the flag is the negation of the field).
+_CHECKPOINT_MODEL_ARGS = {
+    "num_layers": ("num_layers", False), "hidden_size": ("hidden_size", False),
+    "num_attention_heads": ("num_attention_heads", False), "seq_length": ("seq_length", False),
+    "ffn_hidden_size": ("ffn_hidden_size", False), "num_key_value_heads": ("num_key_value_heads", False),
+    "max_position_embeddings": ("max_position_embeddings", False), "normalization": ("normalization", False),
+    "swiglu": ("swiglu", False), "position_embedding_type": ("position_embedding_type", False),
+    "rotary_base": ("rotary_base", False), "layernorm_epsilon": ("layernorm_epsilon", False),
+    "make_vocab_size_divisible_by": ("make_vocab_size_divisible_by", False),
+    "tie_embeddings": ("untie_embeddings_and_output_weights", True),
+    "add_bias_linear": ("disable_bias_linear", True),
+}
+
+
+def _take_model_args_from_checkpoint(args: argparse.Namespace) -> None:
+    """``--use-checkpoint-args``: the model shape of the checkpoint replaces the flags' (as
+    Megatron's ``load_args_from_checkpoint``); parallel sizes stay this run's."""
+    from megatron.checkpointing.locate import resolve_checkpoint
+    from megatron.checkpointing.reader import CheckpointReader
+
+    if not args.load:
+        raise ConfigError("--use-checkpoint-args needs --load DIR")
+    path = resolve_checkpoint(args.load, args.universal_checkpoint, args.load_tag)
+    if path is None:
+        raise ConfigError(f"--use-checkpoint-args: no checkpoint under {args.load} (no 'latest' file)")
+    saved = CheckpointReader(path).manifest["state"]["model_config"]
+    for field, (flag, negated) in _CHECKPOINT_MODEL_ARGS.items():
+        if field in saved:
+            setattr(args, flag, (not saved[field]) if negated else saved[field])
+    if args.use_rotary_position_embeddings and saved.get("position_embedding_type") != "rope":
+        args.use_rotary_position_embeddings = False
+
+
+def planned_train_iters(args: argparse.Namespace) -> int:
+    """Iterations the run takes in all (Megatron's ``update_train_iters``)."""
+    if args.train_iters is not None:
+        return args.train_iters
+    if not args.rampup_batch_size:
+        return args.train_samples // args.global_batch_size
+    rampup, consumed, iters = BatchRampup(*args.rampup_batch_size, args.global_batch_size), 0, 0
+    while consumed < args.train_samples:
+        consumed += rampup.global_batch(consumed)
+        iters += 1
+    return iters
+
+
+def total_train_samples(args: argparse.Namespace) -> int:
+    """Samples the run trains in all (sizes the training dataset)."""
+    return args.train_samples if args.train_samples is not None else args.train_iters * args.global_batch_size
 
 
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--deepspeed", action="store_true", help="accepted for Megatron-DeepSpeed compatibility")
+    g.add_argument("--deepspeed", action="store_true",
+                   help="take --deepspeed_config as DeepSpeed would (batch sizes, gradient accumulation, "
+                        "precision and loss scaling, ZeRO, optimizer, scheduler, clipping)")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
-                   help="ds_config.json: batch sizes, precision, ZeRO stage and clipping")
+                   help="ds_config.json; keys that cannot be honoured here are refused, naming the key")
+    g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                   help="set by the deepspeed launcher; must agree with LOCAL_RANK when both are given")
+    g.add_argument("--ds-sequence-parallel-size", type=int, default=1,
+                   help="DeepSpeed-Ulysses sequence parallelism: only 1 (off) is supported here")
+    g.add_argument("--no-pipeline-parallel", action="store_true",
+                   help="Megatron-DeepSpeed's non-pipelined model; the same model here, so it needs "
+                        "--pipeline-model-parallel-size 1")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -80,6 +264,16 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mock-data", action="store_true", help="built-in deterministic synthetic corpus")
     g.add_argument("--data-path", nargs="*", default=None, help="PREFIX, or a blend 'W1 PREFIX1 W2 PREFIX2 ...'")
     g.add_argument("--split", default="969,30,1")
+    g.add_argument("--train-data-path", nargs="*", default=None, help="train split only (no --split applied)")
+    g.add_argument("--valid-data-path", nargs="*", default=None)
+    g.add_argument("--test-data-path", nargs="*", default=None)
+    g.add_argument("--data-cache-path", default=None,
+                   help="no-op: sample indices are recomputed from the seed at start-up, nothing is cached on disk")
+    g.add_argument("--num-workers", type=int, default=2,
+                   help="> 0: the next global batch is read in a background thread while the current one "
+                        "trains (the batches do not change); 0: read in the training thread")
+    g.add_argument("--data-impl", choices=["mmap", "infer"], default="infer",
+                   help="no-op: the memory-mapped .bin/.idx format is the only one (as upstream's mmap)")
     g.add_argument("--tokenizer-type", default=None,
                    choices=["GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
                             "HuggingFaceTokenizer", "HFTokenizer", "NullTokenizer"])
@@ -97,94 +291,155 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-tag", default=None, help="a checkpoint folder name under --load, e.g. global_step100")
     g.add_argument("--universal-checkpoint", action="store_true",
                    help="resume from the universal checkpoint named by LOAD/latest_universal")
-    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="exit with an error if --load holds no checkpoint, even a new --save folder")
+    g.add_argument("--allow-missing-checkpoint", action="store_true",
+                   help="start from scratch when --load holds no checkpoint (upstream Megatron's default); "
+                        "without it only a new, empty --save folder given as --load starts fresh")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="do not load optimizer state, loss scaler or LR schedule (Megatron's meaning)")
     g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--override-global-batch-size", action="store_true",
-                   help="allow resuming with a different global batch size: consumed samples and the "
-                        "iteration count continue, so later iterations see more (or fewer) samples each "
-                        "and the LR schedule, counted in iterations, no longer lines up with samples")
+    g.add_argument("--no-save-optim", action="store_true",
+                   help="save weights only: no Adam moments, loss scaler or LR schedule")
+    g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only and start at iteration 0 (no optimizer, schedule, RNG or data position)")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model shape from the checkpoint under --load")
+    g.add_argument("--override-data-position", action="store_true",
+                   help="accept a resume whose seed, data or tokenizer differ from the checkpoint's")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Megatron-style GPT pretraining with universal checkpointing",
-                                allow_abbrev=False)
-    for add in (_add_model_args, _add_training_args, _add_parallel_args, _add_data_args, _add_checkpoint_args):
+def _add_recompute_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("activation recomputation (losses and gradients are unchanged)")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute every --checkpoint-num-layers layers in backward (old Megatron flag)")
+    g.add_argument("--checkpoint-num-layers", type=int, default=1)
+    g.add_argument("--deepspeed-activation-checkpointing", action="store_true",
+                   help="with --checkpoint-activations: DeepSpeed's checkpointing, the same recomputation here")
+    g.add_argument("--recompute-activations", action="store_true", help="alias of --recompute-granularity selective")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="full: whole layers; selective: only the core attention")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="uniform: chunks of --recompute-num-layers layers; block: the first "
+                        "--recompute-num-layers layers of each stage")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+
+
+def build_parser(argument_default=None) -> argparse.ArgumentParser:
+    p = MegatronArgumentParser(description="Megatron-style GPT pretraining with universal checkpointing",
+                               allow_abbrev=False, argument_default=argument_default)
+    for add in (_add_model_args, _add_training_args, _add_schedule_args, _add_parallel_args, _add_data_args,
+                _add_checkpoint_args, _add_recompute_args):
         add(p)
     return p
 
 
-def _merge_deepspeed_config(args: argparse.Namespace) -> None:
-    """Take batch sizes, precision, ZeRO stage and clipping from ds_config.json; flags given
-    on the command line must agree with it."""
-    with open(args.deepspeed_config) as f:
-        ds = json.load(f)
-    taken = {
-        "global_batch_size": ds.get("train_batch_size"),
-        "micro_batch_size": ds.get("train_micro_batch_size_per_gpu"),
-        "zero_stage": ds.get("zero_optimization", {}).get("stage"),
-        "clip_grad": ds.get("gradient_clipping"),
-    }
-    for name, value in taken.items():
-        if value is None:
-            continue
-        current = getattr(args, name)
-        if current is not None and name != "clip_grad" and current != value:
-            raise ValueError(f"--{name.replace('_', '-')} {current} disagrees with {args.deepspeed_config} ({value})")
-        setattr(args, name, value)
-    if ds.get("bf16", {}).get("enabled"):
-        args.bf16 = True
-    fp16 = ds.get("fp16", {})
-    if fp16.get("enabled"):
-        args.fp16 = True
-        if "initial_scale_power" in fp16:
-            args.initial_loss_scale = 2.0 ** fp16["initial_scale_power"]
-        args.loss_scale_window = fp16.get("loss_scale_window", args.loss_scale_window)
-        args.hysteresis = fp16.get("hysteresis", args.hysteresis)
+def explicit_flags(argv: list[str] | None) -> set[str]:
+    """The destinations the command line set itself (not defaults), to detect a DeepSpeed
+    config that disagrees with a flag the user typed."""
+    parser = build_parser(argparse.SUPPRESS)
+    for action in parser._actions:
+        action.required = False
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0]))
 
 
-def validate_args(args: argparse.Namespace, world_size: int) -> None:
-    """Refuse inconsistent settings with a message that names the flags involved."""
+def _check_compatibility_flags(args: argparse.Namespace) -> None:
+    """Megatron-DeepSpeed flags accepted only where they mean what they say here."""
+    if args.ds_sequence_parallel_size != 1:
+        raise ConfigError(f"--ds-sequence-parallel-size {args.ds_sequence_parallel_size}: DeepSpeed-Ulysses "
+                          f"sequence parallelism is not implemented here; use 1 (off)")
+    if args.no_pipeline_parallel and args.pipeline_model_parallel_size > 1:
+        raise ConfigError(f"--no-pipeline-parallel with --pipeline-model-parallel-size "
+                          f"{args.pipeline_model_parallel_size}: drop one of them")
+    if args.recompute_activations:
+        args.recompute_granularity = "selective"
+    if args.checkpoint_activations and args.recompute_granularity == "selective":
+        raise ConfigError("--checkpoint-activations (full layers) and --recompute-granularity selective "
+                          "(--recompute-activations) ask for two kinds of recomputation: keep one")
+    if args.recompute_granularity == "selective" and args.recompute_method is not None:
+        raise ConfigError("--recompute-method applies to --recompute-granularity full only (as in Megatron)")
+    if args.recompute_granularity == "full" and args.recompute_method is None:
+        raise ConfigError("--recompute-granularity full needs --recompute-method uniform or block")
+    if args.recompute_method is not None and args.recompute_granularity is None:
+        raise ConfigError("--recompute-method needs --recompute-granularity full")
+    if args.deepspeed_activation_checkpointing and not (args.checkpoint_activations or args.recompute_granularity):
+        raise ConfigError("--deepspeed-activation-checkpointing only changes how --checkpoint-activations "
+                          "or --recompute-granularity recompute; give one of them (as in Megatron-DeepSpeed, "
+                          "it does nothing alone)")
+    for flag, value in (("--recompute-num-layers", args.recompute_num_layers),
+                        ("--checkpoint-num-layers", args.checkpoint_num_layers)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if args.loss_scale is not None and args.loss_scale <= 0:
+        raise ConfigError(f"--loss-scale must be positive, got {args.loss_scale}")
+
+
+def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] | None = None) -> None:
+    """Refuse inconsistent settings with a message that names the flags involved.
+
+    ``explicit``: the flags the user typed (``explicit_flags``); a DeepSpeed config may fill
+    in the others but must agree with these."""
+    _check_compatibility_flags(args)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+                          f"--pipeline-model-parallel-size {pp}")
+    dp = world_size // (tp * pp)
     if args.deepspeed_config:
-        _merge_deepspeed_config(args)
+        merge_deepspeed_config(args, dp, explicit if explicit is not None else set(vars(args)), ConfigError)
+    if args.use_checkpoint_args:
+        _take_model_args_from_checkpoint(args)
+    missing = [f"--{n.replace('_', '-')}" for n in REQUIRED_MODEL_ARGS if getattr(args, n) is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} required (or --use-checkpoint-args with --load)")
     if args.use_rotary_position_embeddings:
         args.position_embedding_type = "rope"
     if args.zero_stage is None:
-        args.zero_stage = 0
+        args.zero_stage = 1
     if args.bf16 and args.fp16:
-        raise ValueError("--bf16 and --fp16 are mutually exclusive")
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-                         f"--pipeline-model-parallel-size {pp}")
-    dp = world_size // (tp * pp)
+        raise ConfigError("--bf16 and --fp16 are mutually exclusive")
     if args.micro_batch_size is None:
-        raise ValueError("--micro-batch-size (or train_micro_batch_size_per_gpu in the DeepSpeed config) is required")
+        raise ConfigError("--micro-batch-size (or train_micro_batch_size_per_gpu in the DeepSpeed config) is required")
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
     if args.global_batch_size % (args.micro_batch_size * dp):
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
-                         f"{args.micro_batch_size} x data-parallel size {dp}")
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+                          f"{args.micro_batch_size} x data-parallel size {dp}")
     if args.hidden_size % args.num_attention_heads:
-        raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
-                         f"{args.num_attention_heads}")
+        raise ConfigError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+                          f"{args.num_attention_heads}")
     if args.zero_stage == 3 and pp > 1:
-        raise ValueError("--zero-stage 3 with --pipeline-model-parallel-size > 1 is not supported: "
-                         "use ZeRO stage 0-2 with pipeline parallelism, or PP=1 with ZeRO-3")
-    if not args.mock_data and not args.data_path:
-        raise ValueError("give --data-path PREFIX (see tools/preprocess_data.py) or --mock-data")
-    if args.data_path and not args.mock_data and args.tokenizer_type is None:
-        raise ValueError("--data-path needs --tokenizer-type (the tokenizer the data was preprocessed with)")
+        raise ConfigError("--zero-stage 3 with --pipeline-model-parallel-size > 1 is not supported: "
+                          "use ZeRO stage 0-2 with pipeline parallelism, or PP=1 with ZeRO-3")
+    split_paths = args.train_data_path or args.valid_data_path or args.test_data_path
+    if split_paths and args.data_path:
+        raise ConfigError("give --data-path (split by --split) or --train-data-path/--valid-data-path/"
+                          "--test-data-path, not both")
+    if split_paths and not args.train_data_path:
+        raise ConfigError("--valid-data-path / --test-data-path need --train-data-path")
+    if split_paths:
+        args.data_path = None
+    if not args.mock_data and not (args.data_path or args.train_data_path):
+        raise ConfigError("give --data-path PREFIX (see tools/preprocess_data.py) or --mock-data")
+    real_data = bool(args.data_path or args.train_data_path) and not args.mock_data
+    if real_data and args.tokenizer_type is None and args.vocab_file and args.merge_file:
+        args.tokenizer_type = "GPT2BPETokenizer"  # upstream pretrain_gpt.py's default, given its two files
+    if real_data and args.tokenizer_type is None:
+        raise ConfigError("--data-path needs --tokenizer-type (the tokenizer the data was preprocessed with)")
     if args.mock_data and args.vocab_size is None:
-        raise ValueError("--mock-data needs --vocab-size")
+        raise ConfigError("--mock-data needs --vocab-size")
+    if args.exit_on_missing_checkpoint and args.allow_missing_checkpoint:
+        raise ConfigError("--exit-on-missing-checkpoint and --allow-missing-checkpoint are mutually exclusive")
     if args.universal_checkpoint and not args.load:
-        raise ValueError("--universal-checkpoint needs --load DIR")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
+        raise ConfigError("--universal-checkpoint needs --load DIR")
+    _validate_schedule(args)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
 
 
 def parse_args(argv: list[str] | None, world_size: int) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    validate_args(args, world_size)
+    validate_args(args, world_size, explicit_flags(argv))
     return args

@@ -11,11 +11,17 @@ import torch.distributed as dist
 from megatron.core.rng import rng_state, set_rng_state  # noqa: F401  (moved to core; kept importable here)
 
 
-def initialize_distributed(backend: str = "auto", device: str = "auto") -> tuple[int, int, torch.device]:
-    """Join the process group torchrun describes (or none for a single process).
-
-    Returns (rank, world size, device). NCCL on GPUs, gloo on CPUs.
+def initialize_distributed(backend: str = "auto", device: str = "auto",
+                           local_rank: int | None = None) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun or the deepspeed launcher describes (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, LOCAL_RANK; the latter also passes ``--local_rank``), or none
+    for a single process. Returns (rank, world size, device). NCCL on GPUs, gloo on CPUs.
     """
+    env_local = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and env_local is not None and int(env_local) != local_rank:
+        raise ValueError(f"--local_rank {local_rank} disagrees with the environment's LOCAL_RANK {env_local}")
+    if local_rank is not None and env_local is None:
+        os.environ["LOCAL_RANK"] = str(local_rank)
     if device == "auto":  # the device follows the backend: NCCL only moves CUDA tensors
         device = "cuda" if backend == "nccl" or (backend == "auto" and torch.cuda.is_available()) else "cpu"
     if backend == "nccl" and device == "cpu":

@@ -7,6 +7,7 @@ within a tolerance. ``compare_curves`` measures that; ``plot_comparison`` draws 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -14,12 +15,44 @@ from dataclasses import dataclass
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from megatron.metrics_io import read_run
+
 # Relative differences divide by |reference|; this keeps a zero reference finite.
 _REL_EPS = 1e-12
 
 
 class NoOverlapError(ValueError):
     """The two curves share no iteration after the resume point, so nothing can be compared."""
+
+
+class SameRunError(ValueError):
+    """Reference and resumed sides read the same (or byte-identical) files: a comparison of a
+    run with itself would pass whatever the checkpoint did."""
+
+
+class NotResumedError(ValueError):
+    """The resumed run logged iterations at or before the resume point: it did not start from
+    the checkpoint (it started from scratch, or shares a folder with the reference)."""
+
+
+def check_distinct_runs(reference_files: list[str], resumed_files: list[str]) -> None:
+    """Refuse a comparison whose two sides share a file, or hold byte-identical copies."""
+    real = {os.path.realpath(f): f for f in reference_files}
+    shared = [f for f in resumed_files if os.path.realpath(f) in real]
+    if shared:
+        raise SameRunError(f"the reference and the resumed run read the same files ({', '.join(shared[:3])}"
+                           f"{', ...' if len(shared) > 3 else ''}): give two separate run folders, neither "
+                           f"inside the other")
+    digests = {_sha256(f): f for f in reference_files}
+    copies = [(f, digests[d]) for f in resumed_files if (d := _sha256(f)) in digests]
+    if copies:
+        raise SameRunError(f"resumed file {copies[0][0]} is a byte-identical copy of reference file "
+                           f"{copies[0][1]}: the resumed run's own logs are needed")
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -107,12 +140,20 @@ def compare_curves(
     """Compare the curves at every iteration after the resume point that both logged.
 
     ``resume_iteration`` is the checkpoint's iteration; None infers it with
-    ``infer_resume_iteration``. Raises ``NoOverlapError`` when nothing overlaps.
+    ``infer_resume_iteration``. Raises ``NoOverlapError`` when nothing overlaps and
+    ``NotResumedError`` when the resumed run logged anything at or before the resume point.
     """
     if tolerance < 0 or math.isnan(tolerance):
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     inferred = resume_iteration is None
     point = infer_resume_iteration(reference, resumed) if resume_iteration is None else resume_iteration
+    if point < 1:
+        raise NotResumedError(f"the resumed run logged iteration {min(resumed)}: it trained from the start, "
+                              f"not from a checkpoint (did --load find one?)")
+    before = sorted(i for i in resumed if i <= point)
+    if before:
+        raise NotResumedError(f"the resumed run logged {_span(dict.fromkeys(before))} at or before the "
+                              f"resume point {point}: it did not start from that checkpoint")
     after = sorted(i for i in resumed if i > point)
     iterations = tuple(i for i in after if i in reference)
     if not iterations:
@@ -137,6 +178,45 @@ def compare_curves(
         max_diff_iteration=iterations[worst],
         tolerance=tolerance,
     )
+
+
+@dataclass(frozen=True)
+class RunComparison:
+    """Everything a report needs: both curves, the files each came from, the result."""
+
+    reference: dict[int, float]
+    resumed: dict[int, float]
+    reference_files: list[str]
+    resumed_files: list[str]
+    result: ComparisonResult
+
+    def sources(self) -> str:
+        lines = []
+        for side, files, curve in (("reference", self.reference_files, self.reference),
+                                   ("resumed", self.resumed_files, self.resumed)):
+            lines.append(f"{side + ':':<10} {len(curve)} points ({_span(curve)}) from {len(files)} file(s):")
+            lines += [f"    {f}" for f in files]
+        return "\n".join(lines)
+
+
+def compare_runs(reference_dir: str, resumed_dir: str, tag: str, tolerance: float,
+                 resume_iteration: int | None) -> RunComparison:
+    """Read both run folders and compare them, refusing a run compared with itself."""
+    if os.path.realpath(reference_dir) == os.path.realpath(resumed_dir):
+        raise SameRunError(f"--reference and --resumed are the same folder ({reference_dir})")
+    reference, reference_files = read_run(reference_dir, tag)
+    resumed, resumed_files = read_run(resumed_dir, tag)
+    check_distinct_runs(reference_files, resumed_files)
+    result = compare_curves(reference, resumed, tolerance, resume_iteration)
+    return RunComparison(reference, resumed, reference_files, resumed_files, result)
+
+
+def tolerance_for(precision: str) -> float:
+    """Default tolerance per training precision (see run_tb_analysis.sh for the measurements)."""
+    tolerances = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
+    if precision not in tolerances:
+        raise ValueError(f"precision must be one of {', '.join(tolerances)}, got {precision!r}")
+    return tolerances[precision]
 
 
 def _sci(x: float, digits: int) -> str:

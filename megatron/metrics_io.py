@@ -110,6 +110,11 @@ def read_scalars(run_dir: str, tag: str) -> dict[int, float]:
     event wall time (TensorBoard) or file mtime (metrics.jsonl), then by file path
     and position within the file.
     """
+    return read_run(run_dir, tag)[0]
+
+
+def read_run(run_dir: str, tag: str) -> tuple[dict[int, float], list[str]]:
+    """``read_scalars`` and the files that held ``tag`` (so a report can say what it read)."""
     event_files, jsonl_files = find_metrics_files(run_dir)
     if not event_files and not jsonl_files:
         raise MetricsReadError(
@@ -128,4 +133,6 @@ def read_scalars(run_dir: str, tag: str) -> dict[int, float]:
     curve: dict[int, float] = {}
     for record in records:
         curve[record.iteration] = record.value
-    return dict(sorted(curve.items()))
+    all_files = event_files + jsonl_files
+    used = [all_files[i] for i in sorted({r.file_index for r in records})]
+    return dict(sorted(curve.items())), used

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -65,7 +64,7 @@ def test_resume_on_other_layout_continues_loss(tmp_path, reference, source, targ
     for universal in (False, True):
         losses = resume(str(tmp_path), target, universal)
         assert len(losses) == N
-        diff = max(abs(a - b) for a, b in zip(losses, reference[N:]))
+        diff = max(abs(a - b) for a, b in zip(losses, reference[N:], strict=True))
         assert diff < 1e-4, f"universal={universal}: max |diff| {diff}"
 
 
@@ -153,13 +152,15 @@ def test_checkpoint_of_another_model_shape_is_refused(saved) -> None:
         train_losses(world, argv)
 
 
-def test_other_global_batch_size_needs_the_override_flag(saved) -> None:
+def test_other_global_batch_size_with_iteration_schedule_needs_a_scheduler_flag(saved) -> None:
+    """Schedules count samples (as Megatron's): iteration flags at another global batch give
+    another schedule, which is refused unless a flag says which one wins."""
     world, flags = layout(tp=1, dp=2)
     argv = TINY_GPT + flags + ["--train-iters", str(2 * N), "--load", os.path.dirname(saved)]
     argv[argv.index("--global-batch-size") + 1] = "16"
-    with pytest.raises(RuntimeError, match="global batch size 8, this run uses 16"):
+    with pytest.raises(RuntimeError, match=r"lr_decay_steps: checkpoint 48, command line 96"):
         train_losses(world, argv)
-    assert len(train_losses(world, argv + ["--override-global-batch-size"])) == N
+    assert len(train_losses(world, argv + ["--use-checkpoint-opt_param-scheduler"])) == N
 
 
 def test_inspect_lists_layout_and_verifies_checksums(saved) -> None:
@@ -197,7 +198,7 @@ def test_crash_during_save_keeps_previous_checkpoint_loadable(tmp_path, referenc
     assert open(tmp_path / "latest").read() == f"global_step{N}"
     assert not (tmp_path / f"global_step{2 * N}").exists()
     losses = resume(str(tmp_path), layout(tp=1, dp=2), universal=False)
-    assert max(abs(a - b) for a, b in zip(losses, reference[N:])) < 1e-4
+    assert max(abs(a - b) for a, b in zip(losses, reference[N:], strict=True)) < 1e-4
 
 
 def test_converter_detects_disagreeing_replicas(saved) -> None:
@@ -233,10 +234,10 @@ def _rewrite_checksums(folder: str, file: str) -> None:
     json.dump(manifest, open(path, "w"))
 
 
-def test_load_without_checkpoint_starts_from_scratch(tmp_path, reference) -> None:
-    losses = train_losses(1, TINY_GPT + ["--train-iters", str(2 * N), "--load", str(tmp_path)])
+def test_new_run_loading_its_empty_save_folder_starts_from_scratch(tmp_path, reference) -> None:
+    losses = train_losses(1, TINY_GPT + ["--train-iters", str(2 * N), "--load", str(tmp_path),
+                                         "--save", str(tmp_path)])
     assert losses == reference
-    shutil.rmtree(tmp_path)
 
 
 ODD = ["--hidden-size", "48", "--num-attention-heads", "6", "--vocab-size", "101", "--num-layers", "3"]
@@ -262,4 +263,4 @@ def test_resume_with_degree_three_continues_loss(tmp_path, source, target) -> No
                          progress=False)
     for universal in ([], ["--universal-checkpoint"]):
         losses = train_losses(3, base + target + ["--load", str(tmp_path)] + universal)
-        assert max(abs(a - b) for a, b in zip(losses, reference[N:])) < 1e-4
+        assert max(abs(a - b) for a, b in zip(losses, reference[N:], strict=True)) < 1e-4

@@ -11,7 +11,6 @@ import pytest
 
 from megatron.arguments import parse_args
 from megatron.core.optimizer.grad_scaler import LossScaler
-from megatron.core.optimizer.lr_scheduler import LRSchedule
 from megatron.metrics_io import read_scalars
 from megatron.testing.training import TINY_GPT, train_losses
 
@@ -30,24 +29,29 @@ def test_loss_curve_is_layout_invariant(reference: list[float], tp: int, dp: int
     losses = train_losses(tp * dp, TINY_GPT + STEPS + ["--tensor-model-parallel-size", str(tp),
                                                        "--zero-stage", str(zero)])
     assert len(losses) == 20
-    assert max(abs(a - b) for a, b in zip(losses, reference)) < 1e-4
+    # fp32, only the reduction order differs (TP all-reduce, DP sums): ~1e-6 per step, 1e-4 after 20
+    assert max(abs(a - b) for a, b in zip(losses, reference, strict=True)) < 1e-4
 
 
 def test_micro_batch_count_does_not_change_the_loss(reference: list[float]) -> None:
     losses = train_losses(1, TINY_GPT + STEPS + ["--micro-batch-size", "1"])  # 8 micro-batches, not 4
-    assert max(abs(a - b) for a, b in zip(losses, reference)) < 1e-4
+    # fp32 gradient accumulation in another order: the same bound as the layout test
+    assert max(abs(a - b) for a, b in zip(losses, reference, strict=True)) < 1e-4
 
 
 def test_bf16_stays_close_to_fp32(reference: list[float]) -> None:
     losses = train_losses(2, TINY_GPT + STEPS + ["--bf16", "--tensor-model-parallel-size", "2"])
-    assert max(abs(a - b) for a, b in zip(losses, reference)) < 2e-2
+    # bf16 keeps 8 mantissa bits (relative 4e-3 per op); 2e-2 absolute on a loss of ~4 over 20 steps
+    assert max(abs(a - b) for a, b in zip(losses, reference, strict=True)) < 2e-2
 
 
 def test_fp16_with_dynamic_loss_scaling_trains(reference: list[float]) -> None:
     losses = train_losses(2, TINY_GPT + STEPS + ["--fp16", "--initial-loss-scale", "65536"])
     finite = [x for x in losses if math.isfinite(x)]
     assert len(finite) == 20
-    assert max(abs(a - b) for a, b in zip(losses, reference)) < 5e-2
+    # fp16 activations with fp32 master weights: looser than bf16 here because early skipped
+    # steps (overflow at 65536) shift the curve by a step or two
+    assert max(abs(a - b) for a, b in zip(losses, reference, strict=True)) < 5e-2
 
 
 def test_loss_scaler_halves_after_hysteresis_and_grows_after_window() -> None:
@@ -59,16 +63,6 @@ def test_loss_scaler_halves_after_hysteresis_and_grows_after_window() -> None:
     s.update(found_inf=False)
     s.update(found_inf=False)
     assert s.scale == 1024.0
-
-
-def test_lr_schedule_warmup_then_cosine_to_min() -> None:
-    sched = LRSchedule(max_lr=1.0, min_lr=0.1, warmup_steps=4, decay_steps=14, decay_style="cosine")
-    assert [sched.lr(s) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
-    assert sched.lr(9) == pytest.approx(0.55)
-    assert sched.lr(14) == pytest.approx(0.1)
-    assert sched.lr(100) == 0.1
-    linear = LRSchedule(max_lr=1.0, min_lr=0.0, warmup_steps=0, decay_steps=10, decay_style="linear")
-    assert linear.lr(5) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -30,7 +30,7 @@ def layout(stage: int, dp: int, tp: int = 1) -> tuple[int, list[str]]:
 
 def assert_curves_close(got: list[float], want: list[float], what: str) -> None:
     assert len(got) == len(want), f"{what}: {len(got)} losses, expected {len(want)}"
-    worst = max(abs(a - b) for a, b in zip(got, want))
+    worst = max(abs(a - b) for a, b in zip(got, want, strict=True))
     assert worst <= TOL, f"{what}: losses differ by up to {worst:.3e} (> {TOL})\n got  {got}\n want {want}"
 
 
@@ -74,7 +74,7 @@ def test_zero3_recompute_replays_dropout_masks() -> None:
     dropout += ["--hidden-dropout", "0.2", "--attention-dropout", "0.2", "--train-iters", "6"]
     want = train_losses(*_with(layout(1, 2), dropout))
     got = train_losses(*_with(layout(3, 2), dropout))
-    worst = max(abs(a - b) for a, b in zip(got, want))
+    worst = max(abs(a - b) for a, b in zip(got, want, strict=True))
     assert worst <= 1e-6, f"ZeRO-3 with dropout differs from ZeRO-1 by {worst:.3e}: {got} vs {want}"
 
 

@@ -1,11 +1,21 @@
-"""Convert a native checkpoint (DIR/global_stepN) into a universal one (DIR/global_stepN_universal).
+"""Convert a checkpoint into a universal one (DIR/global_stepN_universal), or a universal/native
+one into a PyTorch DCP.
 
     python tools/convert_to_universal.py --input_folder ckpt/global_step100 \
-        --output_folder ckpt/global_step100_universal [--num_workers 4] [--replica-policy first]
+        --output_folder ckpt/global_step100_universal [--num_workers 4] [--replica-policy first] [--overwrite]
+    python tools/convert_to_universal.py --input-format dcp   --input_folder DCP_DIR  --output_folder ckpt/global_step0_universal
+    python tools/convert_to_universal.py --input-format mcore --input_folder megatron_ckpt/iter_0000100 \
+        --output_folder ckpt/global_step100_universal
+    python tools/convert_to_universal.py --output-format dcp  --input_folder ckpt/global_step100_universal \
+        --output_folder DCP_DIR
+
+DeepSpeed's ds_to_universal.py flags --num_extract_workers (= --num_workers), --num_merge_workers
+and --keep_temp_folder are accepted too.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -15,32 +25,85 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron.checkpointing import CheckpointError, convert_to_universal  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input_folder", "--input-folder", required=True)
-    p.add_argument("--output_folder", "--output-folder", default=None,
-                   help="default: INPUT_FOLDER with a _universal suffix")
-    p.add_argument("--num_workers", "--num-workers", type=int, default=4)
-    p.add_argument("--replica-policy", "--replica_policy", choices=["first", "mean", "strict"], default="first",
-                   help="how replicated tensors (norms over TP, tied embeddings over PP) are merged: "
-                        "first = take the owner's copy, mean = average, strict = refuse any disagreement")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    output = args.output_folder or args.input_folder.rstrip("/") + "_universal"
+def _model_config(path: str | None):
+    if path is None:
+        return None
+    from megatron.model.config import ModelConfig
+    with open(path) as f:
+        return ModelConfig.from_json(json.load(f))
+
+
+def _convert_native(args: argparse.Namespace, output: str) -> None:
     start = time.perf_counter()
-    try:
-        report = convert_to_universal(args.input_folder, output, args.num_workers, args.replica_policy,
-                                      progress=not args.no_progress)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = convert_to_universal(args.input_folder, output, args.num_workers, args.replica_policy,
+                                  progress=not args.no_progress, overwrite=args.overwrite)
     seconds = time.perf_counter() - start
     print(f"wrote {report.tensors} canonical tensors ({report.bytes_written / 2**20:.1f} MiB in "
           f"{len(report.files)} files) to {report.output} in {seconds:.2f} s; read "
           f"{report.bytes_read / 2**20:.1f} MiB")
     where = f" in {report.max_replica_tensor}" if report.max_replica_tensor else ""
     print(f"replicas: largest disagreement {report.max_replica_diff:.3e}{where} (policy {args.replica_policy})")
-    print(f"latest_universal -> {os.path.basename(output.rstrip('/'))}")
+
+
+def _convert_interop(args: argparse.Namespace, output: str) -> None:
+    """Formats of other tools; their code needs the model's shapes, so it lives in megatron.interop."""
+    if args.output_format == "dcp":
+        from megatron.interop.dcp import export_dcp
+        count = export_dcp(args.input_folder, output)
+        print(f"wrote {count} canonical tensors with their Adam state as a PyTorch DCP to {output}")
+        return
+    if args.input_format == "dcp":
+        from megatron.interop.dcp import import_dcp as importer
+    else:
+        from megatron.interop.mcore import import_mcore as importer
+    count = importer(args.input_folder, output, _model_config(args.model_config))
+    print(f"wrote {count} canonical tensors from the {args.input_format} checkpoint {args.input_folder} "
+          f"to {output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input_folder", "--input-folder", required=True)
+    p.add_argument("--output_folder", "--output-folder", default=None,
+                   help="default: INPUT_FOLDER with a _universal suffix")
+    p.add_argument("--input-format", "--input_format", choices=["native", "dcp", "mcore"], default="native",
+                   help="native: our rank files; dcp: a PyTorch DCP keyed by canonical names; mcore: a "
+                        "Megatron-LM torch_dist checkpoint folder")
+    p.add_argument("--output-format", "--output_format", choices=["universal", "dcp"], default="universal",
+                   help="dcp: write a PyTorch DCP from a native or universal checkpoint")
+    p.add_argument("--model-config", "--model_config", default=None,
+                   help="JSON file of the model's shape, for dcp/mcore inputs that do not record it")
+    p.add_argument("--num_workers", "--num-workers", "--num_extract_workers", "--num-extract-workers",
+                   dest="num_workers", type=int, default=4,
+                   help="tensors converted in parallel (ds_to_universal.py's --num_extract_workers: each worker "
+                        "reads and merges one canonical tensor at a time)")
+    p.add_argument("--num_merge_workers", "--num-merge-workers", type=int, default=None,
+                   help="accepted for ds_to_universal.py command lines; no effect: there is no separate merge "
+                        "stage here (extraction and merging are one pass per tensor, see --num_workers)")
+    p.add_argument("--keep_temp_folder", "--keep-temp-folder", action="store_true",
+                   help="accepted for ds_to_universal.py command lines; no effect: no temporary files are written")
+    p.add_argument("--replica-policy", "--replica_policy", choices=["first", "mean", "strict"], default="first",
+                   help="how replicated tensors (norms over TP, tied embeddings over PP) are merged: "
+                        "first = take the owner's copy, mean = average, strict = refuse any disagreement")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing universal checkpoint in OUTPUT_FOLDER (never a native one)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.output_format == "dcp" and args.input_format != "native":
+        p.error("--output-format dcp reads our own checkpoints (native or universal); leave --input-format out")
+    if args.output_format == "dcp" and args.output_folder is None:
+        p.error("--output-format dcp needs --output_folder")
+    output = args.output_folder or args.input_folder.rstrip("/") + "_universal"
+    try:
+        if args.input_format == "native" and args.output_format == "universal":
+            _convert_native(args, output)
+        else:
+            _convert_interop(args, output)
+    except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.output_format == "universal":
+        print(f"latest_universal -> {os.path.basename(output.rstrip('/'))}")
     return 0
 
 

@@ -39,13 +39,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--input", required=True, help="JSON-lines file, one document a line")
     group.add_argument("--json-keys", nargs="+", default=["text"],
                        help="keys to extract; each gets its own output dataset")
+    group.add_argument("--split-sentences", action="store_true",
+                       help="each sentence its own sequence within its document (NLTK punkt, as upstream; "
+                            "needs nltk and its punkt data); writes PREFIX_{key}_sentence")
+    group.add_argument("--keep-newlines", action="store_true",
+                       help="with --split-sentences: keep the newlines between sentences")
+    group.add_argument("--lang", default="english", help="punkt language for --split-sentences")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=TOKENIZER_TYPES)
     group.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json")
     group.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
-    group.add_argument("--tokenizer-model", default=None, help="SentencePiece .model file")
-    group.add_argument("--tokenizer-path", default=None,
-                       help="local HuggingFace tokenizer directory")
+    group.add_argument("--tokenizer-model", "--tokenizer-path", dest="tokenizer_model", default=None,
+                       help="SentencePiece .model file, or a local HuggingFace tokenizer directory "
+                            "(the same two flags and meaning as in pretrain_gpt.py)")
     group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer size")
     group.add_argument("--append-eod", action="store_true",
                        help="append the end-of-document token to every document")
@@ -58,13 +64,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="writes PREFIX_{key}_document.bin/.idx")
     group.add_argument("--dtype", default="auto", choices=("auto", *_DTYPES),
                        help="token dtype on disk; auto picks uint16 for small vocabularies")
+    group.add_argument("--dataset-impl", choices=["mmap"], default="mmap",
+                       help="no-op: the memory-mapped .bin/.idx format is the only one written")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    group.add_argument("--partitions", type=int, default=1,
+                       help="accepted for upstream command lines; the output is the same for any value: "
+                            "the --workers pool already reads one stream in order, so nothing is split "
+                            "into partition files and merged")
+    group.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     group.add_argument("--log-interval", type=int, default=10000,
                        help="report progress every this many documents (0: never)")
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be >= 1")
+    if args.workers < 1 or args.partitions < 1:
+        parser.error("--workers and --partitions must be >= 1")
+    if args.keep_newlines and not args.split_sentences:
+        parser.error("--keep-newlines only applies with --split-sentences")
     if args.train_tokenizer_dir is not None:
         if args.tokenizer_type != "GPT2BPETokenizer":
             parser.error("--train-tokenizer-dir trains a GPT2BPETokenizer; "
@@ -76,8 +91,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def tokenizer_kwargs(args: argparse.Namespace) -> dict:
     return {"vocab_file": args.vocab_file, "merge_file": args.merge_file,
-            "tokenizer_model": args.tokenizer_model, "tokenizer_path": args.tokenizer_path,
+            "tokenizer_model": args.tokenizer_model, "tokenizer_path": args.tokenizer_model,
             "vocab_size": args.vocab_size}
+
+
+def sentence_splitter(lang: str, keep_newlines: bool):
+    """Upstream's splitter: NLTK's trained punkt model for ``lang``; a clear error without it."""
+    try:
+        import nltk
+    except ImportError:
+        raise SystemExit("error: --split-sentences needs nltk (pip install nltk) and its punkt data "
+                         "(python -m nltk.downloader punkt)") from None
+    try:
+        splitter = nltk.data.load(f"tokenizers/punkt/{lang}.pickle")
+    except LookupError:
+        raise SystemExit(f"error: --split-sentences: NLTK's punkt data for {lang!r} is not installed "
+                         f"(python -m nltk.downloader punkt)") from None
+    if keep_newlines:  # upstream: sentences may end at a newline, which is kept in the text
+        class _NewlineVars(nltk.tokenize.punkt.PunktLanguageVars):
+            _period_context_fmt = r"""
+                \S*                          # some word material
+                %(SentEndChars)s             # a potential sentence ending
+                \s*                       #  <-- THIS is what I changed
+                (?=(?P<after_tok>
+                    %(NonWord)s              # either other punctuation
+                    |
+                    (?P<next_tok>\S+)     #  <-- Normally you would have \s+ here
+                ))"""
+        splitter = nltk.tokenize.punkt.PunktSentenceTokenizer(splitter._params, lang_vars=_NewlineVars())
+    return splitter.tokenize
 
 
 class Encoder:
@@ -85,29 +127,36 @@ class Encoder:
 
     _tokenizer: MegatronTokenizer | None = None
 
+    _split = None
+
     def __init__(self, tokenizer_type: str, kwargs: dict, json_keys: Sequence[str],
-                 append_eod: bool) -> None:
+                 append_eod: bool, split_sentences: tuple[str, bool] | None = None) -> None:
         self.tokenizer_type = tokenizer_type
         self.kwargs = kwargs
         self.json_keys = list(json_keys)
         self.append_eod = append_eod
+        self.split_sentences = split_sentences  # (lang, keep newlines) or None
 
     def initialize(self) -> None:
         # Built in each worker: tokenizer objects are not all picklable.
         Encoder._tokenizer = build_tokenizer(self.tokenizer_type, **self.kwargs)
+        Encoder._split = sentence_splitter(*self.split_sentences) if self.split_sentences else None
 
-    def encode(self, line: str) -> tuple[dict[str, np.ndarray], int]:
-        """Token ids per JSON key of one document, and the line's size in bytes."""
+    def encode(self, line: str) -> tuple[dict[str, list[np.ndarray]], int]:
+        """Token ids of each sequence (the whole text, or each sentence) per JSON key of one
+        document, and the line's size in bytes. The end-of-document token ends the last one."""
         record = json.loads(line)
         tokenizer = Encoder._tokenizer
         out = {}
         for key in self.json_keys:
             if key not in record:
                 raise KeyError(f"input document has no key {key!r}: {line[:80]!r}")
-            ids = tokenizer.tokenize(str(record[key]))
-            if self.append_eod:
-                ids.append(tokenizer.eod)
-            out[key] = np.asarray(ids, dtype=np.int64)
+            text = str(record[key])
+            pieces = Encoder._split(text) if Encoder._split else [text]
+            sequences = [ids for ids in (tokenizer.tokenize(p) for p in pieces) if ids]
+            if self.append_eod and sequences:
+                sequences[-1].append(tokenizer.eod)
+            out[key] = [np.asarray(ids, dtype=np.int64) for ids in sequences]
         return out, len(line.encode("utf-8"))
 
 
@@ -138,26 +187,37 @@ def _encoded_documents(encoder: Encoder, path: str,
 def _write_documents(encoder: Encoder, args: argparse.Namespace,
                      builders: dict[str, IndexedDatasetBuilder]) -> int:
     """Feed every encoded document to its builder; returns the document count."""
+    from tqdm import tqdm
+
     start = time.time()
     total_bytes = 0
     count = 0
+    bar = tqdm(total=os.path.getsize(args.input), unit="B", unit_scale=True, desc="tokenizing",
+               disable=args.no_progress, mininterval=1.0)
     for count, (docs, num_bytes) in enumerate(
             _encoded_documents(encoder, args.input, args.workers), start=1):
         total_bytes += num_bytes
-        for key, ids in docs.items():
+        bar.update(num_bytes)
+        for key, sequences in docs.items():
             # A document with no tokens carries nothing to train on; Megatron skips it too.
-            if ids.size:
-                builders[key].add_document(ids)
+            if sequences:
+                for ids in sequences:
+                    builders[key].add_item(ids)
+                builders[key].end_document()
         if args.log_interval and count % args.log_interval == 0:
             elapsed = max(time.time() - start, 1e-9)
-            print(f"processed {count} documents ({total_bytes / elapsed / 2**20:.2f} MB/s)",
-                  flush=True)
+            bar.write(f"processed {count} documents ({count / elapsed:.1f} docs/s, "
+                      f"{total_bytes / elapsed / 2**20:.2f} MB/s)")
+    bar.close()
+    elapsed = max(time.time() - start, 1e-9)
+    print(f"processed {count} documents in {elapsed:.2f} s: {count / elapsed:.1f} docs/s, "
+          f"{total_bytes / elapsed / 2**20:.2f} MB/s", flush=True)
     return count
 
 
-def output_prefix(prefix: str, key: str) -> str:
-    """Megatron's naming: ``PREFIX_{key}_document``."""
-    return f"{prefix}_{key}_document"
+def output_prefix(prefix: str, key: str, level: str = "document") -> str:
+    """Megatron's naming: ``PREFIX_{key}_document`` (``_sentence`` with --split-sentences)."""
+    return f"{prefix}_{key}_{level}"
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
@@ -177,9 +237,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
 
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    prefixes = {key: output_prefix(args.output_prefix, key) for key in args.json_keys}
+    level = "sentence" if args.split_sentences else "document"
+    prefixes = {key: output_prefix(args.output_prefix, key, level) for key in args.json_keys}
+    split = (args.lang, args.keep_newlines) if args.split_sentences else None
+    if split:
+        sentence_splitter(*split)  # fail before any output exists if nltk or its data is missing
     builders = {key: IndexedDatasetBuilder(data_file_path(p), dtype) for key, p in prefixes.items()}
-    encoder = Encoder(args.tokenizer_type, kwargs, args.json_keys, args.append_eod)
+    encoder = Encoder(args.tokenizer_type, kwargs, args.json_keys, args.append_eod, split)
 
     try:
         count = _write_documents(encoder, args, builders)

@@ -3,6 +3,8 @@
 # and plot both: the last step of the Universal Checkpointing workflow.
 #
 #   bash examples_deepspeed/universal_checkpointing/run_tb_analysis.sh   # after the bf16 GPT pair
+#   bash examples_deepspeed/universal_checkpointing/run_tb_analysis.sh runs/llama_bf16   # upstream's form:
+#                     the output path as the first argument (same as OUTPUT=...)
 #   OUTPUT=runs/llama_bf16 bash examples_deepspeed/universal_checkpointing/run_tb_analysis.sh
 #   REF_DIR=runs/reference RESUMED_DIR=runs/resumed PRECISION=fp32 \
 #       bash examples_deepspeed/universal_checkpointing/run_tb_analysis.sh
@@ -30,22 +32,22 @@ set -euo pipefail
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo_root="$(cd "${script_dir}/../.." && pwd)"
 
-OUTPUT="${OUTPUT:-./runs/megatron_gpt_bf16}"
+if (( $# > 1 )); then
+    echo "usage: $0 [OUTPUT_PATH]   (other settings are environment variables, see the header)" >&2; exit 2
+fi
+OUTPUT="${1:-${OUTPUT:-./runs/megatron_gpt_bf16}}"
 REF_DIR="${REF_DIR:-${OUTPUT}/tensorboard/reference}"
 RESUMED_DIR="${RESUMED_DIR:-${OUTPUT}/tensorboard/resumed}"
 TAG="${TAG:-lm-loss-training/lm loss}"
-case "${PRECISION:-bf16}" in
-    fp32) default_tolerance=1e-4 ;;
-    bf16) default_tolerance=3e-2 ;;
-    fp16) default_tolerance=1e-2 ;;
-    *) echo "error: PRECISION must be bf16, fp16 or fp32, got '${PRECISION}'" >&2; exit 2 ;;
-esac
-TOLERANCE="${TOLERANCE:-${default_tolerance}}"
+PRECISION="${PRECISION:-bf16}"
 PLOT="${PLOT:-${OUTPUT}/loss_curves.png}"
 PYTHON="${PYTHON:-python}"
 
-args=(--reference "${REF_DIR}" --resumed "${RESUMED_DIR}" --tag "${TAG}"
-      --tolerance "${TOLERANCE}" --plot "${PLOT}")
+args=(--reference "${REF_DIR}" --resumed "${RESUMED_DIR}" --tag "${TAG}" --precision "${PRECISION}"
+      --plot "${PLOT}")
+if [[ -n "${TOLERANCE:-}" ]]; then
+    args+=(--tolerance "${TOLERANCE}")
+fi
 if [[ -n "${RESUME_ITERATION:-}" ]]; then
     args+=(--resume-iteration "${RESUME_ITERATION}")
 fi

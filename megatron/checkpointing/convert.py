@@ -18,9 +18,10 @@ from threading import Lock
 import torch
 from tqdm import tqdm
 
-from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES, CheckpointReader
+from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, CheckpointReader, saved_states
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
-from megatron.checkpointing.save import commit_folder, write_atomic
+from megatron.checkpointing.commit import commit_folder, is_checkpoint, write_atomic
+from megatron.checkpointing.locate import POINTERS, checkpoint_folders
 from megatron.core.pieces import box_slices, translate
 
 REPLICA_POLICIES = ("first", "mean", "strict")
@@ -74,8 +75,46 @@ def _plan_files(reader: CheckpointReader, num_files: int) -> list[list[str]]:
     return [sorted(f) for f in files if f]
 
 
+def check_output_folder(input_folder: str, output_folder: str, overwrite: bool) -> None:
+    """Refuse an output folder whose replacement could lose anything: the input itself, a folder
+    around or inside it, one holding native checkpoints, pointers or other files, or (without
+    ``overwrite``) an existing universal checkpoint."""
+    source, target = os.path.realpath(input_folder), os.path.realpath(output_folder)
+    hint = "choose a new folder such as " + input_folder.rstrip("/") + "_universal"
+    if target == source or source.startswith(target + os.sep) or target.startswith(source + os.sep):
+        raise CheckpointError(f"--output_folder {output_folder} is, contains or lies inside the input "
+                              f"{input_folder}: converting would replace the checkpoint; {hint}")
+    if not os.path.lexists(output_folder):
+        return
+    if not os.path.isdir(output_folder):
+        raise CheckpointError(f"--output_folder {output_folder} is a file; {hint}")
+    entries = sorted(os.listdir(output_folder))
+    if not entries:
+        return
+    if is_checkpoint(output_folder):
+        kind = _kind(output_folder)
+        if kind == "universal" and overwrite:
+            return
+        why = "pass --overwrite to replace it" if kind == "universal" else hint
+        raise CheckpointError(f"--output_folder {output_folder} already holds a {kind} checkpoint; {why}")
+    held = [n for n in entries if n in POINTERS] + checkpoint_folders(output_folder)
+    what = f"checkpoints ({', '.join(held)})" if held else f"other files ({', '.join(entries[:5])})"
+    raise CheckpointError(f"--output_folder {output_folder} is not empty: it holds {what} that the conversion "
+                          f"would delete; {hint}")
+
+
+def _kind(folder: str) -> str:
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            kind = json.load(f).get("kind")
+    except (ValueError, AttributeError, OSError):
+        return "unreadable"
+    return kind if kind in ("native", "universal") else "unknown"
+
+
 def convert_to_universal(input_folder: str, output_folder: str, num_workers: int = 4,
-                         replica_policy: str = "first", progress: bool = True) -> ConversionReport:
+                         replica_policy: str = "first", progress: bool = True,
+                         overwrite: bool = False) -> ConversionReport:
     """Write ``output_folder`` (a universal checkpoint) and ``latest_universal`` beside it."""
     if replica_policy not in REPLICA_POLICIES:
         raise ValueError(f"--replica-policy must be one of {REPLICA_POLICIES}, got {replica_policy!r}")
@@ -83,21 +122,23 @@ def convert_to_universal(input_folder: str, output_folder: str, num_workers: int
     if reader.kind != "native":
         raise CheckpointError(f"{input_folder} is already a {reader.kind} checkpoint")
     output_folder = output_folder.rstrip("/")
+    check_output_folder(input_folder, output_folder, overwrite)
     tmp = os.path.join(os.path.dirname(os.path.abspath(output_folder)), f".{os.path.basename(output_folder)}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     plan = _plan_files(reader, max(1, num_workers))
     report = ConversionReport(output_folder)
     lock = Lock()
+    states = saved_states(reader.manifest)
     bar = tqdm(total=sum(len(f) for f in plan), desc="converting", unit="tensor", disable=not progress)
 
     def write_file(index: int, names: list[str]) -> tuple[str, dict, dict]:
         file = f"universal_{index:03d}.safetensors"
-        entries = [(f"{n}/{s}", reader.canonical[n]) for n in names for s in STATES]
+        entries = [(f"{n}/{s}", reader.canonical[n]) for n in names for s in states]
         writer = SafetensorsWriter(os.path.join(tmp, file), entries, {"kind": "universal"})
         params = {}
         for n in names:
-            for s in STATES:
+            for s in states:
                 tensor, diff = assemble(reader, n, s, replica_policy)
                 writer.write(f"{n}/{s}", tensor.reshape(-1))
                 with lock:
@@ -118,7 +159,9 @@ def convert_to_universal(input_folder: str, output_folder: str, num_workers: int
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "universal", "state": m["state"],
         "source_topology": m["topology"], "source_zero_stage": m["zero_stage"], "param_groups": m["param_groups"],
-        "canonical": m["canonical"], "files": {f: info for f, info, _ in results},
+        "canonical": m["canonical"], "saved_states": list(states), "files": {f: info for f, info, _ in results},
+        # Kept so that a resume on the saving layout restores every rank's RNG exactly.
+        "rng": {str(src["rank"]): rng for src in m["sources"] if (rng := reader.rank_rng(src["rank"])) is not None},
         "sources": [{"file": f, "position": [f], "params": params} for f, _, params in results],
         "replica_check": {"policy": replica_policy, "max_abs_diff": report.max_replica_diff,
                           "tensor": report.max_replica_tensor},

@@ -8,7 +8,6 @@ piece (vocabulary padding) are zero.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from megatron.checkpointing.reader import STATES, CheckpointReader
+from megatron.checkpointing.locate import NEVER, resolve_checkpoint
+from megatron.checkpointing.reader import STATES, WEIGHTS_ONLY, CheckpointReader, saved_states
 from megatron.checkpointing.safetensors_io import CheckpointError
 from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import Topology
@@ -34,23 +34,6 @@ class Loaded:
     bytes_read: int
     total_bytes: int
     json_bytes_parsed: int = 0  # manifest and rank tables this rank parsed
-
-
-def resolve_checkpoint(load_dir: str, universal: bool, tag: str | None) -> str | None:
-    """The checkpoint folder to load: ``tag``, else the one ``latest[_universal]`` names.
-    ``load_dir`` may also be a checkpoint folder itself."""
-    if os.path.exists(os.path.join(load_dir, "manifest.json")) and tag is None:
-        return load_dir
-    if tag is None:
-        pointer = os.path.join(load_dir, "latest_universal" if universal else "latest")
-        if not os.path.exists(pointer):
-            if universal:
-                raise CheckpointError(f"--universal-checkpoint: {pointer} does not exist; run "
-                                      f"tools/convert_to_universal.py first, or pass --load-tag")
-            return None
-        with open(pointer) as f:
-            tag = f.read().strip()
-    return os.path.join(load_dir, tag)
 
 
 def fill_fragment(reader: CheckpointReader, param: nn.Parameter, start: int, end: int, state: str,
@@ -73,24 +56,34 @@ def fill_fragment(reader: CheckpointReader, param: nn.Parameter, start: int, end
 
 def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
                     universal: bool = False, tag: str | None = None, load_optimizer: bool = True,
-                    load_rng: bool = True, validate: Callable[[dict], None] | None = None) -> Loaded | None:
+                    load_rng: bool = True, validate: Callable[[dict], None] | None = None,
+                    start_fresh: str = NEVER) -> Loaded | None:
     """Collective-free: each rank reads only what its fragments need. Returns None if there is
-    nothing to resume from. ``validate(state)`` may refuse the checkpoint before any tensor is read."""
-    path = resolve_checkpoint(load_dir, universal, tag)
+    nothing to resume from and ``start_fresh`` allows that (see ``locate``). ``validate(state)``
+    may refuse the checkpoint before any tensor is read."""
+    path = resolve_checkpoint(load_dir, universal, tag, start_fresh)
     if path is None:
         return None
     reader = CheckpointReader(path)
+    if universal and reader.kind != "universal":
+        raise CheckpointError(f"--universal-checkpoint: {path} is a {reader.kind} checkpoint; drop "
+                              f"--universal-checkpoint to load it, or convert it first")
+    if not universal and reader.kind == "universal":
+        raise CheckpointError(f"{path} is a universal checkpoint: add --universal-checkpoint to load it")
     state = reader.manifest["state"]
     if validate is not None:
         validate(state)
     _check_param_groups(reader, model, optimizer)
+    if load_optimizer and saved_states(reader.manifest) != STATES:
+        raise CheckpointError(f"{path} holds weights only (saved with --no-save-optim): pass --no-load-optim "
+                              f"or --finetune to start the optimizer afresh")
     params = dict(model.named_parameters())
-    states = STATES if load_optimizer else ("fp32",)
-    same_layout = (reader.kind == "native" and reader.manifest["topology"] == topo.describe()
-                   and reader.manifest["zero_stage"] == optimizer.stage)
+    states = STATES if load_optimizer else WEIGHTS_ONLY
+    same_files = (reader.kind == "native" and reader.manifest["topology"] == topo.describe()
+                  and reader.manifest["zero_stage"] == optimizer.stage)
     # Same layout: copy this rank's fragments straight from the file that stored them, parsing
     # only that rank's table. Otherwise go through the canonical tensors (all tables).
-    stored = reader.rank_table(topo.rank)["params"] if same_layout else {}
+    stored = reader.rank_table(topo.rank)["params"] if same_files else {}
     for f in optimizer.fragments():
         views = optimizer.fragment_state(f)
         for s in states:
@@ -102,9 +95,12 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
     if load_optimizer:
         optimizer.load_hyperparameters(reader.manifest["param_groups"])
     optimizer.copy_master_to_model()
+    # A universal checkpoint keeps its source's RNG states: the saving layout resumes exactly.
+    saved_layout = reader.manifest["topology" if reader.kind == "native" else "source_topology"]
+    same_layout = saved_layout == topo.describe()
     rng_restored = False
     if load_rng and same_layout:
-        rng = reader.rank_table(topo.rank).get("rng")
+        rng = reader.rank_rng(topo.rank)
         if rng is not None:
             set_rng_state(rng)
             rng_restored = True

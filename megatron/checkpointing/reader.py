@@ -27,6 +27,12 @@ FORMAT = "megatron-ucp"
 FORMAT_VERSION = 2  # 2: per-rank tables (pieces, fragments, RNG) in each rank's own JSON file
 READABLE_VERSIONS = (1, 2)
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
+WEIGHTS_ONLY = ("fp32",)  # what --no-save-optim writes
+
+
+def saved_states(manifest: dict) -> tuple[str, ...]:
+    """The per-parameter states a checkpoint holds (older ones: all of them)."""
+    return tuple(manifest.get("saved_states", STATES))
 
 
 @dataclass
@@ -126,6 +132,13 @@ class CheckpointReader:
         if "table" in source:
             return self._table(source)
         return {"params": source["params"], "rng": self.manifest.get("rng", {}).get(str(rank))}
+
+    def rank_rng(self, rank: int) -> dict | None:
+        """The RNG states rank ``rank`` saved: from its own table (native), or the copy a
+        universal checkpoint keeps of its source's (``rng`` by rank), or None."""
+        if self.kind == "native" and "table" in self.source_of_rank(rank):
+            return self.rank_table(rank).get("rng")
+        return self.manifest.get("rng", {}).get(str(rank))
 
     def read_stored(self, rank: int, local_name: str, state: str, start: int, end: int) -> np.ndarray:
         """Flat elements [start, end) of ``local_name`` as rank ``rank`` stored them (same layout)."""

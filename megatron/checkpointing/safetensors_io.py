@@ -89,6 +89,61 @@ class SafetensorsWriter:
         return FileInfo(self.size, self.blocks)
 
 
+MAX_HEADER_BYTES = 1 << 28  # a header of 256 MiB would describe millions of tensors: corruption
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def read_header_length(path: str, mm: np.ndarray) -> int:
+    """The header length field, refused unless the header fits in the file."""
+    if len(mm) < 8:
+        raise CheckpointError(f"{path} is {len(mm)} bytes, too short for a safetensors header: the file is "
+                              f"truncated; re-copy it or load an earlier checkpoint")
+    (header_len,) = struct.unpack("<Q", bytes(mm[:8]))
+    if header_len == 0 or header_len > MAX_HEADER_BYTES or 8 + header_len > len(mm):
+        raise CheckpointError(f"{path}: safetensors header length {header_len} does not fit a file of "
+                              f"{len(mm)} bytes: the file is corrupted; re-copy it or load an earlier checkpoint")
+    return header_len
+
+
+def parse_header(path: str, raw: bytes, data_size: int) -> tuple[dict, dict]:
+    """Validate a safetensors header against its file before anything is read through it: every
+    tensor's dtype and shape match its byte span, spans lie inside the data area, in order and
+    without overlap. Returns (tensors by key, metadata)."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: invalid safetensors header: {what}; the file is corrupted or not "
+                               f"written by this tool; re-copy it or load an earlier checkpoint")
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise bad(f"not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise bad(f"a JSON {type(header).__name__}, expected an object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ is not an object of strings")
+    spans = []
+    for key, e in header.items():
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {key!r} is not {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if dtype not in _ITEMSIZE:
+            raise bad(f"tensor {key!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"tensor {key!r} has shape {shape!r}, expected a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise bad(f"tensor {key!r} has data_offsets {offsets!r} outside the data area of {data_size} bytes")
+        if offsets[1] - offsets[0] != _ITEMSIZE[dtype] * math.prod(shape):
+            raise bad(f"tensor {key!r}: {dtype} {shape} needs {_ITEMSIZE[dtype] * math.prod(shape)} bytes, "
+                      f"data_offsets span {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], key))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise bad(f"tensors {a!r} and {b!r} overlap")
+    return header, metadata
+
+
 class SafetensorsReader:
     """Byte-range reads from one checkpoint file, verified against the manifest's checksums."""
 
@@ -103,24 +158,22 @@ class SafetensorsReader:
             raise CheckpointError(f"{path} is {size} bytes, the manifest says {info['size']}: the file is "
                                   f"{'truncated' if size < info['size'] else 'larger than written'}; re-copy it "
                                   f"or load an earlier checkpoint")
-        self.mm = np.memmap(path, dtype=np.uint8, mode="r")
+        self.mm = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, dtype=np.uint8)
         self.header: dict = {}
         self.data_start = 0
         self.verified: set[int] = set()
         self.bytes_read = 0
-        (header_len,) = struct.unpack("<Q", bytes(self.mm[:8]))
+        header_len = read_header_length(path, self.mm)
         self._verify(0, 8 + header_len)
-        try:
-            header = json.loads(bytes(self.mm[8:8 + header_len]))
-        except ValueError as e:
-            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from e
-        self.metadata = header.pop("__metadata__", {})
+        self.header, self.metadata = parse_header(path, bytes(self.mm[8:8 + header_len]), size - 8 - header_len)
         self.data_start = 8 + header_len
-        self.header = header
 
     def _verify(self, lo: int, hi: int) -> None:
         blocks = self.info["block_sha256"]
         bs = self.info.get("block_size", BLOCK_SIZE)
+        if len(blocks) != -(-len(self.mm) // bs):
+            raise CheckpointError(f"{self.path}: the manifest lists {len(blocks)} checksum blocks of {bs} bytes "
+                                  f"for a file of {len(self.mm)} bytes: the manifest is corrupted")
         for b in range(lo // bs, (hi - 1) // bs + 1):
             if b in self.verified:
                 continue
@@ -148,13 +201,16 @@ class SafetensorsReader:
         e = self.entry(key)
         if e["dtype"] != "F32":
             raise CheckpointError(f"{self.path}: tensor {key} is {e['dtype']}, expected F32")
+        if not 0 <= start <= end <= self.numel(key):
+            raise CheckpointError(f"{self.path}: read [{start}, {end}) past tensor {key} of {self.numel(key)} elements")
         lo = self.data_start + e["data_offsets"][0] + 4 * start
         hi = self.data_start + e["data_offsets"][0] + 4 * end
-        if end > self.numel(key) or start < 0:
-            raise CheckpointError(f"{self.path}: read [{start}, {end}) past tensor {key} of {self.numel(key)} elements")
         if hi > lo:
             self._verify(lo, hi)
-        return self.mm[lo:hi].view(np.float32)
+        span = self.mm[lo:hi].view(np.float32)
+        if len(span) != end - start:  # parse_header makes this impossible; never hand out a short span
+            raise CheckpointError(f"{self.path}: tensor {key} runs past the end of the file")
+        return span
 
     def verify_all(self) -> None:
         if len(self.mm):

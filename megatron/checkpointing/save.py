@@ -14,51 +14,33 @@ import shutil
 import torch.distributed as dist
 from torch import nn
 
-from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES
-from megatron.checkpointing.safetensors_io import SafetensorsWriter
+from megatron.checkpointing.commit import commit_folder, recover_interrupted_commits, write_atomic
+from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES, WEIGHTS_ONLY
+from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
 from megatron.core import comm
 from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import Topology
-from megatron.core.sharding import sharding_of
 from megatron.core.rng import rng_state
+from megatron.core.sharding import sharding_of
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def check_save_folder(save_dir: str) -> None:
+    """Refuse a --save path that cannot hold checkpoints before any training time is spent."""
+    if os.path.lexists(save_dir) and not os.path.isdir(save_dir):
+        raise CheckpointError(f"--save {save_dir} is a file, expected a folder for checkpoints; choose another path")
+    existing = os.path.abspath(save_dir)
+    while not os.path.lexists(existing):  # the folder is created at the first save, under this one
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise CheckpointError(f"--save {save_dir}: cannot create or write that folder (check the path and "
+                              f"permissions)")
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Replace ``path`` with ``text`` so that readers see the old or the new content, never a mix."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def commit_folder(tmp: str, final: str) -> None:
-    """Move a finished folder into place, replacing an older one of the same name."""
-    fsync_dir(tmp)
-    if os.path.exists(final):
-        trash = final + ".old"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(os.path.dirname(os.path.abspath(final)))
-
-
-def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology) -> dict:
-    """Write this rank's fragments and its own table (pieces, fragments, RNG) as JSON; return
-    the rank's small manifest entry and the canonical tensors it holds (for rank 0 to merge)."""
+def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
+                    states: tuple[str, ...] = STATES, save_rng: bool = True) -> dict:
+    """Write this rank's fragments (the ``states`` of each) and its own table (pieces, fragments,
+    RNG) as JSON; return the rank's small manifest entry and the canonical tensors it holds
+    (for rank 0 to merge)."""
     stem = f"rank_{topo.rank:05d}"
     file, table_file = f"{stem}.safetensors", f"{stem}.json"
     params, entries, canonical = {}, [], {}
@@ -68,30 +50,31 @@ def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimiz
         for spec in record.specs.values():
             canonical[spec.name] = {"shape": list(spec.shape), "group": f.group}
         # Unpartitioned (stage 0): the first member of the ZeRO group writes; the others are its replicas.
-        zero_ranks = topo.group_ranks[group.zero_group]
-        stored_by = topo.rank if group.shards > 1 else zero_ranks[0]
+        stored_by = topo.rank if group.shards > 1 else topo.group_ranks[group.zero_group][0]
         fragments = [[f.start, f.end]] if stored_by == topo.rank and f.end > f.start else []
         params[name] = {"local_shape": list(record.local_shape),  # the tensor is empty under ZeRO-3
                         "pieces": [pc.to_json() for pc in record.piece_map.pieces],
                         "position": topo.position(group.zero_group), "stored_by": stored_by,
                         "group": f.group, "fragments": fragments}
         if fragments:
-            entries += [(f"{name}/{s}", (f.end - f.start,)) for s in STATES]
+            entries += [(f"{name}/{s}", (f.end - f.start,)) for s in states]
     writer = SafetensorsWriter(os.path.join(folder, file), entries, {"rank": str(topo.rank)})
     for f in optimizer.fragments():
         if params[f.name]["fragments"]:
-            for s, t in optimizer.fragment_state(f).items():
-                writer.write(f"{f.name}/{s}", t)
+            views = optimizer.fragment_state(f)
+            for s in states:
+                writer.write(f"{f.name}/{s}", views[s])
     info = writer.close()
-    table = json.dumps({"rank": topo.rank, "coords": topo.rank_key(), "params": params, "rng": rng_state()},
-                       indent=1).encode()
-    write_atomic(os.path.join(folder, table_file), table.decode())
+    table = json.dumps({"rank": topo.rank, "coords": topo.rank_key(), "params": params,
+                        "rng": rng_state() if save_rng else None}, indent=1)
+    write_atomic(os.path.join(folder, table_file), table)
     return {"file": file, "file_info": info.to_json(), "rank": topo.rank, "coords": topo.rank_key(),
-            "table": table_file, "table_sha256": hashlib.sha256(table).hexdigest(), "canonical": canonical}
+            "table": table_file, "table_sha256": hashlib.sha256(table.encode()).hexdigest(),
+            "canonical": canonical}
 
 
 def write_manifest(folder: str, entries: list[dict], state: dict, optimizer: DistributedOptimizer,
-                   topo: Topology) -> None:
+                   topo: Topology, states: tuple[str, ...] = STATES) -> None:
     """Rank 0: the global state plus one small entry per rank (its files, checksums, coordinates)."""
     canonical = {}
     for e in entries:
@@ -100,6 +83,7 @@ def write_manifest(folder: str, entries: list[dict], state: dict, optimizer: Dis
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "native", "state": state,
         "topology": topo.describe(), "zero_stage": optimizer.stage,
         "param_groups": optimizer.hyperparameters(), "canonical": dict(sorted(canonical.items())),
+        "saved_states": list(states),
         "files": {e["file"]: e.pop("file_info") for e in entries},
         "sources": entries,
     }
@@ -107,24 +91,27 @@ def write_manifest(folder: str, entries: list[dict], state: dict, optimizer: Dis
 
 
 def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: DistributedOptimizer,
-                    topo: Topology) -> str:
-    """Collective: every rank calls it. Returns the committed checkpoint folder."""
+                    topo: Topology, save_optim: bool = True, save_rng: bool = True) -> str:
+    """Collective: every rank calls it. Returns the committed checkpoint folder.
+    ``save_optim=False`` (``--no-save-optim``) writes the fp32 weights only."""
+    states = STATES if save_optim else WEIGHTS_ONLY
     tag = f"global_step{state['iteration']}"
     final = os.path.join(save_dir, tag)
     tmp = os.path.join(save_dir, f".{tag}.tmp")
     if topo.rank == 0:
         os.makedirs(save_dir, exist_ok=True)
+        recover_interrupted_commits(save_dir)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
         os.makedirs(tmp)
     comm.barrier()
-    entry = write_rank_file(tmp, model, optimizer, topo)
+    entry = write_rank_file(tmp, model, optimizer, topo, states, save_rng)
     entries = [None] * topo.world_size if topo.rank == 0 else None
     if dist.is_initialized() and topo.world_size > 1:
         dist.gather_object(entry, entries, dst=0)
     else:
         entries = [entry]
     if topo.rank == 0:
-        write_manifest(tmp, entries, state, optimizer, topo)
+        write_manifest(tmp, entries, state, optimizer, topo, states)
         commit_folder(tmp, final)
         write_atomic(os.path.join(save_dir, "latest"), tag)
         write_atomic(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), str(state["iteration"]))

@@ -16,15 +16,16 @@ from megatron.core.parallel_state import Topology
 
 
 def micro_batches(dataset, consumed: int, global_batch: int, micro: int, topo: Topology,
-                  device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This DP rank's (tokens, labels) micro-batches of the global batch at ``consumed``."""
+                  device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """This DP rank's (tokens, labels, global index of the first sample) micro-batches of the
+    global batch at ``consumed``."""
     count = global_batch // (micro * topo.dp)
     out = []
     for m in range(count):
         first = consumed + (m * topo.dp + topo.dp_rank) * micro
         samples = np.stack([dataset[(first + j) % len(dataset)] for j in range(micro)])
         t = torch.from_numpy(samples).to(device)
-        out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
+        out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous(), first))
     return out
 
 

@@ -21,9 +21,10 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.core.parallel_state import Topology
+from megatron.core.dropout import begin_micro_batch
 from megatron.core.micro_batches import micro_batch_loss
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor, int]  # tokens, labels, global index of the first sample
 
 
 class StageLinks:
@@ -72,7 +73,8 @@ class StageRunner:
     def forward(self, m: int, received: torch.Tensor | None, grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Returns (this stage's input if it needs a gradient, the output: hidden states, or the
         micro-batch's loss share on the last stage)."""
-        tokens, labels = self.batches[m]
+        tokens, labels, first_sample = self.batches[m]
+        begin_micro_batch(self.model, first_sample)
         x = tokens
         if not self.topo.is_first_stage:
             x = received.requires_grad_(grad)

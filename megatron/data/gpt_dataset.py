@@ -218,17 +218,21 @@ def _split_sequences(indexed: IndexedDataset, doc_range: tuple[int, int]) -> np.
 
 
 def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, seed: int,
-                       num_samples: tuple[int, int, int]
+                       num_samples: tuple[int, int, int], vocab_size: int | None = None
                        ) -> tuple[GPTDataset | BlendedDataset | None, ...]:
     """Train, valid and test datasets for Megatron's ``--data-path`` and ``--split``.
 
     A split is ``None`` when it holds no documents or is asked for no samples. In a
     blend, a prefix whose split is empty is left out and the other weights renormalised.
+    With ``vocab_size`` every file's token ids are checked against it first.
     """
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be (train, valid, test), got {num_samples}")
     weights, prefixes = parse_data_path(data_path)
     indexed = [IndexedDataset(prefix) for prefix in prefixes]
+    if vocab_size is not None:  # a bad id must fail here, not as a wrong loss later
+        for ds in indexed:
+            ds.check_token_ids(vocab_size)
     ranges = [split_document_ranges(split, ds.num_documents) for ds in indexed]
     result: list[GPTDataset | BlendedDataset | None] = []
     for s, wanted in enumerate(num_samples):

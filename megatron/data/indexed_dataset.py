@@ -246,6 +246,28 @@ class IndexedDataset:
         """First sequence of each document followed by the sequence count (int64)."""
         return self._documents
 
+    def check_token_ids(self, vocab_size: int, chunk: int = 1 << 24) -> None:
+        """Refuse token ids outside ``[0, vocab_size)``: they would index past the embedding
+        (an error on GPU, silently wrong rows or an INF loss elsewhere). One bounded-memory
+        pass over the ``.bin`` file; the error names the file, the first bad id and where it is."""
+        if not len(self._lengths):
+            return
+        first = int(self._pointers[0])
+        total = (int(self._pointers[-1]) - first) // self.dtype.itemsize + int(self._lengths[-1])
+        for start in range(0, total, chunk):
+            tokens = np.frombuffer(self._bin, self.dtype, min(chunk, total - start),
+                                   first + start * self.dtype.itemsize)
+            bad = np.flatnonzero((tokens >= vocab_size) | (tokens < 0))
+            if len(bad):
+                position = first + (start + int(bad[0])) * self.dtype.itemsize
+                seq = int(np.searchsorted(self._pointers, position, side="right")) - 1
+                offset = (position - int(self._pointers[seq])) // self.dtype.itemsize
+                raise ValueError(
+                    f"{data_file_path(self.path_prefix)}: token id {int(tokens[bad[0]])} at sequence {seq}, "
+                    f"position {offset} is outside the tokenizer's vocabulary of {vocab_size} ids "
+                    f"({len(bad)} bad ids in this block); preprocess the data with the tokenizer given by "
+                    f"--tokenizer-type / --vocab-file / --tokenizer-model")
+
     @property
     def num_documents(self) -> int:
         return max(len(self._documents) - 1, 0)

@@ -17,7 +17,9 @@ class ModelConfig:
     max_position_embeddings: int | None = None
     normalization: str = "layernorm"  # layernorm | rmsnorm
     swiglu: bool = False
-    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
+    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope | alibi
+    embed_layernorm: bool = False  # a norm right after the word embedding (BLOOM)
+    openai_gelu: bool = False  # GeLU's tanh approximation (GPT-2's gelu_new, BLOOM)
     rotary_base: float = 10000.0
     tie_embeddings: bool = True
     add_bias_linear: bool = True
@@ -47,8 +49,8 @@ class ModelConfig:
                              f"{self.hidden_size} / --num-attention-heads {self.num_attention_heads} = {self.head_dim}")
         if self.normalization not in ("layernorm", "rmsnorm"):
             raise ValueError(f"--normalization must be layernorm or rmsnorm, got {self.normalization!r}")
-        if self.position_embedding_type not in ("learned_absolute", "rope"):
-            raise ValueError(f"--position-embedding-type must be learned_absolute or rope, "
+        if self.position_embedding_type not in ("learned_absolute", "rope", "alibi"):
+            raise ValueError(f"--position-embedding-type must be learned_absolute, rope or alibi, "
                              f"got {self.position_embedding_type!r}")
         if self.seq_length > self.max_position_embeddings:
             raise ValueError(f"--seq-length {self.seq_length} exceeds --max-position-embeddings "
@@ -93,13 +95,13 @@ class ModelConfig:
     SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                     "vocab_size", "ffn_hidden_size", "swiglu", "normalization",
                     "position_embedding_type", "tie_embeddings", "add_bias_linear",
-                    "max_position_embeddings")
+                    "max_position_embeddings", "embed_layernorm")
 
     def first_shape_difference(self, other: "ModelConfig") -> str | None:
         """The first shape field that differs, as a message, or None."""
         for name in self.SHAPE_FIELDS:
-            if name == "max_position_embeddings" and self.position_embedding_type == "rope":
-                continue  # RoPE has no position table: a longer context may resume
+            if name == "max_position_embeddings" and self.position_embedding_type != "learned_absolute":
+                continue  # RoPE and ALiBi have no position table: a longer context may resume
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 return f"{name}: checkpoint has {b!r}, this run has {a!r}"

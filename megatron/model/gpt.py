@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core.dropout import DropoutRNG
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import CanonicalSpec, shard_range, whole_piece
 from megatron.core.sharding import PartialSum
 from megatron.core.tensor_parallel import (VocabParallelEmbedding, copy_to_tp, gather_from_tp,
                                            make_param, vocab_parallel_cross_entropy)
 from megatron.model.config import ModelConfig
+from megatron.model.recompute import RecomputeConfig, run_layers
 from megatron.model.transformer import Norm, TransformerLayer, rope_cos_sin
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
@@ -25,7 +27,9 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: ModelConfig, topo: Topology, seed: int) -> None:
         super().__init__()
         cfg.check_parallel(topo.tp, topo.pp)
+        self.recompute = RecomputeConfig()
         self.cfg, self.topo = cfg, topo
+        self.dropout_rng = DropoutRNG(seed)  # shared by every layer; the schedule sets its sample
         self.pre_process, self.post_process = topo.is_first_stage, topo.is_last_stage
         self.padded_vocab = cfg.padded_vocab_size(topo.tp)
         word = CanonicalSpec(WORD_EMBEDDING, (cfg.vocab_size, cfg.hidden_size), "normal", cfg.init_method_std)
@@ -39,8 +43,10 @@ class GPTModel(nn.Module):
                 self.embedding.position_embeddings = nn.Module()
                 self.embedding.position_embeddings.weight = make_param(
                     pos.shape, [whole_piece(pos, owner=topo.tp_rank == 0)], [pos], seed, replicated_over=("tp",))
+            if cfg.embed_layernorm:
+                self.embedding.layernorm = Norm("embedding.layernorm", cfg, topo, seed)
         start, count = shard_range(cfg.num_layers, topo.pp_rank, topo.pp, "--num-layers")
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(i, cfg, topo, seed) for i in range(start, start + count)})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(i, cfg, topo, seed, self.dropout_rng) for i in range(start, start + count)})
         self.final_norm = self.output_layer = None
         if self.post_process:
             self.final_norm = Norm("final_norm", cfg, topo, seed)
@@ -53,6 +59,12 @@ class GPTModel(nn.Module):
         if cfg.tie_embeddings and topo.pp > 1 and (self.pre_process or self.post_process):
             w = self.output_weight()  # both copies get the summed gradient
             w.sharding = w.sharding.with_partial_sum(PartialSum("embedding"), replica_group="embedding")
+
+    def set_recompute(self, cfg: RecomputeConfig) -> None:
+        """Which activations to recompute in backward (losses and gradients do not change)."""
+        self.recompute = cfg
+        for layer in self.layers.values():
+            layer.attention.recompute_core = cfg.granularity == "selective"
 
     def units(self) -> list[tuple[object, str, list[nn.Parameter]]]:
         """The steps of ``forward`` as (object, method name, parameters the method reads), in
@@ -75,7 +87,9 @@ class GPTModel(nn.Module):
         x = self.embedding.word_embeddings(tokens)
         if self.cfg.position_embedding_type == "learned_absolute":
             x = x + self.embedding.position_embeddings.weight[: tokens.shape[1]]
-        return F.dropout(x, self.cfg.hidden_dropout, self.training)
+        if self.cfg.embed_layernorm:
+            x = self.embedding.layernorm(x)
+        return self.dropout_rng.hidden(x, self.cfg.hidden_dropout if self.training else 0.0, -1, "embedding")
 
     def rope(self, seq: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.cfg.position_embedding_type != "rope":
@@ -87,8 +101,7 @@ class GPTModel(nn.Module):
         per-token loss when ``labels`` are given, else the full (unpadded) logits."""
         x = self.embed(tokens_or_hidden) if self.pre_process else tokens_or_hidden
         rope = self.rope(x.shape[1], x)
-        for layer in self.layers.values():
-            x = layer(x, rope)
+        x = run_layers(list(self.layers.values()), x, rope, self.recompute)
         if not self.post_process:
             return x
         return self.head(x, labels)

@@ -146,3 +146,24 @@ def load_canonical_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
             local[box_slices((piece.local_offsets, piece.sizes))] = t[box_slices((piece.canonical_offsets,
                                                                                  piece.sizes))]
         p.copy_(local)
+
+
+def config_from_hf_llama(hf: dict, seq_length: int | None = None) -> ModelConfig:
+    """Our model config from a LlamaForCausalLM config.json."""
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    if hf.get("head_dim", hidden // heads) != hidden // heads:
+        raise ValueError(f"head_dim {hf['head_dim']} is not hidden_size / num_attention_heads: not supported")
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+        raise ValueError(f"RoPE scaling {rope or hf.get('rope_scaling')} is not supported; only default RoPE")
+    if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+        raise ValueError("attention_bias and mlp_bias differ: this project has one --disable-bias-linear flag")
+    max_pos = hf["max_position_embeddings"]
+    return ModelConfig(
+        num_layers=hf["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads, vocab_size=hf["vocab_size"],
+        seq_length=seq_length or max_pos, max_position_embeddings=max_pos, ffn_hidden_size=hf["intermediate_size"],
+        normalization="rmsnorm", swiglu=True, position_embedding_type="rope",
+        rotary_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), add_bias_linear=bool(hf.get("attention_bias", False)),
+        layernorm_epsilon=hf["rms_norm_eps"], init_method_std=hf.get("initializer_range", 0.02))

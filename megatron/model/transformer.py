@@ -1,4 +1,4 @@
-"""One decoder layer: norm, attention (fused QKV, GQA, RoPE), norm, MLP (GeLU or SwiGLU).
+"""One decoder layer: norm, attention (fused QKV, GQA, RoPE or ALiBi), norm, MLP (GeLU or SwiGLU).
 
 Local tensors are fused for speed; their piece maps point at canonical, unfused
 q, k, v, gate and up tensors so a TP change cannot scramble them.
@@ -6,16 +6,19 @@ q, k, v, gate and up tensors so a TP change cannot scramble them.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core.dropout import DropoutRNG
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import CanonicalSpec, whole_piece
 from megatron.core.tensor_parallel import (ColumnParallelLinear, OutputSegment, RowParallelLinear,
                                            make_param, shard_or_raise)
 from megatron.model.config import ModelConfig
+from megatron.model.recompute import maybe_recompute
 
 
 class Norm(nn.Module):
@@ -58,10 +61,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al.; BLOOM's recipe for head counts that are not a
+    power of two: the power-of-two slopes, then every other slope of the next power)."""
+    def powers(n: int) -> list[float]:
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = powers(closest) + powers(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes: torch.Tensor, seq: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Causal attention bias ``[heads, seq, seq]``: slope * (key - query) where a query may look,
+    -inf elsewhere. Softmax ignores a per-row constant, so this equals BLOOM's slope * key."""
+    pos = torch.arange(seq, device=device)
+    distance = (pos[None, :] - pos[:, None]).float()
+    bias = slopes.to(device)[:, None, None] * distance
+    return bias.masked_fill(distance > 0, float("-inf")).to(dtype)
+
+
 class Attention(nn.Module):
-    def __init__(self, prefix: str, cfg: ModelConfig, topo: Topology, seed: int) -> None:
+    def __init__(self, prefix: str, cfg: ModelConfig, topo: Topology, seed: int, index: int = 0,
+                 dropout_rng: DropoutRNG | None = None) -> None:
         super().__init__()
         self.cfg, hd, h = cfg, cfg.head_dim, cfg.hidden_size
+        self.index, self.dropout_rng = index, dropout_rng or DropoutRNG(seed)
+        self.head_offset = topo.tp_rank * (cfg.num_attention_heads // topo.tp)
         heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
         std, bias = cfg.init_method_std, cfg.add_bias_linear
         q_w, q_b = _linear_specs(f"{prefix}.q", heads * hd, h, std, bias)
@@ -69,6 +96,9 @@ class Attention(nn.Module):
         v_w, v_b = _linear_specs(f"{prefix}.v", kv * hd, h, std, bias)
         q_start, q_len = shard_or_raise(heads * hd, topo, q_w.name)
         self.local_heads = heads // topo.tp
+        if cfg.position_embedding_type == "alibi":  # slopes by global head index: this rank's heads
+            first = topo.tp_rank * self.local_heads
+            self.alibi_slopes = alibi_slopes(heads)[first:first + self.local_heads]  # fp32, not cast with the model
         if kv >= topo.tp:
             kv_start, kv_len = shard_or_raise(kv * hd, topo, k_w.name)
             owner, slot = True, None
@@ -86,6 +116,7 @@ class Attention(nn.Module):
         ], topo, seed)
         d_w, d_b = _linear_specs(f"{prefix}.dense", h, heads * hd, std / math.sqrt(2 * cfg.num_layers), bias)
         self.dense = RowParallelLinear(d_w, d_b, topo, seed)
+        self.recompute_core = False  # selective recomputation: softmax(QK^T)V again in backward
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         b, s, _ = x.shape
@@ -101,8 +132,31 @@ class Attention(nn.Module):
             rep = self.local_heads // self.local_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         p = self.cfg.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        bias = alibi_bias(self.alibi_slopes, s, q.dtype, q.device) \
+            if self.cfg.position_embedding_type == "alibi" else None
+        if p > 0:
+            core = partial(self._dropout_attention, p=p, bias=bias)
+        elif bias is not None:
+            core = partial(F.scaled_dot_product_attention, attn_mask=bias)
+        else:
+            core = partial(F.scaled_dot_product_attention, is_causal=True)
+        out = maybe_recompute(self.recompute_core, core, q, k, v)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * hd))
+
+    def _dropout_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention whose probability dropout is keyed by global head (see core.dropout).
+        ``bias`` (ALiBi) already holds the causal mask as -inf."""
+        s = q.shape[-2]
+        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+        if bias is None:
+            causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(causal, float("-inf"))
+        else:
+            scores = scores + bias.float()
+        probs = scores.softmax(-1).to(q.dtype)
+        probs = self.dropout_rng.attention(probs, p, self.index, self.head_offset, self.cfg.num_attention_heads)
+        return probs @ v
 
 
 class MLP(nn.Module):
@@ -111,6 +165,7 @@ class MLP(nn.Module):
         h, f, std, bias = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std, cfg.add_bias_linear
         start, length = shard_or_raise(f, topo, f"{prefix} ffn")
         self.swiglu = cfg.swiglu
+        self.gelu_approximate = "tanh" if cfg.openai_gelu else "none"
         if cfg.swiglu:
             names = (f"{prefix}.gate", f"{prefix}.up")
         else:
@@ -126,22 +181,25 @@ class MLP(nn.Module):
             gate, up = y.chunk(2, dim=-1)
             y = F.silu(gate) * up
         else:
-            y = F.gelu(y)
+            y = F.gelu(y, approximate=self.gelu_approximate)
         return self.fc2(y)
 
 
 class TransformerLayer(nn.Module):
     """Pre-norm decoder layer; ``index`` is global, so canonical names do not depend on PP."""
 
-    def __init__(self, index: int, cfg: ModelConfig, topo: Topology, seed: int) -> None:
+    def __init__(self, index: int, cfg: ModelConfig, topo: Topology, seed: int,
+                 dropout_rng: DropoutRNG | None = None) -> None:
         super().__init__()
         prefix = f"layers.{index}"
-        self.dropout = cfg.hidden_dropout
+        self.index, self.dropout = index, cfg.hidden_dropout
+        self.dropout_rng = dropout_rng or DropoutRNG(seed)
         self.input_norm = Norm(f"{prefix}.input_norm", cfg, topo, seed)
-        self.attention = Attention(f"{prefix}.attention", cfg, topo, seed)
+        self.attention = Attention(f"{prefix}.attention", cfg, topo, seed, index, self.dropout_rng)
         self.post_attention_norm = Norm(f"{prefix}.post_attention_norm", cfg, topo, seed)
         self.mlp = MLP(f"{prefix}.mlp", cfg, topo, seed)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + F.dropout(self.attention(self.input_norm(x), rope), self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.post_attention_norm(x)), self.dropout, self.training)
+        p = self.dropout if self.training else 0.0
+        x = x + self.dropout_rng.hidden(self.attention(self.input_norm(x), rope), p, self.index, "attention_out")
+        return x + self.dropout_rng.hidden(self.mlp(self.post_attention_norm(x)), p, self.index, "mlp_out")

@@ -44,6 +44,8 @@ class AdamConfig:
     eps: float = 1e-8
     clip_grad: float = 1.0
     bucket_numel: int = 1 << 22
+    optimizer: str = "adam"  # adam (AdamW) | sgd (momentum in the exp_avg buffer)
+    sgd_momentum: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,7 @@ class DistributedOptimizer:
                 g.grad.mul_(coeff)
         self.step_count += 1
         for g in self.groups:
-            self._adamw(g, lr)
+            self._sgd(g, lr) if self.cfg.optimizer == "sgd" else self._adamw(g, lr)
         self.copy_master_to_model()
         return True, norm
 
@@ -248,6 +250,15 @@ class DistributedOptimizer:
             g.master.mul_(1.0 - lr * wd)
         denom = (g.exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
         g.master.addcdiv_(g.exp_avg, denom, value=-lr / bias1)
+
+    def _sgd(self, g: ParamGroup, lr: float) -> None:
+        """torch.optim.SGD as Megatron uses it: L2 weight decay added to the gradient, momentum
+        without dampening (its buffer is kept in ``exp_avg``, so checkpoints need no new tensor)."""
+        grad = g.grad.add(g.master, alpha=g.hyper["weight_decay"]) if g.hyper["weight_decay"] else g.grad
+        momentum = self.cfg.sgd_momentum
+        if momentum:  # the buffer starts at zero, so the first step stores the gradient, as torch does
+            grad = g.exp_avg.mul_(momentum).add_(grad)
+        g.master.add_(grad, alpha=-lr)
 
     def copy_master_to_model(self) -> None:
         """Write the updated fp32 partitions into the model's parameters on every DP rank

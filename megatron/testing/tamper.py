@@ -1,0 +1,56 @@
+"""Edit checkpoints the way a hostile or buggy writer would, keeping every checksum consistent,
+so tests reach the validation behind the checksums (for tests only)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from typing import Callable
+
+
+def read_header(path: str) -> tuple[dict, bytes]:
+    """A safetensors file's header and its data bytes."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_file_with_header(path: str, header: dict, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def edit_manifest(folder: str, edit: Callable[[dict], object]) -> None:
+    """Apply ``edit`` to the manifest in place, then make every checksum agree again."""
+    path = os.path.join(folder, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    result = edit(manifest)
+    manifest = manifest if result is None else result
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    reseal(folder)
+
+
+def reseal(folder: str) -> None:
+    """Recompute every data file's size and block checksums in the manifest."""
+    path = os.path.join(folder, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict):
+        for name, info in manifest["files"].items():
+            file = os.path.join(folder, name)
+            if not isinstance(info, dict) or not os.path.isfile(file):
+                continue
+            with open(file, "rb") as f:
+                data = f.read()
+            bs = info.get("block_size")
+            if isinstance(bs, int) and bs > 0:
+                info["size"] = len(data)
+                info["block_sha256"] = [hashlib.sha256(data[i:i + bs]).hexdigest() for i in range(0, len(data), bs)]
+    with open(path, "w") as f:
+        json.dump(manifest, f)
