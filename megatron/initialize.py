@@ -47,3 +47,16 @@ def set_random_seeds(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
+
+
+def shutdown_distributed() -> None:
+    """Wait for every rank, then destroy the process groups while the interpreter is whole.
+
+    A process that exits with live gloo groups destroys their C++ worker threads during
+    interpreter finalisation, still joinable or holding work whose tensors need the GIL:
+    ``std::terminate`` ("terminate called without an active exception", SIGABRT) in a
+    thread without a Python frame, now and then (pytorch/pytorch#179291, #190489).
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

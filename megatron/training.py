@@ -33,7 +33,7 @@ from megatron.deepspeed_lr import DeepSpeedLRSchedule
 from megatron.flops import training_flops_per_iteration
 from megatron.metrics_writer import MetricsWriter
 from megatron.data.identity import identity_differences, run_identity
-from megatron.initialize import initialize_distributed, set_random_seeds
+from megatron.initialize import initialize_distributed, set_random_seeds, shutdown_distributed
 from megatron.model.config import ModelConfig
 from megatron.model.gpt import GPTModel
 from megatron.model.recompute import recompute_from_args
@@ -421,5 +421,5 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}" if rank == 0 else f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return 2
     trainer.train()
-    comm.barrier()
+    shutdown_distributed()  # before interpreter exit: see its docstring (the TP3 SIGABRT)
     return 0
