@@ -33,7 +33,7 @@ from megatron.deepspeed_lr import DeepSpeedLRSchedule
 from megatron.flops import training_flops_per_iteration
 from megatron.metrics_writer import MetricsWriter
 from megatron.data.identity import identity_differences, run_identity
-from megatron.initialize import initialize_distributed, set_random_seeds
+from megatron.initialize import initialize_distributed, set_random_seeds, shutdown_distributed
 from megatron.model.config import ModelConfig
 from megatron.model.gpt import GPTModel
 from megatron.model.recompute import recompute_from_args
@@ -457,5 +457,5 @@ def main(argv: list[str]) -> int:
         trainer.train()
     except checkpointing.CheckpointError as exc:
         return _report_checkpoint_error(exc, argv, rank)
-    comm.barrier()
+    shutdown_distributed()  # before interpreter exit: see its docstring (the TP3 SIGABRT)
     return 0

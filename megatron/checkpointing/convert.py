@@ -165,7 +165,7 @@ def convert_to_universal(input_folder: str, output_folder: str, num_workers: int
         "source_topology": m["topology"], "source_zero_stage": m["zero_stage"], "param_groups": m["param_groups"],
         "canonical": m["canonical"], "saved_states": list(states), "files": {f: info for f, info, _ in results},
         # Kept so that a resume on the saving layout restores every rank's RNG exactly.
-        "rng": m.get("rng", {}),
+        "rng": {str(src["rank"]): rng for src in m["sources"] if (rng := reader.rank_rng(src["rank"])) is not None},
         "sources": [{"file": f, "position": [f], "params": params} for f, _, params in results],
         "replica_check": {"policy": replica_policy, "max_abs_diff": report.max_replica_diff,
                           "tensor": report.max_replica_tensor},

@@ -29,8 +29,9 @@ TOP_FIELDS = {
                   "param_groups", "canonical", "saved_states", "files", "rng", "sources", "replica_check", CHECKSUM},
 }
 REQUIRED = {"format", "format_version", "kind", "state", "param_groups", "canonical", "files", "sources", CHECKSUM}
-SOURCE_FIELDS = {"file", "rank", "position", "coords", "params"}
-PARAM_FIELDS = {"local_shape", "pieces", "group", "fragments"}
+SOURCE_FIELDS = {"file", "rank", "position", "coords", "params", "table", "table_sha256"}
+PARAM_FIELDS = {"local_shape", "pieces", "group", "fragments", "position", "stored_by"}
+TABLE_FIELDS = {"rank", "coords", "params", "rng"}
 PIECE_FIELDS = {"canonical", "local_offsets", "canonical_offsets", "sizes", "owner"}
 FILE_FIELDS = {"size", "block_size", "block_sha256"}
 STATE_COUNTERS = ("iteration", "consumed_samples", "consumed_tokens", "optimizer_step")
@@ -146,14 +147,39 @@ def validate(manifest: Any, file: str) -> dict:
 
 
 def _check_source(c: _Checker, source: Any, where: str, files: dict, canonical: dict, groups: int) -> None:
-    c.dict(source, where, SOURCE_FIELDS, {"file", "position", "params"})
+    """A rank's entry: its parameter table inline (universal, format 1), or the name and sha256
+    of its own table file (format 2), whose content ``validate_rank_table`` checks when parsed."""
+    c.dict(source, where, SOURCE_FIELDS, {"file"})
     if c.name(source["file"], f"{where}.file") not in files:
         raise c.fail(f"{where}.file", f"{source['file']!r} is not listed in 'files'")
-    if not isinstance(source["position"], list):
+    if "table" in source:
+        c.name(source["table"], f"{where}.table")
+        if not (isinstance(source.get("table_sha256"), str) and _SHA.match(source["table_sha256"])):
+            raise c.fail(f"{where}.table_sha256", "expected a sha256 hex digest")
+        return
+    if not isinstance(source.get("position"), list):
         raise c.fail(f"{where}.position", "expected a list")
-    for local, entry in c.dict(source["params"], f"{where}.params").items():
-        w = f"{where}.params.{local}"
-        c.dict(entry, w, PARAM_FIELDS)
+    if "params" not in source:
+        raise c.fail(where, "expected 'params' or 'table'")
+    _check_params(c, source["params"], f"{where}.params", canonical, groups)
+
+
+def validate_rank_table(table: Any, file: str, manifest: dict) -> dict:
+    """Refuse a rank's own table (format 2) whose structure is wrong; its sha256, recorded in
+    the already validated manifest, was checked before it was parsed."""
+    c = _Checker(file)
+    c.dict(table, "top level", TABLE_FIELDS, {"params"})
+    if table.get("rng") is not None:
+        c.dict(table["rng"], "rng")
+    canonical = {name: tuple(e["shape"]) for name, e in manifest["canonical"].items()}
+    _check_params(c, table["params"], "params", canonical, len(manifest["param_groups"]))
+    return table
+
+
+def _check_params(c: _Checker, params: Any, where: str, canonical: dict, groups: int) -> None:
+    for local, entry in c.dict(params, where).items():
+        w = f"{where}.{local}"
+        c.dict(entry, w, PARAM_FIELDS, {"local_shape", "pieces", "group", "fragments"})
         shape = c.shape(entry["local_shape"], f"{w}.local_shape")
         c.int(entry["group"], f"{w}.group", hi=groups - 1)
         boxes = []

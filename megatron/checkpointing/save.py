@@ -6,6 +6,8 @@ A crash at any point leaves the previous checkpoint and the ``latest`` files int
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 
@@ -21,7 +23,8 @@ from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STAT
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
 from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import Topology
-from megatron.initialize import rng_state
+from megatron.core.rng import rng_state
+from megatron.core.sharding import sharding_of
 
 
 def check_save_folder(save_dir: str) -> None:
@@ -38,32 +41,39 @@ def check_save_folder(save_dir: str) -> None:
 
 def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
                     states: tuple[str, ...] = STATES, save_rng: bool = True) -> dict:
-    """Write this rank's fragments (the ``states`` of each); return its entry of the manifest."""
-    file = f"rank_{topo.rank:05d}.safetensors"
-    write_tensors = optimizer.stage >= 1 or topo.dp_rank == 0  # stage 0: DP replicas are identical
+    """Write this rank's fragments (the ``states`` of each) and its own table (pieces, fragments,
+    RNG) as JSON; return the rank's small manifest entry and the canonical tensors it holds
+    (for rank 0 to merge)."""
+    stem = f"rank_{topo.rank:05d}"
+    file, table_file = f"{stem}.safetensors", f"{stem}.json"
     params, entries, canonical = {}, [], {}
     model_params = dict(model.named_parameters())
     for f in optimizer.fragments():
-        name, p = f.name, model_params[f.name]
-        for spec in p.canonical_specs.values():
+        name, record, group = f.name, sharding_of(model_params[f.name]), optimizer.groups[f.group]
+        for spec in record.specs.values():
             canonical[spec.name] = {"shape": list(spec.shape), "group": f.group}
-        fragments = [[f.start, f.end]] if write_tensors and f.end > f.start else []
-        params[name] = {"local_shape": list(p.piece_map.local_shape),  # p is empty under ZeRO-3
-                        "pieces": [pc.to_json() for pc in p.piece_map.pieces],
+        # Unpartitioned (stage 0): the first member of the ZeRO group writes; the others are its replicas.
+        stored_by = topo.rank if group.shards > 1 else topo.group_ranks[group.zero_group][0]
+        fragments = [[f.start, f.end]] if stored_by == topo.rank and f.end > f.start else []
+        params[name] = {"local_shape": list(record.local_shape),  # the tensor is empty under ZeRO-3
+                        "pieces": [pc.to_json() for pc in record.piece_map.pieces],
+                        "position": topo.position(group.zero_group), "stored_by": stored_by,
                         "group": f.group, "fragments": fragments}
         if fragments:
             entries += [(f"{name}/{s}", (f.end - f.start,)) for s in states]
     writer = SafetensorsWriter(os.path.join(folder, file), entries, {"rank": str(topo.rank)})
     for f in optimizer.fragments():
-        if write_tensors and f.end > f.start:
+        if params[f.name]["fragments"]:
             views = optimizer.fragment_state(f)
             for s in states:
                 writer.write(f"{f.name}/{s}", views[s])
     info = writer.close()
-    return {"file": file, "file_info": info.to_json(), "rank": topo.rank,
-            "position": [topo.pp_rank, topo.tp_rank],
-            "coords": {"tp": topo.tp_rank, "dp": topo.dp_rank, "pp": topo.pp_rank},
-            "params": params, "canonical": canonical, "rng": rng_state() if save_rng else None}
+    table = json.dumps({"rank": topo.rank, "coords": topo.rank_key(), "params": params,
+                        "rng": rng_state() if save_rng else None}, indent=1)
+    write_atomic(os.path.join(folder, table_file), table)
+    return {"file": file, "file_info": info.to_json(), "rank": topo.rank, "coords": topo.rank_key(),
+            "table": table_file, "table_sha256": hashlib.sha256(table.encode()).hexdigest(),
+            "canonical": canonical}
 
 
 def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: DistributedOptimizer,
@@ -127,7 +137,6 @@ def _commit(save_dir: str, tmp: str, final: str, tag: str, state: dict, topo: To
         "param_groups": optimizer.hyperparameters(), "canonical": dict(sorted(canonical.items())),
         "saved_states": list(states),
         "files": {e["file"]: e.pop("file_info") for e in entries},
-        "rng": {str(e["rank"]): rng for e in entries if (rng := e.pop("rng")) is not None},
         "sources": entries,
     }
     write_atomic(os.path.join(tmp, MANIFEST), seal(manifest))
