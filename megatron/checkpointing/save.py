@@ -124,10 +124,9 @@ def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: Dis
     return final
 
 
-def _commit(save_dir: str, tmp: str, final: str, tag: str, state: dict, topo: Topology,
-            optimizer: DistributedOptimizer, entries: list[dict], states: tuple[str, ...],
-            keep_last_k: int | None) -> None:
-    """Rank 0: manifest last into the temporary folder, then the folder, then the pointers."""
+def write_manifest(folder: str, entries: list[dict], state: dict, optimizer: DistributedOptimizer,
+                   topo: Topology, states: tuple[str, ...] = STATES) -> None:
+    """Rank 0: the global state plus one small entry per rank (its files, checksums, coordinates)."""
     canonical = {}
     for e in entries:
         canonical.update(e.pop("canonical"))
@@ -139,7 +138,14 @@ def _commit(save_dir: str, tmp: str, final: str, tag: str, state: dict, topo: To
         "files": {e["file"]: e.pop("file_info") for e in entries},
         "sources": entries,
     }
-    write_atomic(os.path.join(tmp, MANIFEST), seal(manifest))
+    write_atomic(os.path.join(folder, MANIFEST), seal(manifest))
+
+
+def _commit(save_dir: str, tmp: str, final: str, tag: str, state: dict, topo: Topology,
+            optimizer: DistributedOptimizer, entries: list[dict], states: tuple[str, ...],
+            keep_last_k: int | None) -> None:
+    """Rank 0: manifest last into the temporary folder, then the folder, then the pointers."""
+    write_manifest(tmp, entries, state, optimizer, topo, states)
     commit_folder(tmp, final)
     write_pointers(save_dir, tag, state["iteration"])
     if keep_last_k:
