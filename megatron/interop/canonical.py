@@ -23,7 +23,7 @@ def template(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], int]]:
         model = GPTModel(cfg, Topology(ParallelDims(1), 0), seed=0)
     out = {}
     for p in model.parameters():
-        for spec in p.canonical_specs.values():
+        for spec in p.sharding.specs.values():
             out[spec.name] = (spec.shape, 0 if spec.weight_decay else 1)
     return out
 
