@@ -80,7 +80,7 @@ def test_llama_gqa_export_sharded_bf16_and_fp32_loads_with_equal_logits(tmp_path
                       seq_length=16, ffn_hidden_size=96, normalization="rmsnorm", swiglu=True,
                       position_embedding_type="rope", tie_embeddings=False, add_bias_linear=False)
     write_imported(str(tmp_path / "ckpt" / "global_step0_universal"), cfg,
-                   {n: {"fp32": t} for n, t in random_weights(cfg).items()}, {"test": "random"})
+                   {n: {"fp32": t} for n, t in random_weights(cfg).items()}, {"test": "random"}, str(tmp_path / "random"))
     _, ours, theirs = check_export(tmp_path / "ckpt" / "global_step0_universal", tmp_path / "hf",
                                    "--max-shard-size-mb", "0.02")
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
@@ -148,6 +148,9 @@ def test_hf_to_universal_to_hf_is_bit_exact(tmp_path: Path, family: str) -> None
     out = tmp_path / "ckpt" / "global_step0_universal"
     assert import_hf.main(["--input_folder", str(folder), "--output_folder", str(out), "--seq-length", "16"]) == 0
     assert (tmp_path / "ckpt" / "latest_universal").read_text() == "global_step0_universal"
+    again = ["--input_folder", str(folder), "--output_folder", str(out)]
+    assert import_hf.main(again) == 2, "an existing checkpoint is replaced only with --overwrite"
+    assert import_hf.main(again + ["--overwrite", "--seq-length", "16"]) == 0
     reader = CheckpointReader(str(out))
     assert all(float(reader.read_region(n, ((0,) * len(s), s), "exp_avg").abs().max()) == 0
                for n, s in reader.canonical.items()), "imported optimizer state must be fresh"

@@ -68,7 +68,8 @@ def imported_state(cfg: ModelConfig, iteration: int = 0, tokenizer: dict | None 
 
 
 def write_imported(output_folder: str, cfg: ModelConfig, tensors: dict[str, dict[str, torch.Tensor]],
-                   source: dict, state: dict | None = None, param_groups: list[dict] | None = None) -> list[str]:
+                   source: dict, input_folder: str, state: dict | None = None, param_groups: list[dict] | None = None,
+                   overwrite: bool = False) -> list[str]:
     """Check ``tensors`` (canonical name -> {fp32[, exp_avg, exp_avg_sq]}) against the model's
     template and write them as a universal checkpoint; absent moments are fresh (zero)."""
     expected = template(cfg)
@@ -86,4 +87,5 @@ def write_imported(output_folder: str, cfg: ModelConfig, tensors: dict[str, dict
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name} ({s}) has shape {tuple(t.shape)}, the model expects {tuple(shape)}")
         entries[name] = CanonicalEntry(group, *(None if given.get(s) is None else given[s].float() for s in STATES))
-    return write_universal(output_folder, entries, state or imported_state(cfg), param_groups or [{}, {}], source)
+    return write_universal(output_folder, entries, state or imported_state(cfg), param_groups or [{}, {}], source,
+                           input_folder, overwrite)
