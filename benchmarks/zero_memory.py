@@ -2,10 +2,11 @@
 
 Trains a bf16 GPT for one step on DP ranks (gloo, CPU), then sums the bytes of the
 tensors each rank holds between steps (``megatron.core.optimizer.footprint``) and
-prints them next to the ZeRO paper's ideal: stage 1 divides the optimizer state by DP,
-stage 2 also the gradients, stage 3 also the parameters.
+prints them next to the ZeRO paper's ideal (stage 1 divides the optimizer state by DP,
+stage 2 also the gradients, stage 3 also the parameters) and its model-state formulas
+(ZeRO-1 4N + 12N/D, ZeRO-2 2N + 14N/D, ZeRO-3 16N/D bytes).
 
-    python benchmarks/zero_memory.py --dp 4
+    python benchmarks/zero_memory.py --dp 2 4
 """
 from __future__ import annotations
 
@@ -32,36 +33,45 @@ def model_flags(hidden: int, layers: int) -> list[str]:
 def measure(dp: int, stage: int, hidden: int, layers: int) -> dict:
     """Rank 0's footprint (every rank holds the same sizes up to padding) and the parameter count."""
     def inspect(trainer) -> dict:
-        count = sum(math.prod(p.piece_map.local_shape) for p in trainer.model.parameters())
+        count = sum(math.prod(p.sharding.piece_map.local_shape) for p in trainer.model.parameters())
         return {**resident_bytes(trainer.model, trainer.optimizer).to_json(), "numel": count}
     results = inspect_trained(dp, model_flags(hidden, layers) + ["--zero-stage", str(stage)], inspect)
     return results[0]
 
 
+def formula_bytes(stage: int, n: int, dp: int) -> float:
+    """The ZeRO paper's model-state bytes per rank for mixed-precision Adam (bf16 params and
+    grads, fp32 master, exp_avg, exp_avg_sq: K = 12)."""
+    return {0: 16 * n, 1: 4 * n + 12 * n / dp, 2: 2 * n + 14 * n / dp, 3: 16 * n / dp}[stage]
+
+
 def table(rows: dict[int, dict], dp: int) -> str:
     base = rows[0]
     lines = [f"per-rank bytes held between steps, DP={dp}, bf16 model, {base['numel']:,} parameters",
-             "| stage | " + " | ".join(f"{k} MiB | {k} vs 0 (ideal)" for k in KINDS) + " | total MiB | total vs 0 |",
-             "|---|" + "---|---|" * len(KINDS) + "---|---|"]
+             "| stage | " + " | ".join(f"{k} MiB | {k} vs 0 (ideal)" for k in KINDS)
+             + " | total MiB | ZeRO paper formula MiB | measured / formula |",
+             "|---|" + "---|---|" * len(KINDS) + "---|---|---|"]
     for stage, r in rows.items():
         cells = []
         for k in KINDS:
             ideal = 1.0 / dp if stage >= PARTITIONED_FROM[k] else 1.0
             cells.append(f"{r[k] / 2**20:.3f} | {r[k] / base[k]:.3f} ({ideal:.3f})")
         total = sum(r[k] for k in KINDS)
-        base_total = sum(base[k] for k in KINDS)
-        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {total / 2**20:.3f} | {total / base_total:.3f} |")
+        formula = formula_bytes(stage, base["numel"], dp)
+        lines.append(f"| {stage} | " + " | ".join(cells)
+                     + f" | {total / 2**20:.3f} | {formula / 2**20:.3f} | {total / formula:.3f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dp", type=int, default=4)
+    p.add_argument("--dp", type=int, nargs="+", default=[2, 4])
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--num-layers", type=int, default=4)
     a = p.parse_args()
-    rows = {stage: measure(a.dp, stage, a.hidden_size, a.num_layers) for stage in (0, 1, 2, 3)}
-    print(table(rows, a.dp))
+    for dp in a.dp:
+        rows = {stage: measure(dp, stage, a.hidden_size, a.num_layers) for stage in (0, 1, 2, 3)}
+        print(table(rows, dp))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--debug", action="store_true", help="show tracebacks of configuration errors")
+    g.add_argument("--debug", action="store_true", help="show tracebacks of configuration and checkpoint errors")
     g.add_argument("--distributed-backend", choices=["auto", "gloo", "nccl"], default="auto")
 
 
@@ -291,6 +291,8 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-tag", default=None, help="a checkpoint folder name under --load, e.g. global_step100")
     g.add_argument("--universal-checkpoint", action="store_true",
                    help="resume from the universal checkpoint named by LOAD/latest_universal")
+    g.add_argument("--keep-last-k", type=int, default=None,
+                   help="after each save keep only the newest K native checkpoints (never the one 'latest' names)")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="exit with an error if --load holds no checkpoint, even a new --save folder")
     g.add_argument("--allow-missing-checkpoint", action="store_true",
@@ -430,6 +432,8 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
         raise ConfigError("--data-path needs --tokenizer-type (the tokenizer the data was preprocessed with)")
     if args.mock_data and args.vocab_size is None:
         raise ConfigError("--mock-data needs --vocab-size")
+    if args.keep_last_k is not None and args.keep_last_k < 1:
+        raise ConfigError(f"--keep-last-k must be at least 1, got {args.keep_last_k}")
     if args.exit_on_missing_checkpoint and args.allow_missing_checkpoint:
         raise ConfigError("--exit-on-missing-checkpoint and --allow-missing-checkpoint are mutually exclusive")
     if args.universal_checkpoint and not args.load:

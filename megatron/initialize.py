@@ -20,8 +20,11 @@ def initialize_distributed(backend: str = "auto", device: str = "auto",
         raise ValueError(f"--local_rank {local_rank} disagrees with the environment's LOCAL_RANK {env_local}")
     if local_rank is not None and env_local is None:
         os.environ["LOCAL_RANK"] = str(local_rank)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":  # the device follows the backend: NCCL only moves CUDA tensors
+        device = "cuda" if backend == "nccl" or (backend == "auto" and torch.cuda.is_available()) else "cpu"
+    if backend == "nccl" and device == "cpu":
+        raise ValueError("--distributed-backend nccl needs --device cuda (NCCL cannot move CPU tensors); "
+                         "use --distributed-backend gloo to train on CPUs")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but no CUDA device is available")
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -44,33 +47,14 @@ def set_random_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """This rank's RNG states as JSON-friendly values (restored exactly on the same layout)."""
-    state = {
-        "python": _jsonable(random.getstate()),
-        "numpy": _jsonable(np.random.get_state()),
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
-    return state
+def shutdown_distributed() -> None:
+    """Wait for every rank, then destroy the process groups while the interpreter is whole.
 
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-
-
-def _jsonable(x):
-    if isinstance(x, (tuple, list)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
+    A process that exits with live gloo groups destroys their C++ worker threads during
+    interpreter finalisation, still joinable or holding work whose tensors need the GIL:
+    ``std::terminate`` ("terminate called without an active exception", SIGABRT) in a
+    thread without a Python frame, now and then (pytorch/pytorch#179291, #190489).
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

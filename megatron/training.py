@@ -33,7 +33,7 @@ from megatron.deepspeed_lr import DeepSpeedLRSchedule
 from megatron.flops import training_flops_per_iteration
 from megatron.metrics_writer import MetricsWriter
 from megatron.data.identity import identity_differences, run_identity
-from megatron.initialize import initialize_distributed, set_random_seeds
+from megatron.initialize import initialize_distributed, set_random_seeds, shutdown_distributed
 from megatron.model.config import ModelConfig
 from megatron.model.gpt import GPTModel
 from megatron.model.recompute import recompute_from_args
@@ -102,7 +102,7 @@ class Trainer:
         self.loaded: checkpointing.Loaded | None = None  # what _resume read, for logs and benchmarks
         self.writer = MetricsWriter(args, rank)
         if args.save:
-            checkpointing.check_save_folder(args.save)
+            self._claim_save_folder()
         self.prefetcher = Prefetcher(partial(micro_batches, self.datasets[0], micro=args.micro_batch_size,
                                              topo=self.topo, device=device),
                                      self.global_batch_at, enabled=args.num_workers > 0)
@@ -134,10 +134,22 @@ class Trainer:
                                           "loss_scaler": self.scaler.state_dict()}),
         }
 
+    def _claim_save_folder(self) -> None:
+        """Refuse an unusable --save folder, or one another job saves into, before any training."""
+        error = None
+        if self.rank == 0:
+            try:
+                checkpointing.check_save_folder(self.args.save)
+                checkpointing.acquire_folder_lock(self.args.save)
+            except (OSError, checkpointing.CheckpointError) as e:
+                error = checkpointing.as_checkpoint_error(e, f"--save {self.args.save}")
+        checkpointing.raise_if_any_failed(error)
+
     def save(self) -> None:
         a = self.args
         path = checkpointing.save_checkpoint(a.save, self._global_state(), self.model, self.optimizer, self.topo,
-                                             save_optim=not a.no_save_optim, save_rng=not a.no_save_rng)
+                                             save_optim=not a.no_save_optim, save_rng=not a.no_save_rng,
+                                             keep_last_k=a.keep_last_k)
         self.log(f"saved checkpoint at iteration {self.state.iteration} to {path}")
 
     def _resume(self) -> None:
@@ -145,10 +157,16 @@ class Trainer:
         skips optimizer, loss scaler and schedule; --no-load-rng skips the RNG states."""
         a = self.args
         load_optim = not (a.no_load_optim or a.finetune)
-        self.loaded = loaded = checkpointing.load_checkpoint(
-            a.load, self.model, self.optimizer, self.topo, universal=a.universal_checkpoint, tag=a.load_tag,
-            load_optimizer=load_optim, load_rng=not (a.no_load_rng or a.finetune), validate=self._validate_checkpoint,
-            start_fresh=self._start_fresh_policy())
+        loaded, error = None, None
+        try:
+            loaded = checkpointing.load_checkpoint(
+                a.load, self.model, self.optimizer, self.topo, universal=a.universal_checkpoint, tag=a.load_tag,
+                load_optimizer=load_optim, load_rng=not (a.no_load_rng or a.finetune),
+                validate=self._validate_checkpoint, start_fresh=self._start_fresh_policy())
+        except (OSError, checkpointing.CheckpointError) as e:
+            error = checkpointing.as_checkpoint_error(e, f"loading {a.load}")
+        checkpointing.raise_if_any_failed(error)  # every rank stops with the same one-line message
+        self.loaded = loaded
         if loaded is None:
             self.log(f"no checkpoint found under {a.load}: starting from scratch")
             return
@@ -198,7 +216,7 @@ class Trainer:
             raise checkpointing.CheckpointError(
                 f"checkpoint under {a.load} holds {saved_optimizer} optimizer state, this run uses "
                 f"--optimizer {a.optimizer}; use the same optimizer or pass --no-load-optim")
-        if not (a.no_load_optim or a.finetune) and "opt_param_scheduler" not in saved:
+        if load_optim and "opt_param_scheduler" not in saved:
             raise checkpointing.CheckpointError(f"checkpoint under {a.load} was saved with --no-save-optim: pass "
                                                 f"--no-load-optim or --finetune to start the optimizer afresh")
         if a.finetune:
@@ -285,6 +303,7 @@ class Trainer:
         ppl = math.exp(min(20.0, val))  # Megatron clips the exponent at 20
         self.log(f" validation loss at iteration {it} | lm loss value: {val:.6E} | lm loss PPL: {ppl:.6E}")
         self.writer.validation(it, self.state.consumed_samples, self.state.consumed_tokens, val)
+
     def _finished(self) -> bool:
         a = self.args
         if a.train_iters is not None and self.state.iteration >= a.train_iters:
@@ -355,6 +374,8 @@ class Trainer:
         self._sigterm.restore()
         self.writer.close()
         self.prefetcher.close()
+        if a.save:
+            checkpointing.release_folder_lock(a.save)
         return self.state
 
 
@@ -395,7 +416,7 @@ def build_trainer(argv: list[str] | None = None) -> Trainer:
 
 
 def pretrain(argv: list[str] | None = None) -> TrainState:
-    """Entry point of ``pretrain_gpt.py``: build the run and train."""
+    """Build the run and train (raises on bad flags or checkpoints; see ``main``)."""
     state = build_trainer(argv).train()
     comm.barrier()
     return state
@@ -404,22 +425,37 @@ def pretrain(argv: list[str] | None = None) -> TrainState:
 _LATE_RANK_REPORT_S = 3.0
 
 
+def _report_checkpoint_error(exc: Exception, argv: list[str], rank: int) -> int:
+    """Every rank holds the same message (``checkpointing.agree``): rank 0 prints it once."""
+    if "--debug" in argv:
+        raise exc
+    if rank == 0:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: list[str]) -> int:
     """``pretrain`` for the command line. An error in the configuration (flags, DeepSpeed
     config, layout, data files) found while building the run is one line on stderr, printed
-    by rank 0 only (every rank exits 2); ``--debug`` shows the traceback instead."""
+    by rank 0 only (every rank exits 2); so is a checkpoint error (every rank holds the same
+    message, see ``checkpointing.agree``). ``--debug`` shows the traceback instead."""
+    rank = int(os.environ.get("RANK", "0"))
     try:
         trainer = build_trainer(argv)
+    except checkpointing.CheckpointError as exc:
+        return _report_checkpoint_error(exc, argv, rank)
     except ValueError as exc:
         if "--debug" in argv:
             raise
-        rank = int(os.environ.get("RANK", "0"))
         if rank != 0:
             # Rank 0 usually meets the same error and reports it; the launcher stops the other
             # ranks when it exits. A rank whose error rank 0 did not share still says so.
             time.sleep(_LATE_RANK_REPORT_S)
         print(f"error: {exc}" if rank == 0 else f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return 2
-    trainer.train()
-    comm.barrier()
+    try:
+        trainer.train()
+    except checkpointing.CheckpointError as exc:
+        return _report_checkpoint_error(exc, argv, rank)
+    shutdown_distributed()  # before interpreter exit: see its docstring (the TP3 SIGABRT)
     return 0

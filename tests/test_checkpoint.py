@@ -10,6 +10,7 @@ import torch
 from megatron.checkpointing import CheckpointError, CheckpointReader, convert_to_universal
 from megatron.checkpointing.inspect import describe_checkpoint
 from megatron.checkpointing.reader import STATES
+from megatron.testing.tamper import reseal
 from megatron.testing.training import TINY_GPT, train_losses
 
 N = 3  # iterations before and after the save
@@ -215,24 +216,11 @@ def test_converter_detects_disagreeing_replicas(saved) -> None:
     value = torch.frombuffer(data[start:start + 4], dtype=torch.float32).clone() + 0.5
     data[start:start + 4] = value.numpy().tobytes()
     open(f, "wb").write(bytes(data))
-    _rewrite_checksums(saved, frag.file)
+    reseal(saved)  # a consistent but wrong save
     with pytest.raises(CheckpointError, match="replicas of final_norm.weight \\(fp32\\) disagree by up to 5.000e-01"):
         convert_to_universal(saved, saved + "_strict", replica_policy="strict", progress=False)
     report = convert_to_universal(saved, saved + "_first", replica_policy="first", progress=False)
     assert report.max_replica_diff == pytest.approx(0.5) and "final_norm.weight" in report.max_replica_tensor
-
-
-def _rewrite_checksums(folder: str, file: str) -> None:
-    """Recompute one file's block checksums in the manifest (simulating a consistent but wrong save)."""
-    import hashlib
-
-    path = os.path.join(folder, "manifest.json")
-    manifest = json.load(open(path))
-    info = manifest["files"][file]
-    data = open(os.path.join(folder, file), "rb").read()
-    bs = info["block_size"]
-    info["block_sha256"] = [hashlib.sha256(data[i:i + bs]).hexdigest() for i in range(0, len(data), bs)]
-    json.dump(manifest, open(path, "w"))
 
 
 def test_new_run_loading_its_empty_save_folder_starts_from_scratch(tmp_path, reference) -> None:

@@ -18,7 +18,7 @@ from megatron.interop.hf import read_hf_state
 from megatron.model.config import ModelConfig
 from megatron.model.gpt import GPTModel
 from megatron.model.hf_llama import load_canonical_state
-from megatron.testing.training import TINY_GPT, train_losses
+from megatron.testing.training import TINY_GPT, inspect_trained, train_losses
 from tools import export_hf, import_hf
 
 TEXT = ("Universal checkpoints let a run resume on another layout. The quick brown fox jumps over the "
@@ -80,7 +80,7 @@ def test_llama_gqa_export_sharded_bf16_and_fp32_loads_with_equal_logits(tmp_path
                       seq_length=16, ffn_hidden_size=96, normalization="rmsnorm", swiglu=True,
                       position_embedding_type="rope", tie_embeddings=False, add_bias_linear=False)
     write_imported(str(tmp_path / "ckpt" / "global_step0_universal"), cfg,
-                   {n: {"fp32": t} for n, t in random_weights(cfg).items()}, {"test": "random"})
+                   {n: {"fp32": t} for n, t in random_weights(cfg).items()}, {"test": "random"}, str(tmp_path / "random"))
     _, ours, theirs = check_export(tmp_path / "ckpt" / "global_step0_universal", tmp_path / "hf",
                                    "--max-shard-size-mb", "0.02")
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
@@ -148,6 +148,9 @@ def test_hf_to_universal_to_hf_is_bit_exact(tmp_path: Path, family: str) -> None
     out = tmp_path / "ckpt" / "global_step0_universal"
     assert import_hf.main(["--input_folder", str(folder), "--output_folder", str(out), "--seq-length", "16"]) == 0
     assert (tmp_path / "ckpt" / "latest_universal").read_text() == "global_step0_universal"
+    again = ["--input_folder", str(folder), "--output_folder", str(out)]
+    assert import_hf.main(again) == 2, "an existing checkpoint is replaced only with --overwrite"
+    assert import_hf.main(again + ["--overwrite", "--seq-length", "16"]) == 0
     reader = CheckpointReader(str(out))
     assert all(float(reader.read_region(n, ((0,) * len(s), s), "exp_avg").abs().max()) == 0
                for n, s in reader.canonical.items()), "imported optimizer state must be fresh"
@@ -160,16 +163,27 @@ def test_hf_to_universal_to_hf_is_bit_exact(tmp_path: Path, family: str) -> None
     torch.testing.assert_close(hf_logits(tmp_path / "hf_out", tokens), hf_logits(folder, tokens), rtol=0, atol=0)
 
 
+def _eval_logits(trainer) -> torch.Tensor:
+    trainer.model.eval()
+    with torch.no_grad():
+        return trainer.model(text_batch(97, 16))
+
+
 @pytest.mark.parametrize("family", sorted(HF_MODELS))
 def test_training_from_hf_import_is_layout_invariant(tmp_path: Path, family: str) -> None:
-    """Fine-tuning from the import: the same losses on TP1 and on TP2 x PP2 (equal to within fp32
-    noise), so every rank read its pieces of the imported weights."""
+    """Loaded on TP2, the import gives transformers' logits; fine-tuning from it gives the same
+    losses on TP1 and on TP2 x PP2 (to fp32 noise), so every rank read its pieces of the weights."""
     folder = save_hf(tmp_path, family)
     assert import_hf.main(["--input_folder", str(folder), "--output_folder",
                            str(tmp_path / "ckpt" / "global_step0_universal")]) == 0
     base = ("--seq-length 16 --micro-batch-size 2 --global-batch-size 8 --lr 1e-3 --mock-data --vocab-size 97 "
-            "--hidden-dropout 0 --attention-dropout 0 --log-interval 1000 --train-iters 3 --universal-checkpoint "
+            "--hidden-dropout 0 --attention-dropout 0 --log-interval 1000 --universal-checkpoint --finetune "
             f"--load {tmp_path / 'ckpt'} ").split() + HF_MODELS[family][1].split()
+    expected = hf_logits(folder, text_batch(97, 16))
+    frozen = ["--train-iters", "1", "--lr", "0", "--min-lr", "0", "--tensor-model-parallel-size", "2"]  # one step of lr 0
+    for logits in inspect_trained(2, base + frozen, _eval_logits):
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    base += ["--train-iters", "3"]
     ref = train_losses(1, base)
     other = train_losses(4, base + "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2".split())
     assert len(ref) == 3

@@ -14,7 +14,7 @@ from megatron.checkpointing import CheckpointReader, ConversionReport, convert_t
 from megatron.checkpointing.reader import STATES
 from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.core.pieces import box_slices
-from megatron.core.tensor_parallel import sum_partial_replica_grads
+from megatron.core.optimizer.grad_sync import sum_row_partials
 from megatron.model.config import ModelConfig
 from megatron.model.gpt import GPTModel
 from megatron.model.hf_llama import (canonical_state, canonical_to_hf, check_llama, hf_llama_config,
@@ -56,9 +56,9 @@ def _logits_and_grads(rank: int, world: int, cfg: ModelConfig) -> tuple[torch.Te
     model(tokens, labels).mean().backward()
     grads = []
     for p in model.parameters():
-        sum_partial_replica_grads(p, p.grad, topo.tp_group)
+        sum_row_partials(p.sharding, p.grad, topo)
         grads += [(pc.canonical, pc.canonical_offsets, p.grad[box_slices((pc.local_offsets, pc.sizes))].clone())
-                  for pc in p.piece_map.pieces if pc.owner]
+                  for pc in p.sharding.piece_map.pieces if pc.owner]
     return logits, grads
 
 

@@ -60,7 +60,7 @@ def _train_and_inspect(rank: int, world: int, argv: list[str]) -> dict:
     model, topo, weight = trainer.model, trainer.topo, None
     if model.cfg.tie_embeddings and (topo.is_first_stage or topo.is_last_stage):
         weight = model.output_weight()
-        for piece in weight.piece_map.pieces:  # the last stage's copy is a replica of the canonical tensor
+        for piece in weight.sharding.piece_map.pieces:  # the last stage's copy is a replica of the canonical tensor
             assert piece.canonical == WORD_EMBEDDING and piece.owner == topo.is_first_stage
     initial = None if weight is None else weight.detach().float().numpy().copy()
     state = trainer.train()

@@ -285,3 +285,150 @@ def test_save_naming_a_file_is_refused_before_training(tmp_path) -> None:
     f.write_text("")
     with pytest.raises(RuntimeError, match="--save .* is a file"):
         train_losses(1, TP2[:-2] + ["--train-iters", "1", "--save", str(f)])
+
+
+# --- defects 3, 8, 9, 10: the manifest is checksummed and validated ------------------------------
+
+def test_edited_manifest_value_is_refused_by_its_checksum(ckpt) -> None:
+    path = os.path.join(ckpt, "global_step4", "manifest.json")
+    text = open(path).read()
+    assert '"consumed_samples": 32' in text
+    open(path, "w").write(text.replace('"consumed_samples": 32', '"consumed_samples": 24'))
+    with pytest.raises(CheckpointError, match="manifest.json: checksum: the manifest's content does not match"):
+        describe_checkpoint(os.path.join(ckpt, "global_step4"))
+    with pytest.raises(RuntimeError, match="does not match its sha256"):
+        _resume(ckpt)
+
+
+def _source_param(m: dict, index: int = 0) -> dict:
+    params = m["sources"][index]["params"]
+    return params[sorted(params)[0]]
+
+
+def _set(path: list, value):
+    def edit(m):
+        target = m
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return edit
+
+
+HOSTILE_MANIFESTS = {
+    "list": (lambda m: [m], "expected an object, found list"),
+    "missing-key": (lambda m: m.pop("canonical") and None, "missing field"),
+    "unknown-field": (_set(["surprise"], 1), "unknown field"),
+    "kind": (_set(["kind"], "hybrid"), "kind: expected 'native' or 'universal'"),
+    "iteration-type": (_set(["state", "iteration"], "4"), "state.iteration: expected an integer"),
+    "block-size-zero": (lambda m: next(iter(m["files"].values())).__setitem__("block_size", 0), "block_size"),
+    "absurd-shape": (lambda m: next(iter(m["canonical"].values())).__setitem__("shape", [1 << 30, 1 << 30]),
+                     "absurd"),
+    "dotdot-file": (lambda m: m["files"].__setitem__("../rank_00000.safetensors",
+                                                     m["files"].pop("rank_00000.safetensors")), "plain name"),
+    "absolute-file": (lambda m: m["sources"][0].__setitem__("file", "/etc/passwd"), "plain name"),
+    "narrowed-local-shape": (lambda m: _source_param(m).__setitem__(
+        "local_shape", [_source_param(m)["local_shape"][0] - 1] + _source_param(m)["local_shape"][1:]),
+        "outside"),
+    "overlapping-pieces": (lambda m: _source_param(m)["pieces"].append(dict(_source_param(m)["pieces"][0])) or None,
+                           "overlaps pieces"),
+    "beta2-string": (_set(["param_groups", 0, "beta2"], "0.5"), "finite number"),
+    "eps-nan": (_set(["param_groups", 0, "eps"], float("nan")), "finite number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_MANIFESTS))
+def test_hostile_manifest_is_refused_in_one_line_naming_the_file(ckpt, case) -> None:
+    from megatron.testing.tamper import edit_manifest
+
+    edit, match = HOSTILE_MANIFESTS[case]
+    step = os.path.join(ckpt, "global_step4")
+    edit_manifest(step, edit)
+    with pytest.raises(CheckpointError, match=match) as info:
+        describe_checkpoint(step)
+    assert "manifest.json" in str(info.value) and "\n" not in str(info.value)
+
+
+# --- NaN / Inf, folder lock, retention, pointers, one-line errors, disk full --------------------
+
+def _poison(folder: str, file: str, key_part: str, value: float) -> str:
+    """Write ``value`` into the first element of the first tensor of ``file`` whose key contains
+    ``key_part``; returns the key."""
+    import numpy as np
+
+    path = os.path.join(folder, file)
+    header, data = read_header(path)
+    key = sorted(k for k in header if key_part in k and k.endswith("/fp32"))[0]
+    start = header[key]["data_offsets"][0]
+    data = bytearray(data)
+    data[start:start + 4] = np.array([value], dtype=np.float32).tobytes()
+    write_file_with_header(path, header, bytes(data))
+    reseal(folder)
+    return key
+
+
+def test_nan_in_a_loaded_tensor_is_reported_by_name(ckpt) -> None:
+    key = _poison(os.path.join(ckpt, "global_step4"), "rank_00000.safetensors", "weight", float("nan"))
+    with pytest.raises(RuntimeError, match=f"{key.split('/')[0]}.*NaN or Inf"):
+        _resume(ckpt)
+    with pytest.raises(CheckpointError, match="NaN or Inf"):
+        convert_to_universal(os.path.join(ckpt, "global_step4"), ckpt + "_u", num_workers=1, progress=False)
+
+
+def test_strict_replica_policy_refuses_a_nan_replica(ckpt) -> None:
+    step = os.path.join(ckpt, "global_step4")
+    _poison(step, "rank_00001.safetensors", "final_norm", float("nan"))  # TP rank 1 holds a replica
+    with pytest.raises(CheckpointError, match="replicas of final_norm.bias \\(fp32\\) disagree by up to inf"):
+        convert_to_universal(step, ckpt + "_u", num_workers=1, replica_policy="strict", progress=False)
+
+
+def _hold_lock(folder: str, ready) -> None:
+    from megatron.checkpointing.lock import acquire_folder_lock
+    import time
+
+    acquire_folder_lock(folder)
+    ready.set()
+    time.sleep(600)
+
+
+def test_second_job_refuses_a_locked_folder_and_takes_over_a_dead_jobs_lock(ckpt) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(ckpt, ready))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        before = _listing(ckpt)
+        with pytest.raises(RuntimeError, match=f"is in use by another job \\(host .*, pid {holder.pid}\\)"):
+            _resume(ckpt, "--save", ckpt)
+        assert {k: v for k, v in _listing(ckpt).items() if k != ".lock"} == \
+            {k: v for k, v in before.items() if k != ".lock"}
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops its flock; the lock file stays behind
+        holder.join()
+    assert os.path.exists(os.path.join(ckpt, ".lock"))
+    assert len(_resume(ckpt, "--save", ckpt)) == 1
+    assert open(os.path.join(ckpt, "latest")).read() == "global_step5"
+
+
+def test_keep_last_k_keeps_the_newest_and_what_latest_names(tmp_path) -> None:
+    folder = str(tmp_path / "run")
+    train_losses(1, TP2[:-2] + ["--train-iters", "5", "--save", folder, "--save-interval", "1", "--keep-last-k", "2"])
+    assert sorted(n for n in os.listdir(folder) if n.startswith("global_step")) == ["global_step4", "global_step5"]
+    # Resume from step 4 (latest now names it) and re-save steps 5 and 6: step 4 is kept while named.
+    open(os.path.join(folder, "latest"), "w").write("global_step4")
+    from megatron.checkpointing.commit import remove_old_checkpoints
+    shutil.copytree(os.path.join(folder, "global_step4"), os.path.join(folder, "global_step1"))
+    open(os.path.join(folder, "latest"), "w").write("global_step1")
+    assert remove_old_checkpoints(folder, 1) == ["global_step4"]
+    assert sorted(n for n in os.listdir(folder) if n.startswith("global_step")) == ["global_step1", "global_step5"]
+
+
+def test_save_removes_stale_pointer_temporaries_and_repairs_the_iteration_file(ckpt) -> None:
+    open(os.path.join(ckpt, "latest.tmp.99999"), "w").write("global_step")
+    open(os.path.join(ckpt, "latest_checkpointed_iteration.txt"), "w").write("2")  # killed between the writes
+    from megatron.checkpointing.commit import tidy_folder
+    tidy_folder(ckpt)
+    assert not os.path.exists(os.path.join(ckpt, "latest.tmp.99999"))
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "4"

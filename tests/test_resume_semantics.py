@@ -80,8 +80,10 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale_on_any_layout(world: 
 
 def test_no_save_optim_writes_weights_only_and_needs_no_load_optim(tmp_path) -> None:
     train_losses(2, TINY_GPT + iters(2) + ["--save", str(tmp_path), "--no-save-optim", "--no-save-rng"])
-    m = CheckpointReader(str(tmp_path / "global_step2")).manifest
-    assert m["saved_states"] == ["fp32"] and m["rng"] == {} and "opt_param_scheduler" not in m["state"]
+    reader = CheckpointReader(str(tmp_path / "global_step2"))
+    m = reader.manifest
+    assert m["saved_states"] == ["fp32"] and "opt_param_scheduler" not in m["state"]
+    assert all(reader.rank_rng(r) is None for r in range(2))
     with pytest.raises(RuntimeError, match="saved with --no-save-optim: pass --no-load-optim or --finetune"):
         train_losses(2, TINY_GPT + iters(4) + ["--load", str(tmp_path)])
     assert len(train_losses(2, TINY_GPT + iters(4) + ["--load", str(tmp_path), "--no-load-optim"])) == 2
@@ -185,18 +187,18 @@ def test_resume_on_other_data_is_refused_naming_old_and_new(tmp_path) -> None:
 # --- validation ----------------------------------------------------------------------------
 
 def test_validation_walks_forward_and_continues_after_a_resume(tmp_path) -> None:
-    flags = ["--eval-interval", "2", "--eval-iters", "1"]
+    flags = ["--eval-interval", "2", "--eval-iters", "1", "--log-validation-ppl-to-tensorboard"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     train_losses(1, TINY_GPT + iters(4) + flags + ["--tensorboard-dir", str(whole)])
     train_losses(1, TINY_GPT + iters(4) + flags + ["--exit-interval", "2", "--save", str(split / "ckpt"),
                                                   "--tensorboard-dir", str(split)])
     assert saved_state(split / "ckpt", 2)["consumed_valid_samples"] == 8  # one batch of 8 walked
     train_losses(1, TINY_GPT + iters(4) + flags + ["--load", str(split / "ckpt"), "--tensorboard-dir", str(split)])
-    want = read_scalars(str(whole), "lm-loss-validation/lm loss")
-    got = read_scalars(str(split), "lm-loss-validation/lm loss")
+    want = read_scalars(str(whole), "lm-loss-validation/lm loss validation")
+    got = read_scalars(str(split), "lm-loss-validation/lm loss validation")
     assert sorted(want) == sorted(got) == [2, 4]
     rows = [json.loads(line) for line in open(whole / "metrics.jsonl")]
-    assert [r["iteration"] for r in rows if "lm-loss-validation/lm loss" in r] == [2, 4]
+    assert [r["iteration"] for r in rows if "lm-loss-validation/lm loss validation" in r] == [2, 4]
     for it in (2, 4):
         assert abs(got[it] - want[it]) <= REL_TOL * want[it]
     ppl = read_scalars(str(whole), "lm-loss-validation/lm loss validation ppl")

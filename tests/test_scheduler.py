@@ -143,3 +143,42 @@ def test_rampup_batch_size_is_a_function_of_consumed_samples() -> None:
     assert [r.global_batch(n) for n in (0, 7, 8, 15, 16, 17, 100)] == [4, 4, 8, 8, 12, 12, 12]
     with pytest.raises(ValueError, match="increment > 0 dividing"):
         BatchRampup(4, 3, 16, 12)
+
+
+def test_training_logs_the_lr_each_iteration_trained_with(tmp_path) -> None:
+    """The loop reads the LR before the step: iteration 1 trains at warmup's start (0)."""
+    from megatron.metrics_io import read_scalars
+    from megatron.testing.training import train_losses
+    train_losses(1, TINY_GPT + f"{ITER_FLAGS} --lr-decay-style linear --tensorboard-dir {tmp_path}".split())
+    logged = read_scalars(str(tmp_path), "learning-rate/learning-rate")
+    assert sorted(logged) == list(range(1, 11))
+    assert [logged[k] for k in range(1, 11)] == pytest.approx(EXPECTED["linear"][:10], abs=1e-9)
+
+
+def test_rampup_run_resumes_on_another_layout(tmp_path) -> None:
+    """Batch 4 -> 8 -> 12 over 16 samples (one step per 8): 4, 4, 8, 12, 12, 12 per iteration,
+    52 samples in 6 iterations (the last batch overshoots 48, as upstream); saved at iteration 2 on DP 2, resumed on DP 1, the curve
+    continues (fp32 reduction order only: 1e-5 relative)."""
+    from megatron.testing.training import inspect_trained, train_losses
+    flags = TINY_GPT + "--train-samples 48 --rampup-batch-size 4 4 16 --global-batch-size 12".split()
+    whole = inspect_trained(1, flags, lambda t: (t.state.losses, t.state.consumed_samples))[0]
+    assert whole[1] == 52 and len(whole[0]) == 6
+    train_losses(2, flags + ["--exit-interval", "2", "--save", str(tmp_path)])
+    resumed = train_losses(1, flags + ["--load", str(tmp_path)])
+    assert len(resumed) == 4
+    for a, b in zip(resumed, whole[0][2:], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b)
+
+
+def test_a_longer_run_with_constant_weight_decay_is_the_same_schedule() -> None:
+    """Only --train-iters grows (the decay length is pinned by --lr-decay-iters): with a constant
+    WD the WD increment length changes nothing, so the resume is accepted."""
+    saved = OptimizerParamScheduler(shape_from(ITER_FLAGS + " --lr-decay-iters 10")).state_dict()
+    longer = OptimizerParamScheduler(shape_from(ITER_FLAGS.replace("--train-iters 10", "--train-iters 20")
+                                                + " --lr-decay-iters 10"))
+    assert longer.load_state_dict(saved) == []
+    ramped = OptimizerParamScheduler(shape_from(ITER_FLAGS.replace("--train-iters 10", "--train-iters 20")
+                                                + " --lr-decay-iters 10 --weight-decay-incr-style linear "
+                                                  "--start-weight-decay 0 --end-weight-decay 0.1"))
+    with pytest.raises(SchedulerMismatch, match="wd_incr_style: checkpoint 'constant', command line 'linear'"):
+        ramped.load_state_dict(saved)

@@ -28,7 +28,7 @@ def _forward_and_grads(rank: int, world: int, tp: int, cfg: ModelConfig):
     loss.backward()
     grads = {}
     for p in model.parameters():
-        for piece in p.piece_map.pieces:
+        for piece in p.sharding.piece_map.pieces:
             if piece.owner:
                 grads[(piece.canonical, piece.canonical_offsets)] = p.grad[box_slices((piece.local_offsets, piece.sizes))].clone()
     return logits, loss.item(), grads

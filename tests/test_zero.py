@@ -130,7 +130,7 @@ WANT_GROUPS = [{"weight_decay": 0.05, "beta1": 0.8, "beta2": 0.95, "eps": 1e-6},
 def _groups_of(trainer) -> dict:
     """The optimizer's hyperparameters and the group of every canonical tensor it holds."""
     params = dict(trainer.model.named_parameters())
-    membership = {spec: f.group for f in trainer.optimizer.fragments() for spec in params[f.name].canonical_specs}
+    membership = {spec: f.group for f in trainer.optimizer.fragments() for spec in params[f.name].sharding.specs}
     return {"hyper": trainer.optimizer.hyperparameters(), "groups": membership}
 
 
@@ -163,10 +163,10 @@ def _holdings(trainer) -> dict:
     params = list(trainer.model.parameters())
     return {
         "footprint": resident_bytes(trainer.model, trainer.optimizer).to_json(),
-        "numel": sum(math.prod(p.piece_map.local_shape) for p in params),
+        "numel": sum(math.prod(p.sharding.piece_map.local_shape) for p in params),
         "chunks": sum(f.chunk for f in trainer.optimizer.fragments()),
         "count": len(params),
-        "main_grad": any(hasattr(p, "main_grad") for p in params),
+        "main_grad": bool(trainer.optimizer.main_grads),
         "grad": any(p.grad is not None for p in params),
         "largest_param": max(p.data.numel() for p in params),
         "itemsize": params[0].element_size() if params[0].numel() else params[0].zero3_shard.element_size(),

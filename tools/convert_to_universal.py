@@ -56,7 +56,7 @@ def _convert_interop(args: argparse.Namespace, output: str) -> None:
         from megatron.interop.dcp import import_dcp as importer
     else:
         from megatron.interop.mcore import import_mcore as importer
-    count = importer(args.input_folder, output, _model_config(args.model_config))
+    count = importer(args.input_folder, output, _model_config(args.model_config), args.overwrite)
     print(f"wrote {count} canonical tensors from the {args.input_format} checkpoint {args.input_folder} "
           f"to {output}")
 

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="DIR/global_step0_universal; DIR/latest_universal is written to name it")
     p.add_argument("--seq-length", "--seq_length", type=int, default=None,
                    help="the training sequence length to record (default: the model's maximum)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing universal checkpoint there")
     args = p.parse_args(argv)
     try:
         cfg, tensors, family = read_hf_folder(args.input_folder, args.seq_length)
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "vocab_size": cfg.vocab_size})
         files = write_imported(args.output_folder, cfg, {n: {"fp32": t} for n, t in tensors.items()},
                                {"imported_from": "huggingface", "model_type": family.model_type,
-                                "folder": os.path.abspath(args.input_folder)}, state)
+                                "folder": os.path.abspath(args.input_folder)}, args.input_folder, state,
+                               overwrite=args.overwrite)
     except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

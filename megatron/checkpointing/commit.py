@@ -8,6 +8,7 @@ an existing folder of the same name takes two renames (``final`` -> ``final.old`
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 from megatron.checkpointing.reader import MANIFEST
@@ -85,3 +86,58 @@ def recover_interrupted_commits(folder: str) -> list[str]:
     if restored:
         fsync_dir(folder)
     return restored
+
+
+POINTER, ITERATION_FILE = "latest", "latest_checkpointed_iteration.txt"
+_STEP = re.compile(r"^global_step(\d+)$")
+
+
+def write_pointers(folder: str, tag: str, iteration: int) -> None:
+    """``latest`` first (the loader follows it), then Megatron's iteration file."""
+    write_atomic(os.path.join(folder, POINTER), tag)
+    write_atomic(os.path.join(folder, ITERATION_FILE), str(iteration))
+
+
+def tidy_folder(folder: str) -> None:
+    """Under the folder's lock, before a save: finish what a killed save or retention left
+    (``.old`` copies, half-deleted folders, pointer temporaries) and make the iteration file
+    agree with ``latest``."""
+    recover_interrupted_commits(folder)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(DELETING):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith((POINTER + ".tmp.", ITERATION_FILE + ".tmp.")):
+            os.remove(path)
+    latest = os.path.join(folder, POINTER)
+    if os.path.isfile(latest):
+        with open(latest, "rb") as f:
+            tag = f.read().decode("utf-8", "replace").strip()
+        match = _STEP.match(tag)
+        iteration_file = os.path.join(folder, ITERATION_FILE)
+        current = open(iteration_file).read().strip() if os.path.isfile(iteration_file) else None
+        if match and is_checkpoint(os.path.join(folder, tag)) and current != match.group(1):
+            write_atomic(iteration_file, match.group(1))
+
+
+DELETING = ".deleting"
+
+
+def remove_old_checkpoints(folder: str, keep: int) -> list[str]:
+    """Keep the newest ``keep`` native checkpoints and whatever ``latest`` names; each removed
+    folder is first renamed to a hidden name, so a half-deleted one never looks complete."""
+    steps = sorted((int(m.group(1)), n) for n in os.listdir(folder) if (m := _STEP.match(n)))
+    latest = os.path.join(folder, POINTER)
+    named = open(latest).read().strip() if os.path.isfile(latest) else None
+    removed = []
+    for _, name in steps[:-keep] if keep > 0 else []:
+        if name == named:
+            continue
+        hidden = os.path.join(folder, f".{name}{DELETING}")
+        os.replace(os.path.join(folder, name), hidden)
+        removed.append(name)
+    if removed:
+        fsync_dir(folder)
+        for name in removed:
+            shutil.rmtree(os.path.join(folder, f".{name}{DELETING}"))
+    return removed

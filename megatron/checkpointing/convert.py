@@ -18,6 +18,7 @@ from threading import Lock
 import torch
 from tqdm import tqdm
 
+from megatron.checkpointing.manifest import seal
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, CheckpointReader, saved_states
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
 from megatron.checkpointing.commit import commit_folder, is_checkpoint, write_atomic
@@ -43,6 +44,9 @@ def assemble(reader: CheckpointReader, name: str, state: str, policy: str) -> tu
     Returns the tensor and the largest |owner - replica| difference."""
     shape = reader.canonical[name]
     full = reader.read_region(name, ((0,) * len(shape), shape), state)
+    if not bool(torch.isfinite(full).all()):
+        raise CheckpointError(f"{reader.path}: {name} ({state}) holds NaN or Inf values: training had diverged "
+                              f"when it was saved; convert an earlier checkpoint")
     max_diff = 0.0
     replicas = reader.replica_pieces(name)
     total, count = (full.clone(), torch.ones(shape)) if policy == "mean" and replicas else (None, None)
@@ -51,8 +55,8 @@ def assemble(reader: CheckpointReader, name: str, state: str, policy: str) -> tu
         region = box_slices(box)
         values = torch.from_numpy(reader.read_local_box(holder, state, translate(box, piece.canonical_offsets,
                                                                                   piece.local_offsets)))
-        diff = float((values - full[region]).abs().max()) if values.numel() else 0.0
-        if policy == "strict" and diff > 0:
+        diff = float((values - full[region]).abs().nan_to_num(nan=math.inf).max()) if values.numel() else 0.0
+        if policy == "strict" and diff > 0:  # a NaN replica counts as an infinite disagreement
             raise CheckpointError(f"{reader.path}: replicas of {name} ({state}) disagree by up to {diff:.3e} "
                                   f"(--replica-policy strict); use --replica-policy first or mean to convert anyway")
         max_diff = max(max_diff, diff)
@@ -161,12 +165,12 @@ def convert_to_universal(input_folder: str, output_folder: str, num_workers: int
         "source_topology": m["topology"], "source_zero_stage": m["zero_stage"], "param_groups": m["param_groups"],
         "canonical": m["canonical"], "saved_states": list(states), "files": {f: info for f, info, _ in results},
         # Kept so that a resume on the saving layout restores every rank's RNG exactly.
-        "rng": m.get("rng", {}),
+        "rng": {str(src["rank"]): rng for src in m["sources"] if (rng := reader.rank_rng(src["rank"])) is not None},
         "sources": [{"file": f, "position": [f], "params": params} for f, _, params in results],
         "replica_check": {"policy": replica_policy, "max_abs_diff": report.max_replica_diff,
                           "tensor": report.max_replica_tensor},
     }
-    write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+    write_atomic(os.path.join(tmp, MANIFEST), seal(manifest))
     commit_folder(tmp, output_folder)
     parent = os.path.dirname(os.path.abspath(output_folder))
     write_atomic(os.path.join(parent, "latest_universal"), os.path.basename(output_folder))

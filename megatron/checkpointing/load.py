@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,7 +21,8 @@ from megatron.checkpointing.safetensors_io import CheckpointError
 from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import flat_range_boxes, intersect, translate
-from megatron.initialize import set_rng_state
+from megatron.core.rng import set_rng_state
+from megatron.core.sharding import sharding_of
 
 
 @dataclass
@@ -31,16 +33,18 @@ class Loaded:
     rng_restored: bool
     bytes_read: int
     total_bytes: int
+    json_bytes_parsed: int = 0  # manifest and rank tables this rank parsed
 
 
 def fill_fragment(reader: CheckpointReader, param: nn.Parameter, start: int, end: int, state: str,
                   dest: torch.Tensor) -> None:
     """Fill ``dest`` (the flat elements [start, end) of ``param``) with ``state`` from the checkpoint."""
     dest.zero_()
-    shape = tuple(param.piece_map.local_shape)  # under ZeRO-3 the parameter itself is empty here
+    record = sharding_of(param)
+    shape = tuple(record.local_shape)  # under ZeRO-3 the parameter itself is empty here
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
     for box in flat_range_boxes(shape, start, end):
-        for piece in param.piece_map.pieces:
+        for piece in record.piece_map.pieces:
             overlap = intersect(box, (piece.local_offsets, piece.sizes))
             if overlap is None:
                 continue
@@ -75,28 +79,43 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
                               f"or --finetune to start the optimizer afresh")
     params = dict(model.named_parameters())
     states = STATES if load_optimizer else WEIGHTS_ONLY
+    same_files = (reader.kind == "native" and reader.manifest["topology"] == topo.describe()
+                  and reader.manifest["zero_stage"] == optimizer.stage)
+    # Same layout: copy this rank's fragments straight from the file that stored them, parsing
+    # only that rank's table. Otherwise go through the canonical tensors (all tables).
+    stored = reader.rank_table(topo.rank)["params"] if same_files else {}
     for f in optimizer.fragments():
         views = optimizer.fragment_state(f)
         for s in states:
-            fill_fragment(reader, params[f.name], f.start, f.end, s, views[s])
+            if f.name in stored and f.end > f.start:
+                rank = stored[f.name].get("stored_by", topo.rank)
+                views[s].copy_(torch.from_numpy(np.array(reader.read_stored(rank, f.name, s, f.start, f.end))))
+            else:
+                fill_fragment(reader, params[f.name], f.start, f.end, s, views[s])
+            if not bool(torch.isfinite(views[s]).all()):
+                raise CheckpointError(f"{path}: {f.name} ({s}) holds NaN or Inf values in the checkpoint: "
+                                      f"training had diverged when it was saved; load an earlier checkpoint")
     if load_optimizer:
         optimizer.load_hyperparameters(reader.manifest["param_groups"])
     optimizer.copy_master_to_model()
-    # A universal checkpoint keeps its source's RNG table: the saving layout resumes exactly.
+    # A universal checkpoint keeps its source's RNG states: the saving layout resumes exactly.
     saved_layout = reader.manifest["topology" if reader.kind == "native" else "source_topology"]
     same_layout = saved_layout == topo.describe()
     rng_restored = False
-    if load_rng and same_layout and str(topo.rank) in reader.manifest.get("rng", {}):
-        set_rng_state(reader.manifest["rng"][str(topo.rank)])
-        rng_restored = True
-    return Loaded(path, reader.kind, state, rng_restored, reader.bytes_read, reader.total_bytes)
+    if load_rng and same_layout:
+        rng = reader.rank_rng(topo.rank)
+        if rng is not None:
+            set_rng_state(rng)
+            rng_restored = True
+    return Loaded(path, reader.kind, state, rng_restored, reader.bytes_read, reader.total_bytes,
+                  reader.json_bytes_parsed)
 
 
 def _check_param_groups(reader: CheckpointReader, model: nn.Module, optimizer: DistributedOptimizer) -> None:
     """Every canonical tensor must have its saved shape and land in its saved optimizer group."""
     params = dict(model.named_parameters())
     for f in optimizer.fragments():
-        for name, spec in params[f.name].canonical_specs.items():
+        for name, spec in sharding_of(params[f.name]).specs.items():
             entry = reader.manifest["canonical"].get(name)
             if entry is None:
                 raise CheckpointError(f"{reader.path} has no tensor {name!r}: the checkpoint is of another "

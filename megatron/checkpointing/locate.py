@@ -97,6 +97,6 @@ def _existing(load_dir: str, name: str, what: str) -> str:
     if path is not None:
         return path
     steps = checkpoint_folders(load_dir)
-    state = "is incomplete (no manifest)" if os.path.lexists(os.path.join(load_dir, name)) else "does not exist"
+    state = f"is incomplete (no {MANIFEST}: deleted, or its save did not finish)" if os.path.lexists(os.path.join(load_dir, name)) else "does not exist"
     hint = f"checkpoints there: {', '.join(steps)}; pass --load-tag" if steps else "there are no checkpoints there"
     raise CheckpointError(f"{what} {state} under {load_dir}: {hint}")

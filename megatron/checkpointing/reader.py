@@ -9,6 +9,7 @@ those pieces are read.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,13 +19,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from megatron.checkpointing.manifest import STATES, validate, validate_rank_table
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader
 from megatron.core.pieces import Box, Piece, box_flat_span, box_slices, intersect, translate
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron-ucp"
-FORMAT_VERSION = 1
-STATES = ("fp32", "exp_avg", "exp_avg_sq")
+FORMAT_VERSION = 2  # 2: per-rank tables (pieces, fragments, RNG) in each rank's own JSON file
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_ONLY = ("fp32",)  # what --no-save-optim writes
 
 
@@ -62,34 +64,124 @@ def read_manifest(path: str) -> dict:
             manifest = json.load(f)
     except ValueError as e:
         raise CheckpointError(f"{file} is not valid JSON ({e}): the manifest is corrupted") from e
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    validate(manifest, file)
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{file}: format {manifest.get('format')!r} version "
                               f"{manifest.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}")
     return manifest
 
 
+def _holder_key(source: dict, entry: dict, local_name: str) -> tuple:
+    """Which saved local tensor an entry is part of: its mesh coordinates outside the group that
+    replicates or partitions it (format 2), or the source's position (format 1, universal)."""
+    if "position" in entry:
+        return tuple(sorted(entry["position"].items())), local_name
+    return tuple(source.get("position", ())), local_name
+
+
 class CheckpointReader:
-    """Random access to canonical regions of one checkpoint."""
+    """Random access to canonical regions of one checkpoint.
+
+    Per-rank tables are parsed only when needed: all of them for a resharded read (the
+    holder index), one or two for a same-layout load (``rank_table``). ``json_bytes_parsed``
+    counts the manifest and table bytes this reader has parsed.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.manifest = read_manifest(path)
+        self.json_bytes_parsed = os.path.getsize(os.path.join(path, MANIFEST))
         self.kind = self.manifest["kind"]
         self.canonical = {n: tuple(e["shape"]) for n, e in self.manifest["canonical"].items()}
-        self.holders: dict[tuple, Holder] = {}
-        for source in self.manifest["sources"]:
-            for local_name, entry in source["params"].items():
-                key = (tuple(source.get("position", ())), local_name)
-                holder = self.holders.setdefault(key, Holder(tuple(entry["local_shape"]),
-                                                             [Piece.from_json(p) for p in entry["pieces"]]))
-                for start, end in entry["fragments"]:
-                    holder.fragments.append(StoredFragment(source["file"], local_name, start, end))
-        self.by_canonical: dict[str, list[tuple[Holder, Piece]]] = {}
-        for holder in self.holders.values():
-            for piece in holder.pieces:
-                self.by_canonical.setdefault(piece.canonical, []).append((holder, piece))
+        self._tables: dict[str, dict] = {}
+        self._holders: dict[tuple, Holder] | None = None
+        self._by_canonical: dict[str, list[tuple[Holder, Piece]]] = {}
         self._files: dict[str, SafetensorsReader] = {}
         self._lock = threading.Lock()  # the converter reads from several threads
+        self._index_lock = threading.Lock()
+
+    def source_params(self, source: dict) -> dict:
+        """A source's parameter table: inline (universal, format 1) or in its own JSON file."""
+        return source["params"] if "params" in source else self._table(source)["params"]
+
+    def _table(self, source: dict) -> dict:
+        name = source["table"]
+        with self._lock:
+            if name not in self._tables:
+                file = os.path.join(self.path, name)
+                if not os.path.exists(file):
+                    raise CheckpointError(f"missing checkpoint file {file}: the manifest lists it as rank "
+                                          f"{source['rank']}'s table; copy it back or load an earlier checkpoint")
+                with open(file, "rb") as f:
+                    raw = f.read()
+                if hashlib.sha256(raw).hexdigest() != source["table_sha256"]:
+                    raise CheckpointError(f"checksum mismatch in {file}: the rank table is corrupted; re-copy it "
+                                          f"or load an earlier checkpoint")
+                try:
+                    table = json.loads(raw)
+                except ValueError as e:
+                    raise CheckpointError(f"{file} is not valid JSON ({e}): the rank table is corrupted") from e
+                self._tables[name] = validate_rank_table(table, file, self.manifest)
+                self.json_bytes_parsed += len(raw)
+            return self._tables[name]
+
+    def source_of_rank(self, rank: int) -> dict:
+        for source in self.manifest["sources"]:
+            if source.get("rank") == rank:
+                return source
+        raise CheckpointError(f"{self.path} has no rank file of rank {rank}")
+
+    def rank_table(self, rank: int) -> dict:
+        """Rank ``rank``'s own table: ``params`` and ``rng`` (format 2), parsed alone."""
+        source = self.source_of_rank(rank)
+        if "table" in source:
+            return self._table(source)
+        return {"params": source["params"], "rng": self.manifest.get("rng", {}).get(str(rank))}
+
+    def rank_rng(self, rank: int) -> dict | None:
+        """The RNG states rank ``rank`` saved: from its own table (native), or the copy a
+        universal checkpoint keeps of its source's (``rng`` by rank), or None."""
+        if self.kind == "native" and "table" in self.source_of_rank(rank):
+            return self.rank_table(rank).get("rng")
+        return self.manifest.get("rng", {}).get(str(rank))
+
+    def read_stored(self, rank: int, local_name: str, state: str, start: int, end: int) -> np.ndarray:
+        """Flat elements [start, end) of ``local_name`` as rank ``rank`` stored them (same layout)."""
+        source = self.source_of_rank(rank)
+        for a, b in self.source_params(source)[local_name]["fragments"]:
+            if a <= start and end <= b:
+                return self.file(source["file"]).read(f"{local_name}/{state}", start - a, end - a)
+        raise CheckpointError(f"{self.path}: rank {rank} did not store elements [{start}, {end}) of {local_name}")
+
+    @property
+    def holders(self) -> dict[tuple, Holder]:
+        self._index()
+        return self._holders
+
+    @property
+    def by_canonical(self) -> dict[str, list[tuple[Holder, Piece]]]:
+        self._index()
+        return self._by_canonical
+
+    def _index(self) -> None:
+        """Every saved local tensor and where its fragments are: needs every rank's table."""
+        with self._index_lock:
+            if self._holders is None:
+                self._build_index()
+
+    def _build_index(self) -> None:
+        holders: dict[tuple, Holder] = {}
+        for source in self.manifest["sources"]:
+            for local_name, entry in self.source_params(source).items():
+                holder = holders.setdefault(_holder_key(source, entry, local_name),
+                                            Holder(tuple(entry["local_shape"]),
+                                                   [Piece.from_json(p) for p in entry["pieces"]]))
+                for start, end in entry["fragments"]:
+                    holder.fragments.append(StoredFragment(source["file"], local_name, start, end))
+        for holder in holders.values():
+            for piece in holder.pieces:
+                self._by_canonical.setdefault(piece.canonical, []).append((holder, piece))
+        self._holders = holders
 
     def file(self, name: str) -> SafetensorsReader:
         with self._lock:
@@ -121,7 +213,12 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: elements [{lo}, {hi}) of a saved tensor holding "
                                   f"{holder.pieces[0].canonical if holder.pieces else '?'} are missing "
                                   f"({missing} not found in any rank file): a rank file is missing "
-                                  f"or the manifest is inconsistent")
+                                  f"or {MANIFEST} is inconsistent")
+        for f, _, _ in parts:
+            stored = self.file(f.file).numel(f"{f.key}/{state}")
+            if stored != f.end - f.start:
+                raise CheckpointError(f"{self.path}: {f.file} holds {stored} elements of {f.key}/{state}, the "
+                                      f"{MANIFEST} says [{f.start}, {f.end}): the manifest and the file disagree")
         if len(parts) == 1:  # one fragment holds the box: copy straight from the mapped file
             f = parts[0][0]
             span = self.file(f.file).read(f"{f.key}/{state}", lo - f.start, hi - f.start)
@@ -151,8 +248,8 @@ class CheckpointReader:
             covered += math.prod(overlap[1])
         if covered != math.prod(box[1]):
             raise CheckpointError(f"{self.path}: tensor {name} region offsets {box[0]} sizes {box[1]} is covered "
-                                  f"{covered} times element-wise, expected {math.prod(box[1])}: pieces are "
-                                  f"missing or overlap")
+                                  f"{covered} times element-wise, expected {math.prod(box[1])}: pieces in "
+                                  f"{MANIFEST} are missing or overlap")
         return torch.from_numpy(out)
 
     def replica_pieces(self, name: str) -> list[tuple[Holder, Piece]]:

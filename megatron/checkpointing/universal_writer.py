@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron.checkpointing.convert import check_output_folder
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES
 from megatron.checkpointing.safetensors_io import SafetensorsWriter
 from megatron.checkpointing.save import commit_folder, write_atomic
@@ -37,10 +38,12 @@ class CanonicalEntry:
 
 
 def write_universal(output_folder: str, entries: dict[str, CanonicalEntry], state: dict,
-                    param_groups: list[dict], source: dict) -> list[str]:
+                    param_groups: list[dict], source: dict, input_folder: str, overwrite: bool = False) -> list[str]:
     """Write ``output_folder`` and ``latest_universal`` beside it; returns the data files written.
-    ``source`` describes where the tensors came from (kept in the manifest)."""
+    ``source`` describes where the tensors came from (kept in the manifest); the output folder
+    is refused as the converter refuses it (never the input, never a native checkpoint)."""
     output_folder = output_folder.rstrip("/")
+    check_output_folder(input_folder, output_folder, overwrite)
     parent = os.path.dirname(os.path.abspath(output_folder))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(output_folder)}.tmp")

@@ -6,11 +6,11 @@ the activations of at most ``P - s`` micro-batches at once, whatever the number 
 micro-batches ``M``: peak activation memory grows with P, not with M.
 
 Activations and their gradients move between neighbouring stages with point-to-point
-``torch.distributed`` isend/irecv (gloo or NCCL). Their shape, ``[micro, seq, hidden]``
-in the model's dtype, is known in advance, so no shapes are exchanged. The sends and
-receives of one step are posted together and then awaited, so neighbours that both
-send and receive in the same step cannot deadlock even when a send only completes once
-its receive has been posted.
+``torch.distributed.batch_isend_irecv`` over the pipeline group (gloo or NCCL). Their
+shape, ``[micro, seq, hidden]`` in the model's dtype, is known in advance, so no shapes
+are exchanged. The sends and receives of one step are posted as one batch and then
+awaited, so neighbours that both send and receive in the same step cannot deadlock even
+when a send only completes once its receive has been posted.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from megatron.core.parallel_state import Topology
 from megatron.core.dropout import begin_micro_batch
-from megatron.core.schedules import micro_batch_loss
+from megatron.core.micro_batches import micro_batch_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor, int]  # tokens, labels, global index of the first sample
 
@@ -32,29 +32,33 @@ class StageLinks:
 
     def __init__(self, topo: Topology, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
         self.shape, self.dtype, self.device = shape, dtype, device
-        s = topo.pp_rank
+        s, self.group = topo.pp_rank, topo.pp_group
         self.prev = topo.pp_ranks[s - 1] if s > 0 else None
         self.next = topo.pp_ranks[s + 1] if s < topo.pp - 1 else None
 
     def exchange(self, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
                  recv_prev: bool = False, recv_next: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Post every requested send and receive at once, wait for all of them, and return
-        (tensor from the previous stage, tensor from the next stage). Requests towards a
-        neighbour that does not exist (before the first, after the last stage) are no-ops."""
-        ops: list[dist.Work] = []
+        """Post every requested send and receive as one ``batch_isend_irecv``, wait for all of
+        them, and return (tensor from the previous stage, tensor from the next stage). Requests
+        towards a neighbour that does not exist (before the first, after the last stage) are
+        no-ops. Every call here is matched by the neighbour's call with the mirrored requests
+        (see ``_one_f_one_b``), and NCCL runs one batch as a group, so no order of the pair's
+        operations can deadlock."""
+        ops: list[dist.P2POp] = []
         from_prev = from_next = None
         if recv_prev and self.prev is not None:
             from_prev = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            ops.append(dist.irecv(from_prev, self.prev))
+            ops.append(dist.P2POp(dist.irecv, from_prev, self.prev, self.group))
         if recv_next and self.next is not None:
             from_next = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            ops.append(dist.irecv(from_next, self.next))
+            ops.append(dist.P2POp(dist.irecv, from_next, self.next, self.group))
         if send_next is not None and self.next is not None:
-            ops.append(dist.isend(send_next.detach().contiguous(), self.next))
+            ops.append(dist.P2POp(dist.isend, send_next.detach().contiguous(), self.next, self.group))
         if send_prev is not None and self.prev is not None:
-            ops.append(dist.isend(send_prev.detach().contiguous(), self.prev))
-        for op in ops:
-            op.wait()
+            ops.append(dist.P2POp(dist.isend, send_prev.detach().contiguous(), self.prev, self.group))
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
         return from_prev, from_next
 
 

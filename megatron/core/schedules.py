@@ -1,46 +1,23 @@
-"""Micro-batches of a global batch, and the forward-backward pass over them.
-
-The global batch at ``consumed_samples`` is samples ``[consumed, consumed + global)``
-of the dataset whatever the layout; DP rank ``d`` takes micro-batch ``m`` as samples
-``consumed + (m * dp + d) * micro + [0, micro)``. Each token's loss is divided by the
-number of tokens in the global batch, so summing gradients over micro-batches and DP
-ranks gives the gradient of the global mean on every layout.
-"""
+"""The forward-backward pass over the micro-batches of a global batch (see ``micro_batches``
+for which samples each rank takes and how the loss is normalised)."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
 from megatron.core import comm
 from megatron.core.dropout import begin_micro_batch
+from megatron.core.micro_batches import micro_batch_loss, micro_batches
 from megatron.core.parallel_state import Topology
+from megatron.core.pipeline_parallel import forward_backward_pipelined
 
-
-def micro_batches(dataset, consumed: int, global_batch: int, micro: int, topo: Topology,
-                  device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """This DP rank's (tokens, labels, global index of the first sample) micro-batches of the
-    global batch at ``consumed``."""
-    count = global_batch // (micro * topo.dp)
-    out = []
-    for m in range(count):
-        first = consumed + (m * topo.dp + topo.dp_rank) * micro
-        samples = np.stack([dataset[(first + j) % len(dataset)] for j in range(micro)])
-        t = torch.from_numpy(samples).to(device)
-        out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous(), first))
-    return out
-
-
-def micro_batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, denom: int) -> torch.Tensor:
-    """The last stage's share of the global-batch mean loss for one micro-batch."""
-    return model(inputs, labels).float().sum() / denom
+__all__ = ["forward_backward", "micro_batch_loss", "micro_batches"]
 
 
 def forward_backward(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, int]], topo: Topology,
                      loss_scale: float, denom: int, device: torch.device, backward: bool = True) -> torch.Tensor:
     """Run every micro-batch; returns the global batch's mean loss (the same on every rank)."""
     if topo.pp > 1:
-        from megatron.core.pipeline_parallel import forward_backward_pipelined
         local = forward_backward_pipelined(model, batches, topo, loss_scale, denom, device, backward)
     else:
         local = torch.zeros(1, device=device)

@@ -1,8 +1,8 @@
 """Tensor-parallel layers that declare their piece maps (DESIGN §3, Megatron-style).
 
-Every parameter made here carries ``piece_map`` (where its elements live in the
-canonical tensors) and ``canonical_specs`` (how those tensors are initialised and
-whether they decay). This is the one place where partition semantics live.
+Every parameter made here carries a ``ShardingRecord`` (``param.sharding``): where its
+elements live in the canonical tensors, how those are initialised, and which groups
+replicate, reduce and partition it. This is the one place where partition semantics live.
 """
 from __future__ import annotations
 
@@ -16,17 +16,17 @@ from megatron.core import comm
 from megatron.core.canonical_init import init_local
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import CanonicalSpec, Piece, PieceMap, slice_piece, whole_piece
+from megatron.core.sharding import DENSE_REDUCE_GROUP, PartialSum, ShardingRecord
 
 
 def make_param(local_shape: tuple[int, ...], pieces: list[Piece], specs: list[CanonicalSpec],
-               seed: int) -> nn.Parameter:
-    """A parameter initialised from the canonical tensors it holds pieces of."""
+               seed: int, replicated_over: tuple[str, ...] = ()) -> nn.Parameter:
+    """A dense parameter initialised from the canonical tensors it holds pieces of;
+    ``replicated_over`` names the model-parallel groups that hold copies of it (a norm: tp)."""
     piece_map = PieceMap(tuple(local_shape), pieces)
     by_name = {s.name: s for s in specs}
     p = nn.Parameter(init_local(piece_map, by_name, seed))
-    p.piece_map = piece_map
-    p.canonical_specs = by_name
-    p.partial_grad_rows = []  # (row_start, rows, slot, num_slots): rows summed over TP replicas
+    p.sharding = ShardingRecord(piece_map, by_name, (DENSE_REDUCE_GROUP, *replicated_over))
     return p
 
 
@@ -115,10 +115,11 @@ class ColumnParallelLinear(nn.Module):
         self.bias = make_param((out,), b_pieces, [s.bias for s in segments], seed) if has_bias else None
         offset = 0
         for s in segments:
-            if s.replica_slot is not None:
+            if s.replica_slot is not None:  # repeated KV rows: each TP rank has part of their gradient
                 for p in (self.weight, self.bias):
                     if p is not None:
-                        p.partial_grad_rows.append((offset, s.length, *s.replica_slot))
+                        p.sharding = p.sharding.with_partial_sum(PartialSum("tp", (offset, s.length), s.replica_slot),
+                                                                 None if "tp" in p.sharding.replica_groups else "tp")
             offset += s.length
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +137,8 @@ class RowParallelLinear(nn.Module):
         self.weight = make_param((out_f, length), [slice_piece(weight, 1, start, length)], [weight], seed)
         self.bias = None
         if bias is not None:
-            self.bias = make_param((out_f,), [whole_piece(bias, owner=topo.tp_rank == 0)], [bias], seed)
+            self.bias = make_param((out_f,), [whole_piece(bias, owner=topo.tp_rank == 0)], [bias], seed,
+                                   replicated_over=("tp",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = reduce_from_tp(F.linear(x, self.weight), self.group)
@@ -213,18 +215,3 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, voc
                                  vocab_size: int, group) -> torch.Tensor:
     """Per-token loss from vocab-sharded logits; padded vocab entries are excluded from softmax."""
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, vocab_size, group)
-
-
-def sum_partial_replica_grads(param: nn.Parameter, grad: torch.Tensor, group) -> None:
-    """Sum, over the TP ranks that repeat them, the rows whose gradient each rank has only in part.
-
-    A KV head repeated on several TP ranks gets a partial gradient on each (only from
-    that rank's query heads). Each rank writes its rows into its slot of a shared
-    buffer; after an all-reduce every replica holds the sum. ``grad`` is param-shaped.
-    """
-    for row_start, rows, slot, num_slots in param.partial_grad_rows:
-        part = grad[row_start:row_start + rows]
-        buf = torch.zeros((num_slots, *part.shape), dtype=grad.dtype, device=grad.device)
-        buf[slot] = part
-        comm.all_reduce(buf, group)
-        part.copy_(buf[slot])

@@ -25,11 +25,11 @@ def run_identity(args: argparse.Namespace, vocab_size: int) -> dict:
     """Seed, data (paths, blend weights, split, sizes, index fingerprints) and tokenizer."""
     if args.mock_data:
         data = {"mock": True, "seq_length": args.seq_length}
-    elif getattr(args, "train_data_path", None):  # one blend per split, each used whole
-        data = {name: _blend(paths) if paths else None for name, paths in (
-            ("train", args.train_data_path), ("valid", args.valid_data_path), ("test", args.test_data_path))}
-    else:
+    elif args.data_path:
         data = {"split": args.split, "blend": _blend(args.data_path)}
+    else:  # --train-data-path / --valid-data-path / --test-data-path: one blend per split
+        data = {name: _blend(paths) for name in ("train", "valid", "test")
+                if (paths := getattr(args, f"{name}_data_path", None))}
     tokenizer = {"type": "mock" if args.mock_data else args.tokenizer_type, "vocab_size": vocab_size,
                  "vocab_file_sha256": file_fingerprint(args.vocab_file),
                  "merge_file_sha256": file_fingerprint(args.merge_file),
@@ -40,7 +40,7 @@ def run_identity(args: argparse.Namespace, vocab_size: int) -> dict:
 def _blend(data_path: list[str]) -> list[dict]:
     weights, prefixes = parse_data_path(data_path)
     return [{"prefix": os.path.abspath(p), "weight": w, "bin_bytes": os.path.getsize(p + ".bin"),
-             "idx_sha256": file_fingerprint(p + ".idx")} for w, p in zip(weights, prefixes)]
+             "idx_sha256": file_fingerprint(p + ".idx")} for w, p in zip(weights, prefixes, strict=True)]
 
 
 def identity_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -23,7 +23,7 @@ def template(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], int]]:
         model = GPTModel(cfg, Topology(ParallelDims(1), 0), seed=0)
     out = {}
     for p in model.parameters():
-        for spec in p.canonical_specs.values():
+        for spec in p.sharding.specs.values():
             out[spec.name] = (spec.shape, 0 if spec.weight_decay else 1)
     return out
 
@@ -60,15 +60,16 @@ def checkpoint_config(reader: CheckpointReader) -> ModelConfig:
 def imported_state(cfg: ModelConfig, iteration: int = 0, tokenizer: dict | None = None,
                    optimizer_step: int = 0, consumed_samples: int = 0) -> dict:
     """The training state of an imported model: nothing consumed yet unless the source says so.
-    The batch size and seed are unknown (None), so a resume takes them from its own flags."""
-    return {"iteration": iteration, "consumed_samples": consumed_samples, "consumed_tokens": 0, "model_config": cfg.to_json(),
-            "lr_schedule": {"num_steps": iteration}, "loss_scaler": {}, "optimizer_step": optimizer_step,
-            "seed": None, "tokenizer": tokenizer or {"type": None, "vocab_size": cfg.vocab_size},
+    The batch size and seed are unknown (None) and there is no LR schedule, so a run starts
+    from it with --finetune (or --no-load-optim) and takes the rest from its own flags."""
+    return {"iteration": iteration, "consumed_samples": consumed_samples, "consumed_tokens": 0,
+            "model_config": cfg.to_json(), "optimizer_step": optimizer_step, "seed": None, "tokenizer": tokenizer or {"type": None, "vocab_size": cfg.vocab_size},
             "global_batch_size": None, "micro_batch_size": None, "zero_stage": None, "precision": "float32"}
 
 
 def write_imported(output_folder: str, cfg: ModelConfig, tensors: dict[str, dict[str, torch.Tensor]],
-                   source: dict, state: dict | None = None, param_groups: list[dict] | None = None) -> list[str]:
+                   source: dict, input_folder: str, state: dict | None = None, param_groups: list[dict] | None = None,
+                   overwrite: bool = False) -> list[str]:
     """Check ``tensors`` (canonical name -> {fp32[, exp_avg, exp_avg_sq]}) against the model's
     template and write them as a universal checkpoint; absent moments are fresh (zero)."""
     expected = template(cfg)
@@ -86,4 +87,5 @@ def write_imported(output_folder: str, cfg: ModelConfig, tensors: dict[str, dict
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name} ({s}) has shape {tuple(t.shape)}, the model expects {tuple(shape)}")
         entries[name] = CanonicalEntry(group, *(None if given.get(s) is None else given[s].float() for s in STATES))
-    return write_universal(output_folder, entries, state or imported_state(cfg), param_groups or [{}, {}], source)
+    return write_universal(output_folder, entries, state or imported_state(cfg), param_groups or [{}, {}], source,
+                           input_folder, overwrite)

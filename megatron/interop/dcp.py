@@ -15,6 +15,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from megatron.checkpointing.reader import saved_states
+
 from megatron.interop.canonical import imported_state, open_checkpoint, read_tensors, write_imported
 from megatron.model.config import ModelConfig
 
@@ -25,11 +27,13 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 def export_dcp(input_folder: str, output_folder: str) -> int:
     """Write a DCP folder from a native or universal checkpoint; returns the tensor count."""
     reader = open_checkpoint(input_folder)
-    tensors = read_tensors(reader, ("fp32", *MOMENTS))
-    step = torch.tensor(float(reader.manifest["state"].get("optimizer_step", 0)))
-    state_dict = {"model": {n: s["fp32"] for n, s in tensors.items()},
-                  "optimizer": {"state": {n: {"exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"],
-                                              "step": step.clone()} for n, s in tensors.items()}}}
+    states = saved_states(reader.manifest)
+    tensors = read_tensors(reader, states)
+    state_dict = {"model": {n: s["fp32"] for n, s in tensors.items()}}
+    if set(MOMENTS) <= set(states):  # a weights-only checkpoint (--no-save-optim) has no Adam state
+        step = torch.tensor(float(reader.manifest["state"].get("optimizer_step", 0)))
+        state_dict["optimizer"] = {"state": {n: {"exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"],
+                                                 "step": step.clone()} for n, s in tensors.items()}}
     os.makedirs(output_folder, exist_ok=True)
     dcp.save(state_dict, storage_writer=dcp.FileSystemWriter(output_folder), no_dist=True)
     side = {"state": reader.manifest["state"], "param_groups": reader.manifest["param_groups"],
@@ -54,7 +58,8 @@ def read_dcp(folder: str, keys: dict[str, tuple[int, ...]] | None = None) -> dic
     return {k: v.float() for k, v in state.items()}
 
 
-def import_dcp(folder: str, output_folder: str, model_config: ModelConfig | None = None) -> int:
+def import_dcp(folder: str, output_folder: str, model_config: ModelConfig | None = None,
+               overwrite: bool = False) -> int:
     """Write a universal checkpoint from a canonical-keyed DCP folder; returns the tensor count."""
     side_file = os.path.join(folder, STATE_FILE)
     side = None
@@ -86,5 +91,5 @@ def import_dcp(folder: str, output_folder: str, model_config: ModelConfig | None
     else:
         state, groups = imported_state(model_config, optimizer_step=steps.pop() if steps else 0), None
     write_imported(output_folder, model_config, tensors, {"imported_from": "dcp", "folder": os.path.abspath(folder)},
-                   state, groups)
+                   folder, state, groups, overwrite)
     return len(tensors)

@@ -108,7 +108,8 @@ def canonical_from_mcore(flat: dict[str, torch.Tensor], cfg: ModelConfig, prefix
     return {n: t.contiguous() for n, t in out.items()}
 
 
-def import_mcore(folder: str, output_folder: str, model_config: ModelConfig | None = None) -> int:
+def import_mcore(folder: str, output_folder: str, model_config: ModelConfig | None = None,
+                 overwrite: bool = False) -> int:
     """Write a universal checkpoint from a torch_dist folder (e.g. ``iter_0000100``); returns the count."""
     common = read_common(folder)
     if model_config is None:
@@ -131,5 +132,6 @@ def import_mcore(folder: str, output_folder: str, model_config: ModelConfig | No
     consumed = int(getattr(common.get("args"), "consumed_train_samples", 0) or 0)
     state = imported_state(model_config, iteration=iteration, optimizer_step=step, consumed_samples=consumed)
     write_imported(output_folder, model_config, tensors, {"imported_from": "mcore torch_dist",
-                                                          "folder": os.path.abspath(folder)}, state)
+                                                          "folder": os.path.abspath(folder)}, folder, state,
+                   overwrite=overwrite)
     return len(tensors)

@@ -13,6 +13,7 @@ from torch import nn
 from megatron.core.dropout import DropoutRNG
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import CanonicalSpec, shard_range, whole_piece
+from megatron.core.sharding import PartialSum
 from megatron.core.tensor_parallel import (VocabParallelEmbedding, copy_to_tp, gather_from_tp,
                                            make_param, vocab_parallel_cross_entropy)
 from megatron.model.config import ModelConfig
@@ -41,7 +42,7 @@ class GPTModel(nn.Module):
                                     (cfg.max_position_embeddings, cfg.hidden_size), "normal", cfg.init_method_std)
                 self.embedding.position_embeddings = nn.Module()
                 self.embedding.position_embeddings.weight = make_param(
-                    pos.shape, [whole_piece(pos, owner=topo.tp_rank == 0)], [pos], seed)
+                    pos.shape, [whole_piece(pos, owner=topo.tp_rank == 0)], [pos], seed, replicated_over=("tp",))
             if cfg.embed_layernorm:
                 self.embedding.layernorm = Norm("embedding.layernorm", cfg, topo, seed)
         start, count = shard_range(cfg.num_layers, topo.pp_rank, topo.pp, "--num-layers")
@@ -56,7 +57,8 @@ class GPTModel(nn.Module):
             elif not self.pre_process:  # tied, on another stage: a replica of the word embedding
                 self.output_layer = VocabParallelEmbedding(word, self.padded_vocab, topo, seed, owner=False)
         if cfg.tie_embeddings and topo.pp > 1 and (self.pre_process or self.post_process):
-            self.output_weight().sum_over_embedding_group = True  # both copies get the summed gradient
+            w = self.output_weight()  # both copies get the summed gradient
+            w.sharding = w.sharding.with_partial_sum(PartialSum("embedding"), replica_group="embedding")
 
     def set_recompute(self, cfg: RecomputeConfig) -> None:
         """Which activations to recompute in backward (losses and gradients do not change)."""

@@ -113,8 +113,8 @@ def canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     covered: dict[str, int] = {}
     for p in model.parameters():
-        for piece in p.piece_map.pieces:
-            spec = p.canonical_specs[piece.canonical]
+        for piece in p.sharding.piece_map.pieces:
+            spec = p.sharding.specs[piece.canonical]
             if piece.canonical not in out:
                 out[piece.canonical], covered[piece.canonical] = torch.zeros(spec.shape), 0
             if piece.owner:
@@ -135,8 +135,8 @@ def load_canonical_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
     optimizer is built: the optimizer takes its fp32 master copy from the parameters then."""
     for name, p in model.named_parameters():
         local = torch.zeros(p.shape, dtype=p.dtype)
-        for piece in p.piece_map.pieces:
-            spec = p.canonical_specs[piece.canonical]
+        for piece in p.sharding.piece_map.pieces:
+            spec = p.sharding.specs[piece.canonical]
             t = tensors.get(piece.canonical)
             if t is None:
                 raise KeyError(f"no tensor {piece.canonical!r} given for parameter {name}")

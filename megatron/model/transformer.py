@@ -29,11 +29,11 @@ class Norm(nn.Module):
         self.kind, self.eps = cfg.normalization, cfg.layernorm_epsilon
         h, owner = cfg.hidden_size, topo.tp_rank == 0
         w = CanonicalSpec(f"{name}.weight", (h,), "ones", weight_decay=False)
-        self.weight = make_param((h,), [whole_piece(w, owner)], [w], seed)
+        self.weight = make_param((h,), [whole_piece(w, owner)], [w], seed, replicated_over=("tp",))
         self.bias = None
         if self.kind == "layernorm":
             b = CanonicalSpec(f"{name}.bias", (h,), "zeros", weight_decay=False)
-            self.bias = make_param((h,), [whole_piece(b, owner)], [b], seed)
+            self.bias = make_param((h,), [whole_piece(b, owner)], [b], seed, replicated_over=("tp",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rmsnorm":

@@ -25,7 +25,8 @@ def write_file_with_header(path: str, header: dict, data: bytes) -> None:
 
 
 def edit_manifest(folder: str, edit: Callable[[dict], object]) -> None:
-    """Apply ``edit`` to the manifest in place, then make every checksum agree again."""
+    """Apply ``edit`` to the manifest in place (a value it returns replaces the manifest), then make
+    every checksum agree again."""
     path = os.path.join(folder, "manifest.json")
     with open(path) as f:
         manifest = json.load(f)
@@ -37,7 +38,9 @@ def edit_manifest(folder: str, edit: Callable[[dict], object]) -> None:
 
 
 def reseal(folder: str) -> None:
-    """Recompute every data file's size and block checksums in the manifest."""
+    """Recompute every data file's size and block checksums, and the manifest's own checksum."""
+    from megatron.checkpointing.manifest import seal
+
     path = os.path.join(folder, "manifest.json")
     with open(path) as f:
         manifest = json.load(f)
@@ -53,4 +56,4 @@ def reseal(folder: str) -> None:
                 info["size"] = len(data)
                 info["block_sha256"] = [hashlib.sha256(data[i:i + bs]).hexdigest() for i in range(0, len(data), bs)]
     with open(path, "w") as f:
-        json.dump(manifest, f)
+        f.write(seal(manifest) if isinstance(manifest, dict) else json.dumps(manifest))

@@ -2,16 +2,19 @@
 
 Every local parameter is flattened and cut into ``dp`` equal chunks (padded); with
 ZeRO >= 1 data-parallel rank ``r`` owns chunk ``r`` of every parameter (stage 0 owns
-the whole parameter). A group's *partition* concatenates the owned chunks, padded to
+the whole parameter); the ZeRO group is the one each parameter's ``ShardingRecord`` names
+(dp-cp-sp for dense parameters). A group's *partition* concatenates the owned chunks, padded to
 the chunk size, so every rank's partition has the same size and one collective moves
 a whole group. The fp32 master weights, ``exp_avg``, ``exp_avg_sq`` and the reduced
 gradients live in partitions; the fragment table says which element is which.
 
-Gradients: stages 0-1 accumulate into a full fp32 ``main_grad`` per parameter and
+Gradients: stages 0-1 accumulate into a full fp32 accumulator per parameter and
 all-reduce it in buckets after the last micro-batch (with one shard, ``main_grad`` is
 the partition itself); stages 2-3 reduce-scatter each parameter's gradient into the
 partition as soon as autograd produces it (gathered in buckets of ``bucket_numel``
-elements), so no rank keeps the full reduced gradient and no ``main_grad`` exists.
+elements), so no rank keeps the full reduced gradient and no accumulator exists.
+Partial sums the records name (repeated KV rows, tied embeddings) are added in
+``grad_sync``; the global norm counts each canonical element once, from the records' pieces.
 Stage 3 also keeps only this rank's chunk of each parameter (``p.zero3_shard``, see
 ``zero3.py``); the step writes the new master values straight into those shards.
 """
@@ -25,9 +28,9 @@ from torch import nn
 
 from megatron.core import comm
 from megatron.core.optimizer.grad_scaler import LossScaler
+from megatron.core.optimizer.grad_sync import counted_boxes, strided_view, sum_row_partials, sum_whole_partials
 from megatron.core.parallel_state import Topology
-from megatron.core.pieces import box_slices
-from megatron.core.tensor_parallel import sum_partial_replica_grads
+from megatron.core.sharding import sharding_of
 
 STATE_NAMES = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -60,12 +63,15 @@ class Fragment:
 
 
 class ParamGroup:
-    """One set of hyperparameters (decay or no decay) and its partition buffers."""
+    """One set of hyperparameters (decay or no decay) over one ZeRO group, and its partition
+    buffers. ``counted`` lists, per fragment, the boxes this rank adds to the gradient norm."""
 
-    def __init__(self, index: int, hyper: dict, named: list[tuple[str, nn.Parameter]],
-                 shards: int, shard_rank: int) -> None:
-        self.index, self.hyper = index, hyper
+    def __init__(self, index: int, hyper: dict, named: list[tuple[str, nn.Parameter]], zero_group: str,
+                 shards: int, shard_rank: int, device: torch.device, count_replicas: bool) -> None:
+        self.index, self.hyper, self.zero_group = index, hyper, zero_group
+        self.shards, self.shard_rank = shards, shard_rank
         self.params = [p for _, p in named]
+        self.records = [sharding_of(p) for p in self.params]
         self.fragments: list[Fragment] = []
         offset = 0
         for name, p in named:
@@ -75,12 +81,21 @@ class ParamGroup:
             self.fragments.append(Fragment(name, tuple(p.shape), index, start, end, offset, chunk))
             offset += chunk
         self.size = offset
-        self.device = named[0][1].device if named else torch.device("cpu")
+        self.device = device
         self.master = torch.zeros(offset, device=self.device)
         self.grad = torch.zeros(offset, device=self.device)
         self.exp_avg = torch.zeros(offset, device=self.device)
         self.exp_avg_sq = torch.zeros(offset, device=self.device)
-        self.owned = torch.zeros(offset, device=self.device)  # 1 where this rank counts the element in the grad norm
+        self.counted = [counted_boxes(r, f.start, f.end) if count_replicas else []
+                        for f, r in zip(self.fragments, self.records)]
+
+    def grad_square_sum(self) -> torch.Tensor:
+        """Sum of squares (fp64) of the gradient elements this rank counts in the global norm."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for (f, p, grad), boxes, r in zip(self.views(self.grad), self.counted, self.records):
+            for box in boxes:
+                total += strided_view(grad, r.local_shape, f.start, box).double().pow(2).sum()
+        return total
 
     def views(self, buf: torch.Tensor):
         for f, p in zip(self.fragments, self.params):
@@ -95,74 +110,81 @@ class DistributedOptimizer:
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"--zero-stage must be 0, 1, 2 or 3, got {stage}")
         self.topo, self.stage, self.cfg, self.scaler = topo, stage, cfg, scaler
-        self.shards = topo.dp if stage >= 1 else 1
-        self.shard_rank = topo.dp_rank if stage >= 1 else 0
-        decay = [(n, p) for n, p in named_params if _decays(p)]
-        no_decay = [(n, p) for n, p in named_params if not _decays(p)]
         adam = {"beta1": cfg.beta1, "beta2": cfg.beta2, "eps": cfg.eps}
-        self.groups = [ParamGroup(0, {"weight_decay": cfg.weight_decay, **adam}, decay, self.shards, self.shard_rank),
-                       ParamGroup(1, {"weight_decay": 0.0, **adam}, no_decay, self.shards, self.shard_rank)]
+        zero_groups = sorted({sharding_of(p).zero_group for _, p in named_params} | {"dp-cp-sp"},
+                             key=lambda name: (name != "dp-cp-sp", name))  # dense groups keep indices 0 and 1
+        # The parameters' device (a single GPU process has no NCCL backend to tell it).
+        device = next((p.device for _, p in named_params), topo.device)
+        self.groups = []
+        for zero_group in zero_groups:
+            shards = topo.group_size(zero_group) if stage >= 1 else 1
+            shard_rank = topo.group_rank(zero_group) if stage >= 1 else 0
+            # Stage 0 keeps a full replica on every member of the ZeRO group: only its first counts.
+            count = stage >= 1 or topo.group_rank(zero_group) == 0
+            for decay in (True, False):
+                named = [(n, p) for n, p in named_params
+                         if sharding_of(p).zero_group == zero_group and sharding_of(p).weight_decay == decay]
+                hyper = {"weight_decay": cfg.weight_decay if decay else 0.0, **adam}
+                self.groups.append(ParamGroup(len(self.groups), hyper, named, zero_group, shards, shard_rank,
+                                              device, count))
         self.step_count = 0
-        count_here = stage >= 1 or topo.dp_rank == 0
         for g in self.groups:
             for f, p, master in g.views(g.master):
                 master.copy_(p.detach().reshape(-1)[f.start:f.end].float())
-                owned = torch.zeros(p.shape, device=g.device)
-                for piece in p.piece_map.pieces:
-                    if piece.owner and count_here:
-                        owned[box_slices((piece.local_offsets, piece.sizes))] = 1.0
-                g.owned[f.offset:f.offset + f.end - f.start] = owned.reshape(-1)[f.start:f.end]
         self._install_grad_hooks()
 
     # --- gradients -------------------------------------------------------------------
 
     def _install_grad_hooks(self) -> None:
-        self._pending: list[tuple[ParamGroup, Fragment, torch.Tensor]] = []  # stages 2-3: a bucket
-        self._pending_numel = 0
+        # Stages 2-3: gradients waiting for one bucketed reduce-scatter, per ParamGroup.
+        self._pending: dict[int, list[tuple[Fragment, torch.Tensor]]] = {g.index: [] for g in self.groups}
+        self._pending_numel = dict.fromkeys(self._pending, 0)
+        self.main_grads: dict[int, torch.Tensor] = {}  # stages 0-1: id(param) -> its fp32 accumulator
         for g in self.groups:
             if self.stage <= 1:
-                # One shard: the partition has main_grad's layout, so share the buffer.
-                flat = g.grad if self.shards == 1 else torch.zeros(sum(p.numel() for p in g.params), device=g.device)
+                # One shard: the partition has the accumulators' layout, so share the buffer.
+                flat = g.grad if g.shards == 1 else torch.zeros(sum(p.numel() for p in g.params), device=g.device)
                 g.main_grad_flat, offset = flat, 0
                 for p in g.params:
-                    p.main_grad = flat[offset:offset + p.numel()].view(p.shape)
+                    self.main_grads[id(p)] = flat[offset:offset + p.numel()].view(p.shape)
                     offset += p.numel()
-            for f, p in zip(g.fragments, g.params):
-                p.register_post_accumulate_grad_hook(self._make_hook(g, f))
+            for f, p, r in zip(g.fragments, g.params, g.records):
+                p.register_post_accumulate_grad_hook(self._make_hook(g, f, r))
 
-    def _make_hook(self, g: ParamGroup, f: Fragment):
+    def _make_hook(self, g: ParamGroup, f: Fragment, record):
         def hook(p: nn.Parameter) -> None:
             if self.stage <= 1:
-                p.main_grad.add_(p.grad)
+                self.main_grads[id(p)].add_(p.grad)
             else:
                 grad = p.grad.float()
-                sum_partial_replica_grads(p, grad, self.topo.tp_group)
-                self._pending.append((g, f, grad))
-                self._pending_numel += grad.numel()
-                if self._pending_numel >= self.cfg.bucket_numel:
-                    self._reduce_scatter_pending()
+                sum_row_partials(record, grad, self.topo)  # needs the full local rows: before the scatter
+                self._pending[g.index].append((f, grad))
+                self._pending_numel[g.index] += grad.numel()
+                if self._pending_numel[g.index] >= self.cfg.bucket_numel:
+                    self._reduce_scatter_pending(g)
             p.grad = None
         return hook
 
-    def _reduce_scatter_pending(self) -> None:
-        """Reduce-scatter the waiting gradients in one collective; add this rank's chunks to the
-        partitions. Every rank's hooks run in the same order, so the buckets match across DP."""
-        if not self._pending:
+    def _reduce_scatter_pending(self, g: ParamGroup) -> None:
+        """Reduce-scatter the waiting gradients of ``g`` in one collective over its ZeRO group;
+        add this rank's chunks to the partition. Every rank's hooks run in the same order, so
+        the buckets match across the group."""
+        pending = self._pending[g.index]
+        if not pending:
             return
-        width = sum(f.chunk for _, f, _ in self._pending)
-        device = self.groups[0].grad.device  # the partitions' device
-        send, column = torch.empty(self.shards, width, device=device), 0
-        for _, f, grad in self._pending:  # column block of each gradient: its chunk r in row r
-            padded = torch.nn.functional.pad(grad.reshape(-1), (0, f.chunk * self.shards - grad.numel()))
-            send[:, column:column + f.chunk] = padded.view(self.shards, f.chunk)
+        width = sum(f.chunk for f, _ in pending)
+        send, column = torch.empty(g.shards, width, device=g.device), 0
+        for f, grad in pending:  # column block of each gradient: its chunk r in row r
+            padded = torch.nn.functional.pad(grad.reshape(-1), (0, f.chunk * g.shards - grad.numel()))
+            send[:, column:column + f.chunk] = padded.view(g.shards, f.chunk)
             column += f.chunk
-        mine = torch.empty(width, device=device)
-        comm.reduce_scatter_flat(mine, send.view(-1), self.topo.dp_group)
+        mine = torch.empty(width, device=g.device)
+        comm.reduce_scatter_flat(mine, send.view(-1), self.topo.group(g.zero_group))
         column = 0
-        for g, f, _ in self._pending:
+        for f, _ in pending:
             g.grad[f.offset:f.offset + f.end - f.start] += mine[column:column + f.end - f.start]
             column += f.chunk
-        self._pending, self._pending_numel = [], 0
+        self._pending[g.index], self._pending_numel[g.index] = [], 0
 
     def zero_grad(self) -> None:
         for g in self.groups:
@@ -171,28 +193,24 @@ class DistributedOptimizer:
                 g.main_grad_flat.zero_()
 
     def _finish_gradient_reduction(self) -> None:
-        """After the last micro-batch: sum replicas, reduce over DP, keep this rank's chunks."""
-        self._reduce_scatter_pending()
+        """After the last micro-batch: sum partial rows, reduce over the ZeRO group, keep this
+        rank's chunks, then sum whole-tensor partials (tied embeddings) on those chunks."""
         for g in self.groups:
+            self._reduce_scatter_pending(g)
             if self.stage <= 1:
-                for p in g.params:
-                    sum_partial_replica_grads(p, p.main_grad, self.topo.tp_group)
+                for p, r in zip(g.params, g.records):
+                    sum_row_partials(r, self.main_grads[id(p)], self.topo)
                 flat = g.main_grad_flat
                 for s in range(0, flat.numel(), self.cfg.bucket_numel):
-                    comm.all_reduce(flat[s:s + self.cfg.bucket_numel], self.topo.dp_group)
-                # After the DP sum: the tied copies sit at different bucket offsets on the first and
-                # last stage, so their DP sums may round differently; adding the two DP-reduced
-                # values afterwards gives both stages the same bits.
-                for p in g.params:
-                    if getattr(p, "sum_over_embedding_group", False):
-                        comm.all_reduce(p.main_grad, self.topo.embedding_group)
+                    comm.all_reduce(flat[s:s + self.cfg.bucket_numel], self.topo.group(g.zero_group))
                 if flat is not g.grad:
                     for f, p, grad in g.views(g.grad):
-                        grad.copy_(p.main_grad.reshape(-1)[f.start:f.end])
-            else:
-                for f, p, grad in g.views(g.grad):
-                    if getattr(p, "sum_over_embedding_group", False):
-                        comm.all_reduce(grad, self.topo.embedding_group)
+                        grad.copy_(self.main_grads[id(p)].reshape(-1)[f.start:f.end])
+            # After the DP sum: the tied copies sit at different bucket offsets on the first and
+            # last stage, so their DP sums may round differently; adding the two DP-reduced
+            # values afterwards gives both stages the same bits.
+            for (f, p, grad), r in zip(g.views(g.grad), g.records):
+                sum_whole_partials(r, grad, self.topo)
 
     # --- the step ----------------------------------------------------------------------
 
@@ -201,11 +219,11 @@ class DistributedOptimizer:
         Returns (whether the update was applied, the global gradient norm)."""
         self._finish_gradient_reduction()
         inv_scale = 1.0 / self.scaler.scale
-        stats = torch.zeros(2, device=self.groups[0].device)
+        stats = torch.zeros(2, dtype=torch.float64, device=self.groups[0].device)
         for g in self.groups:
             if inv_scale != 1.0:
                 g.grad.mul_(inv_scale)
-            stats[0] += (g.grad * g.owned).pow(2).sum()
+            stats[0] += g.grad_square_sum()
             stats[1] += (~torch.isfinite(g.grad)).sum()
         comm.world_all_reduce(stats)
         found_inf = bool(stats[1] > 0)
@@ -256,13 +274,15 @@ class DistributedOptimizer:
                     shard[:master.numel()].copy_(master)
             return
         for g in self.groups:
-            if self.shards == 1:
+            if g.shards == 1:
                 for f, p, master in g.views(g.master):
                     p.data.copy_(master.view(p.shape))
                 continue
-            full = torch.empty(g.size * self.shards, dtype=g.master.dtype, device=g.device)
-            comm.all_gather_flat(full, g.master, self.topo.dp_group)
-            full = full.view(self.shards, g.size)
+            # Gather in the model's dtype: half the bytes of fp32 for a bf16 model.
+            dtype = g.params[0].dtype if g.params else g.master.dtype
+            full = torch.empty(g.size * g.shards, dtype=dtype, device=g.device)
+            comm.all_gather_flat(full, g.master.to(dtype), self.topo.group(g.zero_group))
+            full = full.view(g.shards, g.size)
             for f, p in zip(g.fragments, g.params):
                 p.data.copy_(full[:, f.offset:f.offset + f.chunk].reshape(-1)[:p.numel()].view(p.shape))
 
@@ -283,11 +303,3 @@ class DistributedOptimizer:
     def load_hyperparameters(self, saved: list[dict]) -> None:
         for g, h in zip(self.groups, saved):
             g.hyper.update(h)
-
-
-def _decays(p: nn.Parameter) -> bool:
-    flags = {spec.weight_decay for spec in p.canonical_specs.values()}
-    if len(flags) != 1:
-        raise ValueError(f"parameter fuses tensors with and without weight decay: {sorted(p.canonical_specs)}")
-    return flags.pop()
-

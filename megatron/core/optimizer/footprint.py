@@ -1,7 +1,7 @@
 """Bytes of training state a rank holds between steps, by kind: what ZeRO partitions.
 
 Counted from the tensors that stay alive: model parameters (or their ZeRO-3 shards),
-gradient buffers (fp32 ``main_grad``, the reduced gradient partitions, any ``.grad``),
+gradient buffers (the fp32 accumulators of stages 0-1, the reduced gradient partitions, any ``.grad``),
 and the optimizer's fp32 master weights and Adam moments. Views of one storage are
 counted once, so a buffer shared by two roles is not double counted.
 """
@@ -21,7 +21,6 @@ class Footprint:
     params: int  # model-dtype parameters, or this rank's ZeRO-3 shards of them
     grads: int  # fp32 gradient accumulation and reduced-gradient partitions
     optimizer: int  # fp32 master weights, exp_avg, exp_avg_sq
-    other: int  # bookkeeping (the grad-norm ownership mask)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -46,9 +45,8 @@ def resident_bytes(model: nn.Module, optimizer: DistributedOptimizer) -> Footpri
     seen: set[int] = set()
     params = list(model.parameters())
     param_bytes = _storage_bytes([t for p in params for t in (p.data, getattr(p, "zero3_shard", None))], seen)
-    grad_tensors = [t for p in params for t in (p.grad, getattr(p, "main_grad", None))]
+    grad_tensors = [p.grad for p in params] + list(optimizer.main_grads.values())
     grad_tensors += [t for g in optimizer.groups for t in (getattr(g, "main_grad_flat", None), g.grad)]
     grad_bytes = _storage_bytes(grad_tensors, seen)
     state_bytes = _storage_bytes([t for g in optimizer.groups for t in (g.master, g.exp_avg, g.exp_avg_sq)], seen)
-    other = _storage_bytes([g.owned for g in optimizer.groups], seen)
-    return Footprint(param_bytes, grad_bytes, state_bytes, other)
+    return Footprint(param_bytes, grad_bytes, state_bytes)

@@ -119,8 +119,9 @@ class OptimizerParamScheduler:
         ``override`` (the command line wins) or ``checkpoint`` (the checkpoint wins).
         Returns the differences found, as readable lines, for the log."""
         saved = ScheduleShape(**{f.name: state[f.name] for f in fields(ScheduleShape)})
-        differences = [f"{f.name}: checkpoint {getattr(saved, f.name)!r}, command line {getattr(self.shape, f.name)!r}"
-                       for f in fields(ScheduleShape) if getattr(saved, f.name) != getattr(self.shape, f.name)]
+        differences = [f"{name}: checkpoint {getattr(saved, name)!r}, command line {getattr(self.shape, name)!r}"
+                       for name in _effective_fields(saved, self.shape)
+                       if getattr(saved, name) != getattr(self.shape, name)]
         if differences and policy == "strict":
             raise SchedulerMismatch(
                 "the checkpoint's learning-rate / weight-decay schedule differs from the command line's:\n  "
@@ -129,12 +130,21 @@ class OptimizerParamScheduler:
                   "--use-checkpoint-opt_param-scheduler to keep the checkpoint's (schedules count samples: "
                   "iteration-based flags change with --global-batch-size; give --train-samples, "
                   "--lr-decay-samples and --lr-warmup-samples to change the batch size freely)")
-        if policy == "checkpoint":
+        if policy == "checkpoint" or not differences:  # keep the saved values that had no effect too
             self.shape = saved
         self.num_steps, self.num_tokens = int(state["num_steps"]), int(state["num_tokens"])
         given = self.shape.lr_warmup_tokens
         self.warmup_end_tokens = given if given is not None else state["warmup_end_tokens"]
         return differences
+
+
+def _effective_fields(a: ScheduleShape, b: ScheduleShape) -> list[str]:
+    """The fields to compare: all of them (as upstream), except the WD increment length when
+    both keep the weight decay constant, where it changes nothing (--train-iters may grow)."""
+    names = [f.name for f in fields(ScheduleShape)]
+    if a.wd_incr_style == b.wd_incr_style == "constant":
+        names.remove("wd_incr_steps")
+    return names
 
 
 def schedule_shape_from_args(args: argparse.Namespace) -> ScheduleShape:

@@ -25,13 +25,20 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from megatron.core import comm
 from megatron.core.optimizer.distributed_optimizer import Fragment
 from megatron.core.parallel_state import Topology
+from megatron.core.sharding import sharding_of
 
 
 class Unit:
     """The parameters one step of the forward reads; gathers and frees them together."""
 
     def __init__(self, name: str, params: list[nn.Parameter], topo: Topology) -> None:
-        self.name, self.params, self.group, self.dp = name, params, topo.dp_group, topo.dp
+        zero_groups = {sharding_of(p).zero_group for p in params} or {"dp-cp-sp"}
+        if len(zero_groups) > 1:
+            raise ValueError(f"ZeRO-3 unit {name} mixes parameters partitioned over {sorted(zero_groups)}; "
+                             f"split it so each unit gathers over one group")
+        zero_group = zero_groups.pop()
+        self.name, self.params = name, params
+        self.group, self.dp = topo.group(zero_group), topo.group_size(zero_group)
         dtypes = {p.zero3_shard.dtype for p in params}
         if len(dtypes) > 1:
             raise ValueError(f"ZeRO-3 unit {name} mixes parameter dtypes {sorted(map(str, dtypes))}; "
@@ -54,7 +61,7 @@ class Unit:
         table = table.view(self.dp, self.shard_numel)
         for p, offset in zip(self.params, self.offsets):
             chunk = p.zero3_shard.numel()
-            shape = p.piece_map.local_shape
+            shape = sharding_of(p).local_shape
             p.data = table[:, offset:offset + chunk].reshape(-1)[:math.prod(shape)].view(shape)
 
     def release(self) -> None:
@@ -150,7 +157,7 @@ def partition_parameters(model: nn.Module, topo: Topology, fragments: list[Fragm
     for index, (owner, method, params) in enumerate(model.units()):
         for p in params:
             if id(p) not in covered:
-                _shard(p, by_id[id(p)], topo.dp)
+                _shard(p, by_id[id(p)], topo.group_size(sharding_of(p).zero_group))
                 covered.add(id(p))
         unit = Unit(f"{index} ({type(owner).__name__}.{method})", params, topo)
         setattr(owner, method, _wrap(unit, getattr(owner, method)))

@@ -1,0 +1,36 @@
+"""Make every rank fail together, with the same message, when any rank of a checkpoint step fails.
+
+Without this, one rank's CheckpointError leaves the others blocked in the next collective
+until gloo reports a closed connection, and every rank prints its own traceback.
+"""
+from __future__ import annotations
+
+import errno
+
+import torch.distributed as dist
+
+from megatron.checkpointing.safetensors_io import CheckpointError
+
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def as_checkpoint_error(e: BaseException, what: str) -> CheckpointError:
+    """A one-line CheckpointError for an OSError of ``what`` (disk full gets its own advice)."""
+    if isinstance(e, CheckpointError):
+        return e
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+        return CheckpointError(f"{what}: no space left ({e.strerror}{': ' + e.filename if e.filename else ''}); "
+                               f"the previous checkpoint is intact; free disk space (or use --keep-last-k) and resume")
+    return CheckpointError(f"{what}: {type(e).__name__}: {e}")
+
+
+def raise_if_any_failed(error: CheckpointError | None) -> None:
+    """Collective: raise the lowest failing rank's error on every rank, or return if none failed."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        messages: list = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if error is None else str(error))
+        first = next((m for m in messages if m is not None), None)
+        if first is not None:
+            raise CheckpointError(first)
+    elif error is not None:
+        raise error
