@@ -150,7 +150,8 @@ def test_every_param_group_hyperparameter_survives_a_zero3_round_trip(tmp_path, 
         assert groups["layers.0.attention.q.weight"] == 0 and groups["embedding.word_embeddings.weight"] == 0
         assert groups["layers.0.input_norm.weight"] == 1 and groups["layers.1.mlp.fc1.bias"] == 1
     world, flags = target  # default CLI hyperparameters: the checkpoint's must win
-    argv = MODEL + flags + ["--train-iters", "2", "--load", folder] + (["--universal-checkpoint"] if universal else [])
+    argv = MODEL + flags + ["--train-iters", "2", "--load", folder, "--use-checkpoint-opt_param-scheduler"] \
+        + (["--universal-checkpoint"] if universal else [])
     for loaded in inspect_trained(world, argv, _groups_of):
         assert loaded["hyper"] == WANT_GROUPS
         assert loaded["groups"] == {n: groups[n] for n in loaded["groups"]}

@@ -71,7 +71,7 @@ def stage_activation_peak(rank: int, world: int, cfg: ModelConfig, micro: int, n
     model = GPTModel(cfg, topo, seed=1234)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (num_micro, micro, cfg.seq_length + 1), generator=gen)
-    batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+    batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous(), m * micro) for m, t in enumerate(tokens)]
     meter = SavedTensorMeter(model)
     with meter.hooks():
         forward_backward_pipelined(model, batches, topo, 1.0, num_micro * micro * cfg.seq_length,
