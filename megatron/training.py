@@ -187,6 +187,8 @@ class Trainer:
                  f"{'restored exactly (same layout)' if loaded.rng_restored else 're-derived from the seed'}")
 
     def _resume_schedule_and_scaler(self, g: dict) -> None:
+        if "opt_param_scheduler" not in g:  # imported weights: the schedule and the scaler start afresh
+            return
         for difference in self.schedule.load_state_dict(g["opt_param_scheduler"], scheduler_policy(self.args)):
             self.log(f"notice: LR schedule {difference} ({scheduler_policy(self.args)} wins)")
         self.log("loss scaling: " + resume_loss_scaler(self.scaler, g["loss_scaler"], g["precision"], self.args))
@@ -216,7 +218,8 @@ class Trainer:
             raise checkpointing.CheckpointError(
                 f"checkpoint under {a.load} holds {saved_optimizer} optimizer state, this run uses "
                 f"--optimizer {a.optimizer}; use the same optimizer or pass --no-load-optim")
-        if load_optim and "opt_param_scheduler" not in saved:
+        imported = saved["global_batch_size"] is None  # weights imported from another tool: nothing trained yet
+        if load_optim and "opt_param_scheduler" not in saved and not imported:
             raise checkpointing.CheckpointError(f"checkpoint under {a.load} was saved with --no-save-optim: pass "
                                                 f"--no-load-optim or --finetune to start the optimizer afresh")
         if a.finetune:
@@ -228,7 +231,6 @@ class Trainer:
                     f"checkpoint under {a.load} was trained with another seed, data or tokenizer:\n  "
                     + "\n  ".join(changes) + "\npass --override-data-position to continue from its consumed "
                     "samples anyway, or --finetune to start a new run from its weights")
-        imported = saved["global_batch_size"] is None  # weights imported from another tool: no batch size yet
         if not imported and saved["global_batch_size"] != a.global_batch_size:
             self.log(f"notice: global batch size {saved['global_batch_size']} in the checkpoint, "
                      f"{a.global_batch_size} now; the LR schedule counts samples and the data continues "

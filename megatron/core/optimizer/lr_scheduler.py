@@ -150,8 +150,9 @@ def _effective_fields(a: ScheduleShape, b: ScheduleShape) -> list[str]:
 def schedule_shape_from_args(args: argparse.Namespace) -> ScheduleShape:
     """Megatron's ``get_optimizer_param_scheduler``: iteration flags become samples at this
     run's global batch size; sample flags are taken as they are."""
-    if args.train_iters:
-        decay = (args.lr_decay_iters or args.train_iters) * args.global_batch_size
+    if args.train_iters is not None:
+        # --train-iters 0 (save the initial weights) trains nothing: a one-sample schedule
+        decay = max(1, (args.lr_decay_iters or args.train_iters) * args.global_batch_size)
         wd_steps = args.train_iters * args.global_batch_size
         warmup = args.lr_warmup_iters * args.global_batch_size
     else:
