@@ -48,7 +48,9 @@ def _listing(folder: str) -> dict[str, bytes]:
 
 
 def _resume(folder: str, *extra: str) -> list[float]:
-    return train_losses(1, TP2[:-2] + ["--train-iters", str(ITERS + 1), "--load", folder, *extra])
+    """One more iteration from the checkpoint, on one rank (the schedule of the saving run)."""
+    return train_losses(1, TP2[:-2] + ["--train-iters", str(2 * ITERS), "--exit-interval", str(ITERS + 1),
+                                       "--load", folder, *extra])
 
 
 # --- defect 1: the converter never replaces or deletes a checkpoint --------------------------------
