@@ -48,7 +48,7 @@ def _listing(folder: str) -> dict[str, bytes]:
 
 
 def _resume(folder: str, *extra: str) -> list[float]:
-    # one more iteration of the same schedule (another --train-iters would be another LR schedule)
+    """One more iteration from the checkpoint, on one rank (the schedule of the saving run)."""
     return train_losses(1, TP2[:-2] + ["--train-iters", str(2 * ITERS), "--exit-interval", str(ITERS + 1),
                                        "--load", folder, *extra])
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
 from megatron.checkpointing.locate import NEVER, resolve_checkpoint
 from megatron.checkpointing.reader import STATES, WEIGHTS_ONLY, CheckpointReader, saved_states
 from megatron.checkpointing.safetensors_io import CheckpointError
@@ -58,21 +59,47 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
                     universal: bool = False, tag: str | None = None, load_optimizer: bool = True,
                     load_rng: bool = True, validate: Callable[[dict], None] | None = None,
                     start_fresh: str = NEVER) -> Loaded | None:
-    """Collective-free: each rank reads only what its fragments need. Returns None if there is
-    nothing to resume from and ``start_fresh`` allows that (see ``locate``). ``validate(state)``
-    may refuse the checkpoint before any tensor is read."""
-    path = resolve_checkpoint(load_dir, universal, tag, start_fresh)
+    """Collective (ZeRO gathers the loaded weights): each rank reads only what its fragments need.
+    Returns None if there is nothing to resume from and ``start_fresh`` allows that (see
+    ``locate``). ``validate(state)`` may refuse the checkpoint before any tensor is read. A
+    failure on any rank raises the same CheckpointError on every rank."""
+    path = resolve_checkpoint(load_dir, universal, tag, start_fresh)  # the same answer on every rank
     if path is None:
         return None
+    reader, error = None, None
+    try:
+        reader = _read_into_fragments(path, model, optimizer, topo, universal, load_optimizer, validate)
+    except (OSError, CheckpointError) as e:
+        error = as_checkpoint_error(e, f"loading {path}")
+    raise_if_any_failed(error)  # before the collectives below, which a failed rank would never join
+    if load_optimizer:
+        optimizer.load_hyperparameters(reader.manifest["param_groups"])
+    optimizer.copy_master_to_model()
+    # A universal checkpoint keeps its source's RNG states: the saving layout resumes exactly.
+    saved_layout = reader.manifest["topology" if reader.kind == "native" else "source_topology"]
+    same_layout = saved_layout == topo.describe()
+    rng_restored = False
+    if load_rng and same_layout:
+        rng = reader.rank_rng(topo.rank)
+        if rng is not None:
+            set_rng_state(rng)
+            rng_restored = True
+    return Loaded(path, reader.kind, reader.manifest["state"], rng_restored, reader.bytes_read,
+                  reader.total_bytes, reader.json_bytes_parsed)
+
+
+def _read_into_fragments(path: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
+                         universal: bool, load_optimizer: bool,
+                         validate: Callable[[dict], None] | None) -> CheckpointReader:
+    """This rank's part of a load: checks, then every fragment's states from the checkpoint."""
     reader = CheckpointReader(path)
     if universal and reader.kind != "universal":
         raise CheckpointError(f"--universal-checkpoint: {path} is a {reader.kind} checkpoint; drop "
                               f"--universal-checkpoint to load it, or convert it first")
     if not universal and reader.kind == "universal":
         raise CheckpointError(f"{path} is a universal checkpoint: add --universal-checkpoint to load it")
-    state = reader.manifest["state"]
     if validate is not None:
-        validate(state)
+        validate(reader.manifest["state"])
     _check_param_groups(reader, model, optimizer)
     if load_optimizer and saved_states(reader.manifest) != STATES:
         raise CheckpointError(f"{path} holds weights only (saved with --no-save-optim): pass --no-load-optim "
@@ -95,20 +122,7 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
             if not bool(torch.isfinite(views[s]).all()):
                 raise CheckpointError(f"{path}: {f.name} ({s}) holds NaN or Inf values in the checkpoint: "
                                       f"training had diverged when it was saved; load an earlier checkpoint")
-    if load_optimizer:
-        optimizer.load_hyperparameters(reader.manifest["param_groups"])
-    optimizer.copy_master_to_model()
-    # A universal checkpoint keeps its source's RNG states: the saving layout resumes exactly.
-    saved_layout = reader.manifest["topology" if reader.kind == "native" else "source_topology"]
-    same_layout = saved_layout == topo.describe()
-    rng_restored = False
-    if load_rng and same_layout:
-        rng = reader.rank_rng(topo.rank)
-        if rng is not None:
-            set_rng_state(rng)
-            rng_restored = True
-    return Loaded(path, reader.kind, state, rng_restored, reader.bytes_read, reader.total_bytes,
-                  reader.json_bytes_parsed)
+    return reader
 
 
 def _check_param_groups(reader: CheckpointReader, model: nn.Module, optimizer: DistributedOptimizer) -> None:

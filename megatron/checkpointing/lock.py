@@ -47,6 +47,7 @@ def acquire_folder_lock(folder: str) -> None:
 def release_folder_lock(folder: str) -> None:
     fd = _held.pop(os.path.realpath(folder), None)
     if fd is not None:
+        os.ftruncate(fd, 0)  # a clean end: the next job has nothing to take over
         os.close(fd)  # closing drops the flock
 
 

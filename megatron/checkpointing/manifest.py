@@ -100,7 +100,7 @@ def validate(manifest: Any, file: str) -> dict:
     c = _Checker(file)
     c.dict(manifest, "top level")
     kind = manifest.get("kind")
-    if kind not in TOP_FIELDS:
+    if not isinstance(kind, str) or kind not in TOP_FIELDS:
         raise c.fail("kind", f"expected 'native' or 'universal', found {kind!r}")
     c.dict(manifest, "top level", TOP_FIELDS[kind], REQUIRED)
     check = c.dict(manifest[CHECKSUM], CHECKSUM, {"sha256"})
@@ -189,7 +189,7 @@ def _check_params(c: _Checker, params: Any, where: str, canonical: dict, groups:
             pw = f"{w}.pieces[{j}]"
             c.dict(piece, pw, PIECE_FIELDS)
             name = piece["canonical"]
-            if name not in canonical:
+            if not isinstance(name, str) or name not in canonical:
                 raise c.fail(f"{pw}.canonical", f"{name!r} is not in the canonical table")
             ndim = len(canonical[name])
             sizes = c.shape(piece["sizes"], f"{pw}.sizes", ndim)

@@ -126,7 +126,7 @@ def parse_header(path: str, raw: bytes, data_size: int) -> tuple[dict, dict]:
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"tensor {key!r} is not {{dtype, shape, data_offsets}}")
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-        if dtype not in _ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
             raise bad(f"tensor {key!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise bad(f"tensor {key!r} has shape {shape!r}, expected a list of non-negative integers")

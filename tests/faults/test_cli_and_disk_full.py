@@ -58,7 +58,7 @@ def test_cli_prints_a_checkpoint_error_once_per_job_without_traceback(ckpt) -> N
 def test_disk_full_during_save_is_one_line_and_keeps_the_previous_checkpoint(ckpt) -> None:
     before = _listing(os.path.join(ckpt, "global_step4"))
     size = os.path.getsize(os.path.join(ckpt, "global_step4", "rank_00000.safetensors"))
-    result = _pretrain_cli("--train-iters", "6", "--load", ckpt, "--save", ckpt, "--save-interval", "1",
+    result = _pretrain_cli("--train-iters", "8", "--exit-interval", "6", "--load", ckpt, "--save", ckpt, "--save-interval", "1",
                            limit=size // 2)
     assert result.returncode != 0 and not _our_traceback(result.stderr), result.stderr[-3000:]
     lines = _error_lines(result.stderr)
