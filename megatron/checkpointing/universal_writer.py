@@ -7,7 +7,6 @@ the folder atomically and points ``latest_universal`` at it.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron.checkpointing.convert import check_output_folder
+from megatron.checkpointing.manifest import seal
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES
 from megatron.checkpointing.safetensors_io import SafetensorsWriter
 from megatron.checkpointing.save import commit_folder, write_atomic
@@ -83,10 +83,10 @@ def write_universal(output_folder: str, entries: dict[str, CanonicalEntry], stat
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "universal", "state": state,
         "source_topology": source, "source_zero_stage": None, "param_groups": param_groups,
         "canonical": {n: {"shape": list(entries[n].fp32.shape), "group": entries[n].group} for n in names},
-        "files": files, "sources": sources,
+        "saved_states": list(STATES), "files": files, "sources": sources,
         "replica_check": {"policy": "imported", "max_abs_diff": 0.0, "tensor": ""},
     }
-    write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+    write_atomic(os.path.join(tmp, MANIFEST), seal(manifest))
     commit_folder(tmp, output_folder)
     write_atomic(os.path.join(parent, "latest_universal"), os.path.basename(output_folder))
     return sorted(files)
