@@ -7,7 +7,6 @@ the folder atomically and points ``latest_universal`` at it.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -17,7 +16,8 @@ import torch
 
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES
 from megatron.checkpointing.safetensors_io import SafetensorsWriter
-from megatron.checkpointing.save import commit_folder, write_atomic
+from megatron.checkpointing.commit import commit_folder, write_atomic
+from megatron.checkpointing.manifest import seal
 
 FILE_BYTES = 1 << 30  # tensors are dealt to files of about this size
 
@@ -83,7 +83,7 @@ def write_universal(output_folder: str, entries: dict[str, CanonicalEntry], stat
         "files": files, "sources": sources,
         "replica_check": {"policy": "imported", "max_abs_diff": 0.0, "tensor": ""},
     }
-    write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+    write_atomic(os.path.join(tmp, MANIFEST), seal(manifest))
     commit_folder(tmp, output_folder)
     write_atomic(os.path.join(parent, "latest_universal"), os.path.basename(output_folder))
     return sorted(files)
