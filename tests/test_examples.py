@@ -30,7 +30,7 @@ TRAIN_ITERS, SAVE_ITERS = 4, 2
 # Every variable the scripts read that matters here, so the caller's environment cannot leak in.
 TINY_ENV = {
     "NUM_LAYERS": "2", "HIDDEN": "32", "HEADS": "4", "KV_HEADS": "2", "SEQ": "32", "MBS": "2", "GBS": "4",
-    "TRAIN_ITERS": str(TRAIN_ITERS), "SAVE_ITERS": str(SAVE_ITERS), "WARMUP_ITERS": "1",  # warmup must end before the decay (as Megatron)
+    "TRAIN_ITERS": str(TRAIN_ITERS), "SAVE_ITERS": str(SAVE_ITERS),
     "LOG_INTERVAL": "1",
     "NUM_DOCS": "300", "TOKENIZER_VOCAB": "400", "DEVICE": "cpu", "ZERO_STAGE": "1", "EXTRA_ARGS": "",
     "WARMUP_ITERS": "1",  # the LR warmup must end before the 4-iteration decay does
