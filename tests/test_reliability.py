@@ -302,8 +302,8 @@ def test_edited_manifest_value_is_refused_by_its_checksum(ckpt) -> None:
         _resume(ckpt)
 
 
-def _source_param(m: dict, index: int = 0) -> dict:
-    params = m["sources"][index]["params"]
+def _table_param(table: dict) -> dict:
+    params = table["params"]
     return params[sorted(params)[0]]
 
 
@@ -328,11 +328,6 @@ HOSTILE_MANIFESTS = {
     "dotdot-file": (lambda m: m["files"].__setitem__("../rank_00000.safetensors",
                                                      m["files"].pop("rank_00000.safetensors")), "plain name"),
     "absolute-file": (lambda m: m["sources"][0].__setitem__("file", "/etc/passwd"), "plain name"),
-    "narrowed-local-shape": (lambda m: _source_param(m).__setitem__(
-        "local_shape", [_source_param(m)["local_shape"][0] - 1] + _source_param(m)["local_shape"][1:]),
-        "outside"),
-    "overlapping-pieces": (lambda m: _source_param(m)["pieces"].append(dict(_source_param(m)["pieces"][0])) or None,
-                           "overlaps pieces"),
     "beta2-string": (_set(["param_groups", 0, "beta2"], "0.5"), "finite number"),
     "eps-nan": (_set(["param_groups", 0, "eps"], float("nan")), "finite number"),
 }
@@ -348,6 +343,27 @@ def test_hostile_manifest_is_refused_in_one_line_naming_the_file(ckpt, case) -> 
     with pytest.raises(CheckpointError, match=match) as info:
         describe_checkpoint(step)
     assert "manifest.json" in str(info.value) and "\n" not in str(info.value)
+
+
+HOSTILE_TABLES = {
+    "narrowed-local-shape": (lambda t: _table_param(t).__setitem__(
+        "local_shape", [_table_param(t)["local_shape"][0] - 1] + _table_param(t)["local_shape"][1:]), "outside"),
+    "overlapping-pieces": (lambda t: _table_param(t)["pieces"].append(dict(_table_param(t)["pieces"][0])),
+                           "overlaps pieces"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_TABLES))
+def test_hostile_rank_table_is_refused_in_one_line_naming_the_file(ckpt, case) -> None:
+    """A rank's own table (format 2) with consistent checksums still goes through the schema."""
+    from megatron.testing.tamper import edit_rank_table
+
+    edit, match = HOSTILE_TABLES[case]
+    step = os.path.join(ckpt, "global_step4")
+    edit_rank_table(step, 0, edit)
+    with pytest.raises(CheckpointError, match=match) as info:
+        describe_checkpoint(step)
+    assert "rank_00000.json" in str(info.value) and "\n" not in str(info.value)
 
 
 # --- NaN / Inf, folder lock, retention, pointers, one-line errors, disk full --------------------

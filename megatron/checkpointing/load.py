@@ -8,6 +8,7 @@ piece (vocabulary padding) are zero.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,6 +72,9 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
         reader = _read_into_fragments(path, model, optimizer, topo, universal, load_optimizer, validate)
     except (OSError, CheckpointError) as e:
         error = as_checkpoint_error(e, f"loading {path}")
+        if tag is None and os.path.realpath(path) != os.path.realpath(load_dir):  # found through a pointer
+            pointer = os.path.join(load_dir, "latest_universal" if universal else "latest")
+            error = CheckpointError(f"{error} (named by {pointer})")
     raise_if_any_failed(error)  # before the collectives below, which a failed rank would never join
     if load_optimizer:
         optimizer.load_hyperparameters(reader.manifest["param_groups"])

@@ -121,7 +121,8 @@ class CheckpointReader:
                     table = json.loads(raw)
                 except ValueError as e:
                     raise CheckpointError(f"{file} is not valid JSON ({e}): the rank table is corrupted") from e
-                self._tables[name] = validate_rank_table(table, file, self.manifest)
+                self._tables[name] = validate_rank_table(table, f"{file} (with {os.path.join(self.path, MANIFEST)})",
+                                                          self.manifest)
                 self.json_bytes_parsed += len(raw)
             return self._tables[name]
 

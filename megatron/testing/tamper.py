@@ -38,7 +38,8 @@ def edit_manifest(folder: str, edit: Callable[[dict], object]) -> None:
 
 
 def reseal(folder: str) -> None:
-    """Recompute every data file's size and block checksums, and the manifest's own checksum."""
+    """Recompute every data file's size and block checksums, the rank tables' sha256 and the
+    manifest's own checksum."""
     from megatron.checkpointing.manifest import seal
 
     path = os.path.join(folder, "manifest.json")
@@ -55,5 +56,21 @@ def reseal(folder: str) -> None:
             if isinstance(bs, int) and bs > 0:
                 info["size"] = len(data)
                 info["block_sha256"] = [hashlib.sha256(data[i:i + bs]).hexdigest() for i in range(0, len(data), bs)]
+        for source in manifest.get("sources", []):
+            table = os.path.join(folder, source["table"]) if isinstance(source, dict) and "table" in source else None
+            if table and os.path.isfile(table):
+                with open(table, "rb") as f:
+                    source["table_sha256"] = hashlib.sha256(f.read()).hexdigest()
     with open(path, "w") as f:
         f.write(seal(manifest) if isinstance(manifest, dict) else json.dumps(manifest))
+
+
+def edit_rank_table(folder: str, rank: int, edit: Callable[[dict], object]) -> None:
+    """Apply ``edit`` to rank ``rank``'s own table (format 2), then make every checksum agree again."""
+    path = os.path.join(folder, f"rank_{rank:05d}.json")
+    with open(path) as f:
+        table = json.load(f)
+    edit(table)
+    with open(path, "w") as f:
+        json.dump(table, f)
+    reseal(folder)

@@ -28,7 +28,8 @@ def load_everything(folder: str, universal: bool) -> tuple[dict, dict]:
     path = resolve_checkpoint(folder, universal)
     reader = CheckpointReader(path)
     if reader.kind != ("universal" if universal else "native"):
-        raise CheckpointError(f"{path} is a {reader.kind} checkpoint")
+        pointer = "latest_universal" if universal else "latest"
+        raise CheckpointError(f"{path} (named by {os.path.join(folder, pointer)}) is a {reader.kind} checkpoint")
     tensors = {}
     for name, shape in reader.canonical.items():
         for s in STATES:
