@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron.model.config import ModelConfig
+from megatron.model.config import ModelConfig, require_features
 
 _NORMS = {"input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm"}
 _LINEARS = {"attention.dense": "self_attention.dense", "mlp.fc1": "mlp.dense_h_to_4h", "mlp.fc2": "mlp.dense_4h_to_h"}
@@ -23,9 +23,7 @@ def check(cfg: ModelConfig) -> None:
             (cfg.openai_gelu, "--openai-gelu"), (cfg.ffn_hidden_size == 4 * cfg.hidden_size, "ffn = 4 x hidden"),
             (cfg.tie_embeddings, "tied embeddings"), (cfg.add_bias_linear, "linear biases"),
             (not cfg.swiglu, "no --swiglu"), (cfg.num_key_value_heads == cfg.num_attention_heads, "no GQA")]
-    missing = [flag for ok, flag in need if not ok]
-    if missing:
-        raise ValueError(f"this model is not BLOOM-shaped: BloomForCausalLM needs {', '.join(missing)}")
+    require_features(need, "BloomForCausalLM")
 
 
 def hf_config(cfg: ModelConfig) -> dict:

@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from megatron.model.config import ModelConfig
+from megatron.model.config import ModelConfig, require_features
 
 _NORMS = {"input_norm": "ln_1", "post_attention_norm": "ln_2"}
 _LINEARS = {"attention.dense": "attn.c_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
@@ -25,9 +25,7 @@ def check(cfg: ModelConfig) -> None:
             (not cfg.swiglu, "no --swiglu"), (cfg.tie_embeddings, "tied embeddings"),
             (cfg.add_bias_linear, "linear biases"), (cfg.num_key_value_heads == cfg.num_attention_heads, "no GQA"),
             (not cfg.embed_layernorm, "no --embed-layernorm")]
-    missing = [flag for ok, flag in need if not ok]
-    if missing:
-        raise ValueError(f"this model is not GPT-2-shaped: GPT2LMHeadModel needs {', '.join(missing)}")
+    require_features(need, "GPT2LMHeadModel")
 
 
 def hf_config(cfg: ModelConfig) -> dict:

@@ -106,3 +106,12 @@ class ModelConfig:
             if a != b:
                 return f"{name}: checkpoint has {b!r}, this run has {a!r}"
         return None
+
+
+def require_features(need: list[tuple[bool, str]], architecture: str) -> None:
+    """Refuse a model that ``architecture`` (a transformers class) cannot express, naming every
+    flag or property it lacks. ``need``: (present?, flag) pairs."""
+    missing = [flag for ok, flag in need if not ok]
+    if missing:
+        raise ValueError(f"this model does not map onto transformers' {architecture}: it needs "
+                         f"{', '.join(missing)}")

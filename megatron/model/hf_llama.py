@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from megatron.core.pieces import box_slices
-from megatron.model.config import ModelConfig
+from megatron.model.config import ModelConfig, require_features
 
 _GLOBAL = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
@@ -38,12 +38,9 @@ _HF_DERIVED = re.compile(r".*rotary_emb\.inv_freq")  # recomputed from the confi
 
 def check_llama(cfg: ModelConfig) -> None:
     """Refuse configs that LlamaForCausalLM cannot express, naming the flag to add."""
-    missing = [flag for ok, flag in ((cfg.normalization == "rmsnorm", "--normalization rmsnorm"),
-                                     (cfg.position_embedding_type == "rope", "--position-embedding-type rope"),
-                                     (cfg.swiglu, "--swiglu")) if not ok]
-    if missing:
-        raise ValueError(f"this model is not Llama-shaped: it needs {', '.join(missing)} to map onto "
-                         f"transformers' LlamaForCausalLM")
+    require_features([(cfg.normalization == "rmsnorm", "--normalization rmsnorm"),
+                      (cfg.position_embedding_type == "rope", "--position-embedding-type rope"),
+                      (cfg.swiglu, "--swiglu")], "LlamaForCausalLM")
 
 
 def hf_llama_config(cfg: ModelConfig) -> dict:
