@@ -187,12 +187,12 @@ class Trainer:
                  f"{'restored exactly (same layout)' if loaded.rng_restored else 're-derived from the seed'}")
 
     def _resume_schedule_and_scaler(self, g: dict) -> None:
+        self.optimizer.step_count = g["optimizer_step"]  # Adam's bias correction continues, imported or not
         if "opt_param_scheduler" not in g:  # imported weights: the schedule and the scaler start afresh
             return
         for difference in self.schedule.load_state_dict(g["opt_param_scheduler"], scheduler_policy(self.args)):
             self.log(f"notice: LR schedule {difference} ({scheduler_policy(self.args)} wins)")
         self.log("loss scaling: " + resume_loss_scaler(self.scaler, g["loss_scaler"], g["precision"], self.args))
-        self.optimizer.step_count = g["optimizer_step"]
 
     def _start_fresh_policy(self) -> str:
         """A missing checkpoint starts a new run only where the user plainly meant one (see ``locate``)."""

@@ -6,6 +6,8 @@ one into a PyTorch DCP.
     python tools/convert_to_universal.py --input-format dcp   --input_folder DCP_DIR  --output_folder ckpt/global_step0_universal
     python tools/convert_to_universal.py --input-format mcore --input_folder megatron_ckpt/iter_0000100 \
         --output_folder ckpt/global_step100_universal
+    python tools/convert_to_universal.py --input-format deepspeed --input_folder ds_ckpt/global_step100 \
+        --output_folder ckpt/global_step100_universal [--qkv-layout grouped|blocked]
     python tools/convert_to_universal.py --output-format dcp  --input_folder ckpt/global_step100_universal \
         --output_folder DCP_DIR
 
@@ -19,6 +21,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,6 +57,9 @@ def _convert_interop(args: argparse.Namespace, output: str) -> None:
         return
     if args.input_format == "dcp":
         from megatron.interop.dcp import import_dcp as importer
+    elif args.input_format == "deepspeed":
+        from megatron.interop.deepspeed import import_deepspeed
+        importer = partial(import_deepspeed, qkv_layout=args.qkv_layout)
     else:
         from megatron.interop.mcore import import_mcore as importer
     count = importer(args.input_folder, output, _model_config(args.model_config), args.overwrite)
@@ -66,9 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input_folder", "--input-folder", required=True)
     p.add_argument("--output_folder", "--output-folder", default=None,
                    help="default: INPUT_FOLDER with a _universal suffix")
-    p.add_argument("--input-format", "--input_format", choices=["native", "dcp", "mcore"], default="native",
+    p.add_argument("--input-format", "--input_format", choices=["native", "dcp", "mcore", "deepspeed"],
+                   default="native",
                    help="native: our rank files; dcp: a PyTorch DCP keyed by canonical names; mcore: a "
-                        "Megatron-LM torch_dist checkpoint folder")
+                        "Megatron-LM torch_dist checkpoint folder; deepspeed: a DeepSpeed ZeRO 0-3 save "
+                        "(global_stepN) of a Megatron-DeepSpeed GPT model, any TP")
+    p.add_argument("--qkv-layout", "--qkv_layout", choices=["grouped", "blocked"], default="grouped",
+                   help="--input-format deepspeed: how query_key_value fuses q, k and v on each TP rank: grouped = "
+                        "per KV group [q..., k, v] (Megatron-DeepSpeed before its FPDT change, Megatron-LM); "
+                        "blocked = [q | k | v] (Megatron-DeepSpeed since)")
     p.add_argument("--output-format", "--output_format", choices=["universal", "dcp"], default="universal",
                    help="dcp: write a PyTorch DCP from a native or universal checkpoint")
     p.add_argument("--model-config", "--model_config", default=None,

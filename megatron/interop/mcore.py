@@ -39,17 +39,21 @@ def read_common(folder: str) -> dict:
 
 
 def config_from_megatron_args(args: argparse.Namespace) -> ModelConfig:
+    """The model's shape from Megatron-LM's or Megatron-DeepSpeed's saved args (their names differ:
+    num_query_groups / num_key_value_heads, norm_epsilon / layernorm_epsilon, RMSNorm / rmsnorm)."""
     a = vars(args)
     heads = a["num_attention_heads"]
+    kv = a.get("num_query_groups") if a.get("group_query_attention") else a.get("num_key_value_heads") or heads
+    rope = a.get("position_embedding_type") == "rope" or a.get("use_rotary_position_embeddings")
     return ModelConfig(
-        num_layers=a["num_layers"], hidden_size=a["hidden_size"], num_attention_heads=heads,
-        num_key_value_heads=a.get("num_query_groups") if a.get("group_query_attention") else heads,
+        num_layers=a["num_layers"], hidden_size=a["hidden_size"], num_attention_heads=heads, num_key_value_heads=kv,
         vocab_size=a.get("vocab_size") or a["padded_vocab_size"], seq_length=a["seq_length"],
         max_position_embeddings=a.get("max_position_embeddings"), ffn_hidden_size=a.get("ffn_hidden_size"),
-        normalization="rmsnorm" if a.get("normalization") == "RMSNorm" else "layernorm", swiglu=bool(a.get("swiglu")),
-        position_embedding_type=a.get("position_embedding_type", "learned_absolute"),
+        normalization="rmsnorm" if str(a.get("normalization")).lower() == "rmsnorm" else "layernorm",
+        swiglu=bool(a.get("swiglu")), position_embedding_type="rope" if rope else "learned_absolute",
         rotary_base=float(a.get("rotary_base", 10000)), tie_embeddings=not a.get("untie_embeddings_and_output_weights"),
-        add_bias_linear=a.get("add_bias_linear", True), layernorm_epsilon=a.get("norm_epsilon", 1e-5),
+        add_bias_linear=a.get("add_bias_linear", True),
+        layernorm_epsilon=a.get("norm_epsilon", a.get("layernorm_epsilon", 1e-5)),
         init_method_std=a.get("init_method_std", 0.02), openai_gelu=bool(a.get("openai_gelu")))
 
 
