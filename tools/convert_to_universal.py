@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-format", "--input_format", choices=["native", "dcp", "mcore", "deepspeed"],
                    default="native",
                    help="native: our rank files; dcp: a PyTorch DCP keyed by canonical names; mcore: a "
-                        "Megatron-LM torch_dist checkpoint folder; deepspeed: a DeepSpeed ZeRO 0-3 save "
+                        "Megatron-LM torch_dist checkpoint folder; deepspeed: a DeepSpeed ZeRO 1-3 save "
                         "(global_stepN) of a Megatron-DeepSpeed GPT model, any TP")
     p.add_argument("--qkv-layout", "--qkv_layout", choices=["grouped", "blocked"], default="grouped",
                    help="--input-format deepspeed: how query_key_value fuses q, k and v on each TP rank: grouped = "

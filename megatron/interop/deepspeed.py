@@ -105,7 +105,7 @@ def canonical_from_megatron_deepspeed(ranks: list[dict[str, torch.Tensor]], cfg:
 def import_deepspeed(folder: str, output_folder: str, model_config: ModelConfig | None = None,
                      overwrite: bool = False, qkv_layout: str = "grouped") -> int:
     """Write a universal checkpoint (fp32 master and Adam moments when saved) from a DeepSpeed save of a
-    Megatron-DeepSpeed GPT model, ZeRO 0-3, any TP; returns the number of canonical tensors."""
+    Megatron-DeepSpeed GPT model, ZeRO 1-3, any TP; returns the number of canonical tensors."""
     ckpt = read_deepspeed(folder)
     args = ckpt.client.get("args")
     if model_config is None:

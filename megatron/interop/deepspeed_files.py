@@ -138,7 +138,11 @@ def _read_rank(folder: str, mp: int) -> tuple[dict, RankTensors, int]:
     states, weights = _model_states(folder, mp)
     files = _optim_files(folder, mp)
     rank = RankTensors()
-    if not files:  # weights only (saved without optimizer, or ZeRO-0): the module's tensors are the master
+    if not files and states.get("optimizer") is not None:
+        raise ValueError(f"{folder}: a ZeRO-0 save keeps Adam's state in a torch optimizer state dict keyed by "
+                         f"position, which names cannot be recovered from; resave with ZeRO stage 1-3, or "
+                         f"without the optimizer for a weights-only import")
+    if not files:  # weights only: the module's tensors are the master
         rank.tensors = {n: {"fp32": t.float()} for n, t in weights.items()}
         return states, rank, 0
     dp = states.get("dp_world_size", len(files))
