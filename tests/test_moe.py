@@ -62,3 +62,79 @@ def references() -> dict:
 def test_moe_losses_are_layout_invariant(references: dict, routing: str, dims: dict) -> None:
     world, flags = layout(**dims)
     assert_same_run(curves(world, flags + ROUTINGS[routing]), references[routing], f"{routing} {dims}")
+
+
+def test_allgather_dispatcher_matches_alltoall(references: dict) -> None:
+    world, flags = layout(ep=4, dp=4)
+    got = curves(world, flags + ROUTINGS["top2"] + ["--moe-token-dispatcher-type", "allgather"])
+    assert_same_run(got, references["top2"], "allgather EP4")
+
+
+@pytest.mark.parametrize("micro", [1, 4])
+def test_seq_aux_loss_is_the_same_at_every_micro_batch_size(micro: int) -> None:
+    """Per-sequence load balancing does not depend on how sequences are grouped in micro-batches."""
+    seq_aux = ["--moe-router-load-balancing-type", "seq_aux_loss", "--moe-router-topk", "2"]
+    want = curves(1, seq_aux)
+    world, flags = layout(ep=2, dp=2)
+    got = curves(world, flags + seq_aux + ["--micro-batch-size", str(micro)])
+    assert_same_run(got, want, f"seq_aux_loss micro-batch {micro} EP2")
+
+
+# --- routing is a pure function of the tokens ---------------------------------------------------
+
+def _moe_config(**kw):
+    from megatron.model.moe_config import MoEConfig
+    return MoEConfig(**{"num_experts": 4, "layers": (0,), "topk": 2, **kw})
+
+
+def test_routing_ties_go_to_the_lower_expert_index() -> None:
+    import torch
+    from megatron.model.moe import route
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0], [2.0, 2.0, 2.0, 2.0]])
+    r = route(logits, _moe_config(), seq_len=2)
+    assert r.experts.tolist() == [[1, 2], [0, 1]]
+
+
+def test_capacity_drops_per_sequence_whatever_the_batch() -> None:
+    """Which assignments an expert drops is decided within each sequence, so a sequence routes
+    the same alone or with others (the drop decision cannot depend on the local batch)."""
+    import torch
+    from megatron.model.moe import route
+    torch.manual_seed(0)
+    logits = torch.randn(3 * 8, 4)
+    for policy in ("probs", "position"):
+        cfg = _moe_config(capacity_factor=0.5, drop_policy=policy)
+        together = route(logits, cfg, seq_len=8).experts
+        alone = torch.cat([route(logits[i * 8:(i + 1) * 8], cfg, seq_len=8).experts for i in range(3)])
+        assert torch.equal(together, alone), policy
+        per_sequence = [torch.bincount(s[s >= 0], minlength=4) for s in together.view(3, -1)]
+        assert all(int(c.max()) <= 2 for c in per_sequence), f"{policy}: capacity ceil(0.5*8*2/4)=2 exceeded"
+        assert int((together < 0).sum()) > 0, f"{policy}: nothing was dropped, the test checks nothing"
+
+
+def test_aux_loss_gradient_equals_adding_it_to_the_loss() -> None:
+    """The gradient injected in backward is that of (output + coeff * aux + z-coeff * z)."""
+    import torch
+    from megatron.core.parallel_state import ParallelDims, Topology
+    from megatron.model.config import ModelConfig
+    from megatron.model.moe import MoEStats, load_balancing_loss, route, z_loss
+    from megatron.model.transformer import TransformerLayer
+
+    def layer(moe):
+        cfg = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=31, seq_length=8, moe=moe)
+        return TransformerLayer(0, cfg, Topology(ParallelDims(1)), seed=3, moe_stats=MoEStats(moe)).mlp
+
+    x = torch.randn(2, 8, 16)
+    for balancing in ("aux_loss", "seq_aux_loss"):
+        with_aux = _moe_config(load_balancing=balancing, aux_loss_coeff=0.3, z_loss_coeff=0.2)
+        injected = layer(with_aux)
+        injected.stats.begin_step(loss_scale=1.0, micro_batches=1)
+        injected(x).sum().backward()
+        plain = layer(_moe_config(load_balancing=balancing))
+        logits = plain.router(x.reshape(16, 16))
+        r = route(logits, with_aux, 8)
+        loss = (plain(x).sum() + 0.3 * load_balancing_loss(r, with_aux, 0, 16, 8) + 0.2 * z_loss(logits, 16))
+        loss.backward()
+        for (name, a), b in zip(injected.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=f"{balancing} {name}")
+        assert injected.router.weight.grad.sub(plain.router.weight.grad).abs().max() < 1e-6
