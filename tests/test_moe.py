@@ -138,3 +138,40 @@ def test_aux_loss_gradient_equals_adding_it_to_the_loss() -> None:
         for (name, a), b in zip(injected.named_parameters(), plain.parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=f"{balancing} {name}")
         assert injected.router.weight.grad.sub(plain.router.weight.grad).abs().max() < 1e-6
+
+
+# --- resume on another expert layout -----------------------------------------------------------
+
+HALF = ITERS // 2
+MIXTRAL = ["--num-experts", "8", "--moe-router-topk", "2", "--swiglu", "--num-key-value-heads", "2",
+           "--normalization", "rmsnorm", "--position-embedding-type", "rope", "--disable-bias-linear",
+           "--moe-router-topk-then-softmax", "--ffn-hidden-size", "48"]
+RESUMES = {  # name: (model flags, source layout + ZeRO, target layout + ZeRO, through universal?)
+    "ep4-to-ep1": (ROUTINGS["top2"], (dict(ep=4, dp=4), 1), (dict(), 1), True),
+    "ep1tp2-to-ep2tp1": (ROUTINGS["top2"], (dict(tp=2), 1), (dict(ep=2, dp=2), 2), False),
+    "ep2pp2-to-ep4": (ROUTINGS["top1_capacity"], (dict(ep=2, pp=2, dp=2), 1), (dict(ep=4, dp=4), 3), True),
+    "mixtral-tp1pp2dp2-to-tp2pp2dp1": (MIXTRAL, (dict(pp=2, dp=2, ep=2), 1), (dict(tp=2, pp=2, ep=2), 2), True),
+    "mixtral-tp1pp2dp2-to-tp2dp2-zero3": (MIXTRAL, (dict(pp=2, dp=2, ep=2), 1), (dict(tp=2, dp=2, ep=4), 3), False),
+}
+
+
+def _zero(stage: int) -> list[str]:
+    return ["--zero-stage", str(stage)]
+
+
+@pytest.mark.parametrize("case", list(RESUMES))
+def test_resume_on_another_expert_layout_continues_losses(tmp_path, case: str) -> None:
+    from megatron.checkpointing import convert_to_universal
+    model, (source, source_zero), (target, target_zero), universal = RESUMES[case]
+    want = curves(1, model)
+    folder = str(tmp_path)
+    world, flags = layout(**source)
+    first = curves(world, flags + model + _zero(source_zero) + ["--exit-interval", str(HALF), "--save", folder])
+    assert_same_run(first, (want[0][:HALF], want[1][:HALF]), f"{case} before saving")
+    resume = ["--load", folder]
+    if universal:
+        convert_to_universal(f"{folder}/global_step{HALF}", f"{folder}/global_step{HALF}_universal", progress=False)
+        resume.append("--universal-checkpoint")
+    world, flags = layout(**target)
+    second = curves(world, flags + model + _zero(target_zero) + resume)
+    assert_same_run(second, (want[0][HALF:], want[1][HALF:]), f"{case} after resuming")
