@@ -11,6 +11,7 @@ import difflib
 
 from megatron.core.batch_rampup import BatchRampup
 from megatron.core.optimizer.lr_scheduler import DECAY_STYLES, WD_INCR_STYLES
+from megatron.core.parallel_state import ParallelDims
 from megatron.deepspeed_config import merge_deepspeed_config
 
 
@@ -267,7 +268,8 @@ def _add_moe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-router-topk", "--topk", dest="moe_router_topk", type=int, default=2)
     g.add_argument("--expert-model-parallel-size", "--moe-expert-parallel-size", dest="expert_model_parallel_size",
                    type=int, default=1)
-    g.add_argument("--expert-tensor-parallel-size", type=int, default=1, help="only 1 is supported here")
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=1,
+                   help="split each expert's hidden units over this many ranks (default 1: whole experts)")
     g.add_argument("--moe-aux-loss-coeff", "--moe-loss-coeff", dest="moe_aux_loss_coeff", type=float, default=0.0)
     g.add_argument("--moe-z-loss-coeff", type=float, default=None)
     g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none"],
@@ -290,8 +292,8 @@ def _add_moe_args(p: argparse.ArgumentParser) -> None:
                    help="top-k logits, then softmax over those k (Mixtral)")
 
 
-def _validate_moe(args: argparse.Namespace) -> None:
-    """Refuse MoE flags that contradict each other; set ``args.moe_layers``."""
+def _validate_moe(args: argparse.Namespace, world_size: int) -> None:
+    """Refuse MoE flags that contradict each other or the world size; set ``args.moe_layers``."""
     args.moe_layers = None
     experts = args.num_experts
     if experts is None or experts == [1]:
@@ -299,6 +301,11 @@ def _validate_moe(args: argparse.Namespace) -> None:
             raise ConfigError(f"--expert-model-parallel-size {args.expert_model_parallel_size} needs "
                               f"--num-experts > 1")
         return
+    try:
+        ParallelDims(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                     ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if len(set(experts)) != 1:
         raise ConfigError(f"--num-experts {experts}: a different number of experts per layer is not "
                           f"supported; give one value")
@@ -501,7 +508,7 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
     if args.universal_checkpoint and not args.load:
         raise ConfigError("--universal-checkpoint needs --load DIR")
     _validate_schedule(args)
-    _validate_moe(args)
+    _validate_moe(args, world_size)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
 

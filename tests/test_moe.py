@@ -23,9 +23,9 @@ def curves(world: int, flags: list[str], iters: int = ITERS) -> tuple[list[float
     return run_distributed(_train, world, MOE + flags + ["--train-iters", str(iters)])[0]
 
 
-def layout(tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 1) -> tuple[int, list[str]]:
+def layout(tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 1, etp: int = 1) -> tuple[int, list[str]]:
     return tp * pp * dp, ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-                          "--expert-model-parallel-size", str(ep)]
+                          "--expert-model-parallel-size", str(ep), "--expert-tensor-parallel-size", str(etp)]
 
 
 def assert_close(got: list[float], want: list[float], what: str) -> None:
@@ -58,6 +58,8 @@ def references() -> dict:
     ("top1_capacity", dict(ep=4, tp=2, dp=2)),
     ("top1_capacity", dict(pp=2, ep=2, dp=2)),
     ("top2_capacity_position", dict(ep=2, dp=2, tp=2)),
+    ("top2", dict(etp=2, dp=2)),
+    ("top1_capacity", dict(tp=2, dp=2, ep=2, etp=2)),
 ])
 def test_moe_losses_are_layout_invariant(references: dict, routing: str, dims: dict) -> None:
     world, flags = layout(**dims)
@@ -152,6 +154,7 @@ RESUMES = {  # name: (model flags, source layout + ZeRO, target layout + ZeRO, t
     "ep2pp2-to-ep4": (ROUTINGS["top1_capacity"], (dict(ep=2, pp=2, dp=2), 1), (dict(ep=4, dp=4), 3), True),
     "mixtral-tp1pp2dp2-to-tp2pp2dp1": (MIXTRAL, (dict(pp=2, dp=2, ep=2), 1), (dict(tp=2, pp=2, ep=2), 2), True),
     "mixtral-tp1pp2dp2-to-tp2dp2-zero3": (MIXTRAL, (dict(pp=2, dp=2, ep=2), 1), (dict(tp=2, dp=2, ep=4), 3), False),
+    "ep2etp2-to-ep1etp1": (ROUTINGS["top2"], (dict(tp=2, dp=2, ep=2, etp=2), 2), (dict(dp=2), 1), True),
 }
 
 
@@ -175,3 +178,65 @@ def test_resume_on_another_expert_layout_continues_losses(tmp_path, case: str) -
     world, flags = layout(**target)
     second = curves(world, flags + model + _zero(target_zero) + resume)
     assert_same_run(second, (want[0][HALF:], want[1][HALF:]), f"{case} after resuming")
+
+
+# --- refusals and flags ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("world,flags,message", [
+    (3, ["--expert-model-parallel-size", "3", "--global-batch-size", "6"], "--num-experts 4 is not divisible by --expert-model-parallel-size 3"),
+    (2, ["--expert-model-parallel-size", "4"], "not divisible by expert-parallel 4 x expert-tensor-parallel 1"),
+    (4, ["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "4"],
+     "not divisible by expert-parallel 2 x expert-tensor-parallel 4"),
+    (1, ["--moe-layer-freq", "2", "--expert-interval", "2"], "give one"),
+    (1, ["--disable-moe-token-dropping", "--moe-train-capacity-factor", "1.0"], "drop one of them"),
+    (1, ["--num-experts", "4", "8"], "a different number of experts per layer"),
+])
+def test_layouts_that_do_not_divide_are_refused(world: int, flags: list[str], message: str) -> None:
+    from megatron.arguments import ConfigError, parse_args
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
+        parse_args(MOE + flags + ["--train-iters", "1"], world)
+
+
+def test_expert_hidden_size_must_divide_over_expert_tp() -> None:
+    from megatron.core.parallel_state import ParallelDims, Topology
+    from megatron.model.config import ModelConfig
+    from megatron.model.gpt import GPTModel
+    cfg = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=31, seq_length=8,
+                      ffn_hidden_size=30, moe=_moe_config(ffn_hidden_size=30))
+    with pytest.raises(ValueError, match="--moe-ffn-hidden-size.*size 30 is not divisible by 4"):
+        GPTModel(cfg, Topology(ParallelDims(4, etp=4)), seed=1)
+
+
+def test_megatron_deepspeed_flags_mean_the_same_as_megatron_lm_flags() -> None:
+    from megatron.arguments import parse_args
+    from megatron.model.moe_config import moe_config_from_args
+    base = [a for a in MOE if a not in ("--moe-aux-loss-coeff", "0.01")] + ["--train-iters", "1", "--num-layers", "4"]
+    lm = ["--moe-router-topk", "1", "--expert-model-parallel-size", "2", "--moe-aux-loss-coeff", "0.1",
+          "--moe-expert-capacity-factor", "1.5", "--moe-min-capacity", "2", "--moe-layer-freq", "2"]
+    ds = ["--topk", "1", "--moe-expert-parallel-size", "2", "--moe-loss-coeff", "0.1",
+          "--moe-train-capacity-factor", "1.5", "--moe-min-capacity", "2", "--expert-interval", "2"]
+    got_lm, got_ds = (moe_config_from_args(parse_args(base + f, 2)) for f in (lm, ds))
+    assert got_lm.layers == (0, 2) and got_ds.layers == (1, 3), "Megatron-LM counts from the first layer, DS the last"
+    assert got_lm == got_ds.__class__(**{**got_ds.__dict__, "layers": (0, 2)})
+    assert (got_lm.topk, got_lm.aux_loss_coeff, got_lm.capacity_factor, got_lm.min_capacity) == (1, 0.1, 1.5, 2)
+    dropless = moe_config_from_args(parse_args(base + ["--disable-moe-token-dropping"], 1))
+    assert dropless.capacity_factor is None and dropless.layers == (0, 1, 2, 3)
+
+
+def test_experts_are_canonical_tensors_named_by_global_index() -> None:
+    """Each EP rank holds its own experts, named by global index; together they hold every expert once."""
+    from megatron.core.parallel_state import ParallelDims, Topology
+    from megatron.model.config import ModelConfig
+    from megatron.model.gpt import GPTModel
+    cfg = ModelConfig(num_layers=2, hidden_size=16, num_attention_heads=2, vocab_size=31, seq_length=8, swiglu=True,
+                      ffn_hidden_size=24, moe=_moe_config(layers=(1,)))
+    held = []
+    for rank in range(2):
+        model = GPTModel(cfg, Topology(ParallelDims(2, ep=2), rank), seed=1)
+        held.append({spec for p in model.parameters() for spec in p.sharding.specs if ".experts." in spec})
+        assert {p.sharding.zero_group for n, p in model.named_parameters() if ".experts." in n} == {"edp"}
+        assert "layers.1.mlp.router.weight" in {s for p in model.parameters() for s in p.sharding.specs}
+    want = {f"layers.1.mlp.experts.{e}.{part}.{kind}" for e in range(4) for part in ("gate", "up", "fc2")
+            for kind in ("weight", "bias")}
+    assert held[0] | held[1] == want and not held[0] & held[1]
+    assert {n.split(".")[4] for n in held[1]} == {"2", "3"}

@@ -5,7 +5,9 @@ its equal share of the micro-batch's tokens (``tp_token_range``), so the ranks o
 group hold disjoint tokens. Tokens reach the rank holding their expert by all-to-all over
 the ep group (``all_to_all``, split sizes exchanged first as a device tensor, so it runs on
 NCCL) or, for debugging, by an all-gather of every token and a reduce-scatter of the outputs.
-Expert parameters are replicated, gradient-reduced and ZeRO-partitioned over edp.
+With expert-TP the etp group first pools its tokens (``gather_rows``) and finally sums its
+partial outputs (``reduce_scatter_rows``). Expert parameters are replicated, gradient-reduced
+and ZeRO-partitioned over edp.
 """
 from __future__ import annotations
 
@@ -25,10 +27,7 @@ EXPERT_GROUP = "edp"
 
 def check_expert_layout(num_experts: int, topo: Topology) -> None:
     """Refuse expert layouts that do not divide the experts, naming the flags."""
-    ep, etp = topo.dims.ep, topo.dims.etp
-    if etp != 1:
-        raise ValueError(f"--expert-tensor-parallel-size {etp}: splitting experts over tensor-parallel ranks "
-                         f"is not implemented; use 1 (experts whole on each expert-parallel rank)")
+    ep = topo.dims.ep
     if num_experts % ep:
         raise ValueError(f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size {ep}; "
                          f"choose an expert-parallel size that divides the number of experts")

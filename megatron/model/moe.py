@@ -25,7 +25,7 @@ from megatron.core import comm
 from megatron.core.expert_parallel import (all_to_all, check_expert_layout, exchange_counts, gather_rows,
                                            local_experts, make_expert_param, reduce_scatter_rows, tp_token_range)
 from megatron.core.parallel_state import Topology
-from megatron.core.pieces import CanonicalSpec, slice_piece, whole_piece
+from megatron.core.pieces import CanonicalSpec, shard_range, slice_piece, whole_piece
 from megatron.core.sharding import PartialSum
 from megatron.core.tensor_parallel import copy_to_tp, make_param
 from megatron.model.config import ModelConfig
@@ -174,27 +174,36 @@ class Router(nn.Module):
 
 
 class Expert(nn.Module):
-    """One whole expert MLP (fc1 or fused gate/up, activation, fc2) on the tokens routed to it."""
+    """One expert MLP (fc1 or fused gate/up, activation, fc2) on the tokens routed to it; with
+    expert-TP, this rank's slice of its hidden units (fc1 rows, fc2 columns), so its output is a
+    partial sum over etp (fc2's bias is added on etp rank 0 only, and its gradient summed)."""
 
-    def __init__(self, prefix: str, cfg: ModelConfig, ffn: int, seed: int) -> None:
+    def __init__(self, prefix: str, cfg: ModelConfig, ffn: int, topo: Topology, seed: int) -> None:
         super().__init__()
         h, std, bias = cfg.hidden_size, cfg.init_method_std, cfg.add_bias_linear
         self.swiglu, self.gelu_approximate = cfg.swiglu, "tanh" if cfg.openai_gelu else "none"
+        etp_rank = topo.expert_coords["etp"]
+        start, n = shard_range(ffn, etp_rank, topo.dims.etp, f"{prefix} hidden units (--moe-ffn-hidden-size, "
+                                                               f"over --expert-tensor-parallel-size)")
         names = (f"{prefix}.gate", f"{prefix}.up") if cfg.swiglu else (f"{prefix}.fc1",)
-        specs = [linear_specs(n, ffn, h, std, bias) for n in names]
+        specs = [linear_specs(name, ffn, h, std, bias) for name in names]
         self.fc1, self.fc2 = nn.Module(), nn.Module()
-        self.fc1.weight = make_expert_param((ffn * len(names), h), [
-            slice_piece(w, 0, 0, ffn, i * ffn) for i, (w, _) in enumerate(specs)], [w for w, _ in specs], seed)
-        self.fc1.bias = make_expert_param((ffn * len(names),), [
-            slice_piece(b, 0, 0, ffn, i * ffn) for i, (_, b) in enumerate(specs)], [b for _, b in specs],
+        self.fc1.weight = make_expert_param((n * len(names), h), [
+            slice_piece(w, 0, start, n, i * n) for i, (w, _) in enumerate(specs)], [w for w, _ in specs], seed)
+        self.fc1.bias = make_expert_param((n * len(names),), [
+            slice_piece(b, 0, start, n, i * n) for i, (_, b) in enumerate(specs)], [b for _, b in specs],
             seed) if bias else None
         w2, b2 = linear_specs(f"{prefix}.fc2", h, ffn, std / math.sqrt(2 * cfg.num_layers), bias)
-        self.fc2.weight = make_expert_param((h, ffn), [whole_piece(w2)], [w2], seed)
-        self.fc2.bias = make_expert_param((h,), [whole_piece(b2)], [b2], seed) if bias else None
+        self.fc2.weight = make_expert_param((h, n), [slice_piece(w2, 1, start, n)], [w2], seed)
+        self.fc2.bias = None
+        if bias:
+            self.fc2.bias = make_expert_param((h,), [whole_piece(b2, owner=etp_rank == 0)], [b2], seed)
+            self.fc2.bias.sharding = self.fc2.bias.sharding.with_partial_sum(PartialSum("etp"), "etp")
+        self.adds_bias = etp_rank == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = activate(F.linear(x, self.fc1.weight, self.fc1.bias), self.swiglu, self.gelu_approximate)
-        return F.linear(y, self.fc2.weight, self.fc2.bias)
+        return F.linear(y, self.fc2.weight, self.fc2.bias if self.adds_bias else None)
 
 
 class Experts(nn.ModuleDict):
@@ -202,17 +211,22 @@ class Experts(nn.ModuleDict):
     every expert of the layer over the ep group."""
 
     def __init__(self, prefix: str, cfg: ModelConfig, ffn: int, topo: Topology, seed: int) -> None:
-        super().__init__({str(g): Expert(f"{prefix}.experts.{g}", cfg, ffn, seed)
+        super().__init__({str(g): Expert(f"{prefix}.experts.{g}", cfg, ffn, topo, seed)
                           for g in local_experts(cfg.moe.num_experts, topo)})
         self.num_experts, self.dispatcher = cfg.moe.num_experts, cfg.moe.dispatcher
-        self.group, self.ep = topo.group("ep"), topo.dims.ep
+        self.group, self.ep, self.etp_group = topo.group("ep"), topo.dims.ep, topo.group("etp")
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``x`` ``[tokens, hidden]`` with their ``experts`` / ``weights`` ``[tokens, k]``: the
-        weighted sum of their experts' outputs."""
+        weighted sum of their experts' outputs. With expert-TP, the etp group pools its tokens
+        (each member holds a slice of every expert), and the partial outputs are summed back."""
+        x, experts = gather_rows(x, self.etp_group, True), gather_rows(experts, self.etp_group, False)
+        weights = gather_rows(weights, self.etp_group, True)
         if self.dispatcher == "allgather":
-            return self._all_gather(x, experts, weights)
-        return self._all_to_all(x, experts, weights)
+            out = self._all_gather(x, experts, weights)
+        else:
+            out = self._all_to_all(x, experts, weights)
+        return reduce_scatter_rows(out, self.etp_group)
 
     def _all_to_all(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n, k = experts.shape
