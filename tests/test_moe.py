@@ -155,6 +155,9 @@ RESUMES = {  # name: (model flags, source layout + ZeRO, target layout + ZeRO, t
     "mixtral-tp1pp2dp2-to-tp2pp2dp1": (MIXTRAL, (dict(pp=2, dp=2, ep=2), 1), (dict(tp=2, pp=2, ep=2), 2), True),
     "mixtral-tp1pp2dp2-to-tp2dp2-zero3": (MIXTRAL, (dict(pp=2, dp=2, ep=2), 1), (dict(tp=2, dp=2, ep=4), 3), False),
     "ep2etp2-to-ep1etp1": (ROUTINGS["top2"], (dict(tp=2, dp=2, ep=2, etp=2), 2), (dict(dp=2), 1), True),
+    # --moe-layer-freq 2: the second pipeline stage holds no expert at all
+    "pp2-dense-stage-to-ep2": (ROUTINGS["top2"] + ["--moe-layer-freq", "2"], (dict(pp=2, dp=2, ep=2), 1),
+                               (dict(ep=2, dp=2), 0), False),
 }
 
 
@@ -240,3 +243,12 @@ def test_experts_are_canonical_tensors_named_by_global_index() -> None:
             for kind in ("weight", "bias")}
     assert held[0] | held[1] == want and not held[0] & held[1]
     assert {n.split(".")[4] for n in held[1]} == {"2", "3"}
+
+
+@pytest.mark.parametrize("recompute", [["--recompute-granularity", "full", "--recompute-method", "uniform"],
+                                       ["--zero-stage", "3"]], ids=["full-recompute", "zero3"])
+def test_recomputed_moe_layers_count_their_losses_once(references: dict, recompute: list[str]) -> None:
+    """Recomputing a layer in backward (full recomputation, ZeRO-3's units) replays the all-to-all
+    but neither injects the auxiliary gradient twice nor logs the losses twice."""
+    world, flags = layout(ep=2, dp=2)
+    assert_same_run(curves(world, flags + ROUTINGS["top2"] + recompute), references["top2"], " ".join(recompute))
