@@ -11,6 +11,7 @@ import difflib
 
 from megatron.core.batch_rampup import BatchRampup
 from megatron.core.optimizer.lr_scheduler import DECAY_STYLES, WD_INCR_STYLES
+from megatron.core.parallel_state import ParallelDims
 from megatron.deepspeed_config import merge_deepspeed_config
 
 
@@ -259,6 +260,74 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                         "--pipeline-model-parallel-size 1")
 
 
+def _add_moe_args(p: argparse.ArgumentParser) -> None:
+    """Mixture of Experts: Megatron-LM's flags, and Megatron-DeepSpeed's aliases where they overlap."""
+    g = p.add_argument_group("mixture of experts")
+    g.add_argument("--num-experts", type=int, nargs="+", default=None,
+                   help="experts per MoE layer (Megatron-DeepSpeed's list form: one value, or equal values)")
+    g.add_argument("--moe-router-topk", "--topk", dest="moe_router_topk", type=int, default=2)
+    g.add_argument("--expert-model-parallel-size", "--moe-expert-parallel-size", dest="expert_model_parallel_size",
+                   type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=1,
+                   help="split each expert's hidden units over this many ranks (default 1: whole experts)")
+    g.add_argument("--moe-aux-loss-coeff", "--moe-loss-coeff", dest="moe_aux_loss_coeff", type=float, default=0.0)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none"],
+                   default="aux_loss")
+    g.add_argument("--moe-expert-capacity-factor", "--moe-train-capacity-factor", dest="moe_expert_capacity_factor",
+                   type=float, default=None, help="per-sequence expert capacity; default: dropless")
+    g.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default="probs")
+    g.add_argument("--moe-min-capacity", type=int, default=0,
+                   help="least capacity per expert and sequence (Megatron-DeepSpeed's default 4 is not assumed)")
+    g.add_argument("--disable-moe-token-dropping", action="store_true", help="dropless routing (the default)")
+    g.add_argument("--moe-layer-freq", type=int, default=None, help="layer i is an MoE layer when i %% N == 0")
+    g.add_argument("--expert-interval", type=int, default=None,
+                   help="Megatron-DeepSpeed's: layer i is an MoE layer when (i + 1) %% N == 0")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None)
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"], default="alltoall")
+    g.add_argument("--moe-router-pre-softmax", action="store_true",
+                   help="softmax over every expert, then top-k (the default here, as DeepSpeed)")
+    g.add_argument("--moe-router-topk-then-softmax", action="store_true",
+                   help="top-k logits, then softmax over those k (Mixtral)")
+
+
+def _validate_moe(args: argparse.Namespace, world_size: int) -> None:
+    """Refuse MoE flags that contradict each other or the world size; set ``args.moe_layers``."""
+    args.moe_layers = None
+    experts = args.num_experts
+    if experts is None or experts == [1]:
+        if args.expert_model_parallel_size != 1:
+            raise ConfigError(f"--expert-model-parallel-size {args.expert_model_parallel_size} needs "
+                              f"--num-experts > 1")
+        return
+    try:
+        ParallelDims(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                     ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if len(set(experts)) != 1:
+        raise ConfigError(f"--num-experts {experts}: a different number of experts per layer is not "
+                          f"supported; give one value")
+    args.num_experts = experts = experts[0]
+    if experts % args.expert_model_parallel_size:
+        raise ConfigError(f"--num-experts {experts} is not divisible by --expert-model-parallel-size "
+                          f"{args.expert_model_parallel_size}")
+    if args.moe_layer_freq is not None and args.expert_interval is not None:
+        raise ConfigError("--moe-layer-freq (Megatron-LM) and --expert-interval (Megatron-DeepSpeed) both place "
+                          "MoE layers: give one")
+    if args.disable_moe_token_dropping and args.moe_expert_capacity_factor is not None:
+        raise ConfigError("--disable-moe-token-dropping with a capacity factor: drop one of them")
+    if args.moe_router_pre_softmax and args.moe_router_topk_then_softmax:
+        raise ConfigError("--moe-router-pre-softmax and --moe-router-topk-then-softmax are mutually exclusive")
+    n = args.num_layers
+    if args.expert_interval is not None:
+        args.moe_layers = [i for i in range(n) if (i + 1) % args.expert_interval == 0]
+    else:
+        freq = args.moe_layer_freq or 1
+        args.moe_layers = [i for i in range(n) if i % freq == 0]
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--mock-data", action="store_true", help="built-in deterministic synthetic corpus")
@@ -332,7 +401,7 @@ def build_parser(argument_default=None) -> argparse.ArgumentParser:
     p = MegatronArgumentParser(description="Megatron-style GPT pretraining with universal checkpointing",
                                allow_abbrev=False, argument_default=argument_default)
     for add in (_add_model_args, _add_training_args, _add_schedule_args, _add_parallel_args, _add_data_args,
-                _add_checkpoint_args, _add_recompute_args):
+                _add_checkpoint_args, _add_recompute_args, _add_moe_args):
         add(p)
     return p
 
@@ -439,6 +508,7 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
     if args.universal_checkpoint and not args.load:
         raise ConfigError("--universal-checkpoint needs --load DIR")
     _validate_schedule(args)
+    _validate_moe(args, world_size)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
 

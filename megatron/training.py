@@ -36,6 +36,7 @@ from megatron.data.identity import identity_differences, run_identity
 from megatron.initialize import initialize_distributed, set_random_seeds, shutdown_distributed
 from megatron.model.config import ModelConfig
 from megatron.model.gpt import GPTModel
+from megatron.model.moe_config import moe_config_from_args
 from megatron.model.recompute import recompute_from_args
 
 
@@ -48,6 +49,7 @@ class TrainState:
     consumed_tokens: int = 0
     consumed_valid_samples: int = 0  # the validation set is walked forward, as in Megatron
     losses: list[float] = field(default_factory=list)
+    moe_metrics: list[dict[str, float]] = field(default_factory=list)  # per iteration (MoE models)
     stop_reason: str | None = None  # why the loop ended before the last iteration, if it did
 
 
@@ -60,7 +62,8 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
         rotary_base=args.rotary_base, embed_layernorm=args.embed_layernorm, openai_gelu=args.openai_gelu, tie_embeddings=not args.untie_embeddings_and_output_weights,
         add_bias_linear=not args.disable_bias_linear, layernorm_epsilon=args.layernorm_epsilon,
         init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+        attention_dropout=args.attention_dropout, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        moe=moe_config_from_args(args))
 
 
 def build_lr_schedule(args: argparse.Namespace) -> OptimizerParamScheduler | DeepSpeedLRSchedule:
@@ -76,13 +79,15 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
         self.args, self.device, self.rank, self.world = args, device, rank, world
-        self.topo = Topology(ParallelDims(world, args.tensor_model_parallel_size,
-                                          args.pipeline_model_parallel_size), rank)
+        self.topo = Topology(ParallelDims(world, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                          ep=args.expert_model_parallel_size,
+                                          etp=args.expert_tensor_parallel_size), rank)
         set_random_seeds(args.seed + 100 * self.topo.pp_rank)
         self.datasets, vocab_size = build_datasets(args)
         self.cfg = model_config_from_args(args, vocab_size)
         self.model = GPTModel(self.cfg, self.topo, args.seed).to(device)
         self.model.set_recompute(recompute_from_args(args, zero3=args.zero_stage == 3))
+        self.moe_metrics: dict[str, float] = {}  # the last step's MoE losses and loads (MoEStats.summary)
         self.dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         self.scaler = loss_scaler_from_args(args)
         adam = AdamConfig(lr=args.lr, weight_decay=args.weight_decay, beta1=args.adam_beta1,
@@ -253,7 +258,7 @@ class Trainer:
         """Set this step's weight decay on the decayed group (Megatron's ``wd_mult``); return its LR."""
         wd = self.schedule.weight_decay()
         for g in self.optimizer.groups:
-            g.hyper["weight_decay"] = wd if g.index == 0 else 0.0
+            g.hyper["weight_decay"] = wd if g.decay else 0.0
         return self.schedule.lr()
 
     def train_step(self) -> tuple[float, float, bool]:
@@ -263,8 +268,12 @@ class Trainer:
         self.optimizer.zero_grad()
         self.model.train()
         self.model.dropout_rng.iteration = self.state.iteration
+        moe = self.model.moe_stats
+        if moe is not None:  # the auxiliary losses' share of the global batch, at the loss scale
+            moe.begin_step(self.scaler.scale, gbs // a.micro_batch_size)
         loss_sum = forward_backward(self.model, batches, self.topo, self.scaler.scale, gbs * a.seq_length,
                                     self.device)
+        self.moe_metrics = moe.summary(self.cfg.num_layers, self.device) if moe is not None else {}
         ok, grad_norm = self.optimizer.step(self._apply_schedule())
         if ok:  # Megatron steps the schedule by the samples of a successful update only
             self.schedule.step(gbs, self.state.consumed_tokens + gbs * a.seq_length)
@@ -296,7 +305,8 @@ class Trainer:
                  f" | learning rate: {lr:.3E} | global batch size: {gbs:5d}"
                  f" | lm loss: {loss:.6E} | loss scale: {self.scaler.scale:.1f}"
                  f" | grad norm: {grad_norm:.3f} | skipped: {int(not ok)}"
-                 f" | tokens per second: {tokens / seconds:.1f}"
+                 + "".join(f" | {k}: {v:.6E}" for k, v in self.moe_metrics.items())
+                 + f" | tokens per second: {tokens / seconds:.1f}"
                  f" | tokens per second per rank: {tokens / seconds / world:.1f}"
                  f" | TFLOP/s per rank: {flops / seconds / world / 1e12:.3f}")
 
@@ -350,6 +360,8 @@ class Trainer:
             self.state.consumed_samples += gbs
             self.state.consumed_tokens += gbs * a.seq_length
             self.state.losses.append(loss)
+            if self.moe_metrics:
+                self.state.moe_metrics.append(self.moe_metrics)
             window_iters += 1
             it = self.state.iteration
             if it % a.log_interval == 0 or it == planned:
@@ -359,7 +371,7 @@ class Trainer:
             self.writer.training(it, self.state.consumed_samples, self.state.consumed_tokens, {
                 "lm loss": loss, "learning rate": lr, "batch size": gbs,
                 "loss scale": self.scaler.scale, "grad norm": grad_norm, "world size": self.world,
-                "iteration time": time.perf_counter() - step_start})
+                "iteration time": time.perf_counter() - step_start, "moe": self.moe_metrics})
             if a.eval_interval and it % a.eval_interval == 0 and self.datasets[1] is not None:
                 self._report_validation(it)
             if a.save and a.save_interval and it % a.save_interval == 0:

@@ -17,6 +17,7 @@ from megatron.core.sharding import PartialSum
 from megatron.core.tensor_parallel import (VocabParallelEmbedding, copy_to_tp, gather_from_tp,
                                            make_param, vocab_parallel_cross_entropy)
 from megatron.model.config import ModelConfig
+from megatron.model.moe import MoEStats
 from megatron.model.recompute import RecomputeConfig, run_layers
 from megatron.model.transformer import Norm, TransformerLayer, rope_cos_sin
 
@@ -46,7 +47,9 @@ class GPTModel(nn.Module):
             if cfg.embed_layernorm:
                 self.embedding.layernorm = Norm("embedding.layernorm", cfg, topo, seed)
         start, count = shard_range(cfg.num_layers, topo.pp_rank, topo.pp, "--num-layers")
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(i, cfg, topo, seed, self.dropout_rng) for i in range(start, start + count)})
+        self.moe_stats = MoEStats(cfg.moe) if cfg.moe is not None else None  # shared by the MoE layers
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(i, cfg, topo, seed, self.dropout_rng, self.moe_stats)
+                                     for i in range(start, start + count)})
         self.final_norm = self.output_layer = None
         if self.post_process:
             self.final_norm = Norm("final_norm", cfg, topo, seed)
@@ -73,7 +76,7 @@ class GPTModel(nn.Module):
         units: list[tuple[object, str, list[nn.Parameter]]] = []
         if self.pre_process:
             units.append((self, "embed", list(self.embedding.parameters())))
-        units += [(layer, "forward", list(layer.parameters())) for layer in self.layers.values()]
+        units += [unit for layer in self.layers.values() for unit in layer.units()]
         if self.post_process:
             units.append((self, "head", [*self.final_norm.parameters(), self.output_weight()]))
         return units

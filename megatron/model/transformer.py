@@ -18,6 +18,8 @@ from megatron.core.pieces import CanonicalSpec, whole_piece
 from megatron.core.tensor_parallel import (ColumnParallelLinear, OutputSegment, RowParallelLinear,
                                            make_param, shard_or_raise)
 from megatron.model.config import ModelConfig
+from megatron.model.mlp_parts import activate, linear_specs
+from megatron.model.moe import MoELayer, MoEStats
 from megatron.model.recompute import maybe_recompute
 
 
@@ -39,12 +41,6 @@ class Norm(nn.Module):
         if self.kind == "rmsnorm":
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
-
-
-def _linear_specs(name: str, out_f: int, in_f: int, std: float, bias: bool) -> tuple[CanonicalSpec, CanonicalSpec | None]:
-    w = CanonicalSpec(f"{name}.weight", (out_f, in_f), "normal", std)
-    b = CanonicalSpec(f"{name}.bias", (out_f,), "zeros", weight_decay=False) if bias else None
-    return w, b
 
 
 def rope_cos_sin(seq: int, dim: int, base: float, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,9 +87,9 @@ class Attention(nn.Module):
         self.head_offset = topo.tp_rank * (cfg.num_attention_heads // topo.tp)
         heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
         std, bias = cfg.init_method_std, cfg.add_bias_linear
-        q_w, q_b = _linear_specs(f"{prefix}.q", heads * hd, h, std, bias)
-        k_w, k_b = _linear_specs(f"{prefix}.k", kv * hd, h, std, bias)
-        v_w, v_b = _linear_specs(f"{prefix}.v", kv * hd, h, std, bias)
+        q_w, q_b = linear_specs(f"{prefix}.q", heads * hd, h, std, bias)
+        k_w, k_b = linear_specs(f"{prefix}.k", kv * hd, h, std, bias)
+        v_w, v_b = linear_specs(f"{prefix}.v", kv * hd, h, std, bias)
         q_start, q_len = shard_or_raise(heads * hd, topo, q_w.name)
         self.local_heads = heads // topo.tp
         if cfg.position_embedding_type == "alibi":  # slopes by global head index: this rank's heads
@@ -114,7 +110,7 @@ class Attention(nn.Module):
             OutputSegment(k_w, k_b, kv_start, kv_len, owner, slot),
             OutputSegment(v_w, v_b, kv_start, kv_len, owner, slot),
         ], topo, seed)
-        d_w, d_b = _linear_specs(f"{prefix}.dense", h, heads * hd, std / math.sqrt(2 * cfg.num_layers), bias)
+        d_w, d_b = linear_specs(f"{prefix}.dense", h, heads * hd, std / math.sqrt(2 * cfg.num_layers), bias)
         self.dense = RowParallelLinear(d_w, d_b, topo, seed)
         self.recompute_core = False  # selective recomputation: softmax(QK^T)V again in backward
 
@@ -160,9 +156,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, prefix: str, cfg: ModelConfig, topo: Topology, seed: int) -> None:
+    """Column-parallel fc1 (or fused gate/up), row-parallel fc2; ``ffn_hidden_size`` overrides the
+    model's (an MoE layer's shared expert)."""
+
+    def __init__(self, prefix: str, cfg: ModelConfig, topo: Topology, seed: int,
+                 ffn_hidden_size: int | None = None) -> None:
         super().__init__()
-        h, f, std, bias = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std, cfg.add_bias_linear
+        h, std, bias = cfg.hidden_size, cfg.init_method_std, cfg.add_bias_linear
+        f = ffn_hidden_size or cfg.ffn_hidden_size
         start, length = shard_or_raise(f, topo, f"{prefix} ffn")
         self.swiglu = cfg.swiglu
         self.gelu_approximate = "tanh" if cfg.openai_gelu else "none"
@@ -170,26 +171,20 @@ class MLP(nn.Module):
             names = (f"{prefix}.gate", f"{prefix}.up")
         else:
             names = (f"{prefix}.fc1",)
-        segments = [OutputSegment(*_linear_specs(n, f, h, std, bias), start, length) for n in names]
+        segments = [OutputSegment(*linear_specs(n, f, h, std, bias), start, length) for n in names]
         self.fc1 = ColumnParallelLinear(h, segments, topo, seed)
-        w2, b2 = _linear_specs(f"{prefix}.fc2", h, f, std / math.sqrt(2 * cfg.num_layers), bias)
+        w2, b2 = linear_specs(f"{prefix}.fc2", h, f, std / math.sqrt(2 * cfg.num_layers), bias)
         self.fc2 = RowParallelLinear(w2, b2, topo, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc1(x)
-        if self.swiglu:
-            gate, up = y.chunk(2, dim=-1)
-            y = F.silu(gate) * up
-        else:
-            y = F.gelu(y, approximate=self.gelu_approximate)
-        return self.fc2(y)
+        return self.fc2(activate(self.fc1(x), self.swiglu, self.gelu_approximate))
 
 
 class TransformerLayer(nn.Module):
     """Pre-norm decoder layer; ``index`` is global, so canonical names do not depend on PP."""
 
     def __init__(self, index: int, cfg: ModelConfig, topo: Topology, seed: int,
-                 dropout_rng: DropoutRNG | None = None) -> None:
+                 dropout_rng: DropoutRNG | None = None, moe_stats: MoEStats | None = None) -> None:
         super().__init__()
         prefix = f"layers.{index}"
         self.index, self.dropout = index, cfg.hidden_dropout
@@ -197,7 +192,19 @@ class TransformerLayer(nn.Module):
         self.input_norm = Norm(f"{prefix}.input_norm", cfg, topo, seed)
         self.attention = Attention(f"{prefix}.attention", cfg, topo, seed, index, self.dropout_rng)
         self.post_attention_norm = Norm(f"{prefix}.post_attention_norm", cfg, topo, seed)
-        self.mlp = MLP(f"{prefix}.mlp", cfg, topo, seed)
+        if cfg.moe is not None and index in cfg.moe.layers:
+            shared = cfg.moe.shared_expert_ffn_hidden_size
+            shared_expert = MLP(f"{prefix}.mlp.shared_expert", cfg, topo, seed, shared) if shared else None
+            self.mlp = MoELayer(f"{prefix}.mlp", index, cfg, topo, seed, moe_stats or MoEStats(cfg.moe),
+                                shared_expert)
+        else:
+            self.mlp = MLP(f"{prefix}.mlp", cfg, topo, seed)
+
+    def units(self) -> list[tuple[object, str, list[torch.nn.Parameter]]]:
+        """ZeRO-3 units (see ``GPTModel.units``): the layer, and its experts apart (another ZeRO group)."""
+        inner = self.mlp.expert_units() if isinstance(self.mlp, MoELayer) else []
+        apart = {id(p) for _, _, params in inner for p in params}
+        return [(self, "forward", [p for p in self.parameters() if id(p) not in apart]), *inner]
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         p = self.dropout if self.training else 0.0

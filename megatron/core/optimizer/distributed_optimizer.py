@@ -127,6 +127,7 @@ class DistributedOptimizer:
                 hyper = {"weight_decay": cfg.weight_decay if decay else 0.0, **adam}
                 self.groups.append(ParamGroup(len(self.groups), hyper, named, zero_group, shards, shard_rank,
                                               device, count))
+                self.groups[-1].decay = decay  # the schedule's weight decay applies here
         self.step_count = 0
         for g in self.groups:
             for f, p, master in g.views(g.master):
