@@ -21,6 +21,7 @@ Stage 3 also keeps only this rank's chunk of each parameter (``p.zero3_shard``, 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ from megatron.core import comm
 from megatron.core.optimizer.grad_scaler import LossScaler
 from megatron.core.optimizer.grad_sync import counted_boxes, strided_view, sum_row_partials, sum_whole_partials
 from megatron.core.parallel_state import Topology
-from megatron.core.sharding import sharding_of
+from megatron.core.sharding import ShardingRecord, sharding_of
 
 STATE_NAMES = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -102,6 +103,17 @@ class ParamGroup:
             yield f, p, buf[f.offset:f.offset + f.end - f.start]
 
 
+def zero_group_order(records: Iterable[ShardingRecord]) -> list[str]:
+    """The ZeRO groups of these parameters in optimizer order: the dense one first (its decay and
+    no-decay groups keep indices 0 and 1), then the others (experts) by name."""
+    return sorted({r.zero_group for r in records} | {"dp-cp-sp"}, key=lambda name: (name != "dp-cp-sp", name))
+
+
+def optimizer_group_index(record: ShardingRecord, zero_groups: list[str]) -> int:
+    """The index of the optimizer group that holds a parameter: per ZeRO group, decay then no decay."""
+    return 2 * zero_groups.index(record.zero_group) + (0 if record.weight_decay else 1)
+
+
 class DistributedOptimizer:
     """AdamW over partitions; ``stage`` is the ZeRO stage (0-3)."""
 
@@ -111,8 +123,7 @@ class DistributedOptimizer:
             raise ValueError(f"--zero-stage must be 0, 1, 2 or 3, got {stage}")
         self.topo, self.stage, self.cfg, self.scaler = topo, stage, cfg, scaler
         adam = {"beta1": cfg.beta1, "beta2": cfg.beta2, "eps": cfg.eps}
-        zero_groups = sorted({sharding_of(p).zero_group for _, p in named_params} | {"dp-cp-sp"},
-                             key=lambda name: (name != "dp-cp-sp", name))  # dense groups keep indices 0 and 1
+        zero_groups = zero_group_order(sharding_of(p) for _, p in named_params)
         # The parameters' device (a single GPU process has no NCCL backend to tell it).
         device = next((p.device for _, p in named_params), topo.device)
         self.groups = []
