@@ -86,6 +86,21 @@ def test_llama_gqa_tp2_zero3_blocked_import_resumes_at_tp1_pp2(tmp_path: Path) -
     assert _relative(wrong, ds[2:]) > 1e-3
 
 
+def test_pipeline_module_pp2_dp2_import_resumes_at_tp2(tmp_path: Path) -> None:
+    """Megatron-DeepSpeed's GPTModelPipe layout: layer_* files, optimizer partitions per stage, the tied
+    embedding on the first and last stage."""
+    src = tmp_path / "ds"
+    argv = TINY_GPT + FLAGS
+    ds = deepspeed_checkpoint(str(src), 4, argv + ["--pipeline-model-parallel-size", "2"],
+                              {"zero_optimization": {"stage": 1}}, 2, 4, pipeline=True)
+    assert _relative(ds, train_losses(1, argv)) < 1e-5, "the pipeline harness must run our math"
+    assert (src / "global_step2" / "layer_01-model_states.pt").exists()
+    _import(src / "global_step2", tmp_path / "ckpt" / "global_step2_universal")
+    resumed = train_losses(2, argv + ["--load", str(tmp_path / "ckpt"), "--universal-checkpoint",
+                                      "--tensor-model-parallel-size", "2"])
+    assert _relative(resumed, ds[2:]) < 1e-5, (resumed, ds)
+
+
 def test_bf16_zero2_import_holds_the_fp32_master(tmp_path: Path) -> None:
     src = tmp_path / "ds"
     deepspeed_checkpoint(str(src), 2, TINY_GPT + FLAGS + ["--bf16"],

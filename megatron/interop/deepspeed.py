@@ -1,7 +1,8 @@
 """DeepSpeed / Megatron-DeepSpeed checkpoints -> a universal checkpoint.
 
-Megatron-DeepSpeed's ``GPTModel`` (run without a pipeline) names its parameters
-``language_model.{embedding,encoder.layers.N,encoder.final_layernorm,output_layer}...`` and splits
+Megatron-DeepSpeed's ``GPTModel`` names its parameters
+``language_model.{embedding,encoder.layers.N,encoder.final_layernorm,output_layer}...`` (its
+pipeline ``GPTModelPipe`` by layer index, mapped to those names first) and splits
 them over tensor-parallel ranks along the output dimension (column-parallel: ``query_key_value``,
 ``dense_h_to_4h``, the embeddings) or the input dimension (row-parallel: ``dense``,
 ``dense_4h_to_h``). Its fused tensors are laid out per TP rank, so they are split into canonical
@@ -20,7 +21,7 @@ import os
 import torch
 
 from megatron.interop.canonical import imported_state, write_imported
-from megatron.interop.deepspeed_files import STATES, read_deepspeed
+from megatron.interop.deepspeed_files import STATES, DeepSpeedCheckpoint, read_deepspeed
 from megatron.interop.mcore import config_from_megatron_args
 from megatron.model.config import ModelConfig
 
@@ -102,10 +103,53 @@ def canonical_from_megatron_deepspeed(ranks: list[dict[str, torch.Tensor]], cfg:
     return {n: t.contiguous() for n, t in out.items()}
 
 
+def pipeline_names(names: list[str]) -> dict[str, str]:
+    """Megatron-DeepSpeed's ``GPTModelPipe`` names (``"<layer index>.<name>"``, tied embeddings as
+    ``tied_modules.<key>.<name>``) -> its non-pipeline names: the layers holding attention are the
+    transformer layers in index order; a later layer of only ``weight`` / ``bias`` is the final norm."""
+    by_index: dict[int, list[str]] = {}
+    out = {}
+    for name in names:
+        head, rest = name.split(".", 1)
+        if head == "tied_modules":  # tied_modules.<key>.word_embeddings.weight
+            out[name] = "language_model.embedding." + rest.split(".", 1)[1]
+        elif rest.startswith(("word_embeddings.", "position_embeddings.")):
+            out[name] = "language_model.embedding." + rest
+        elif rest.startswith("lm_head."):
+            out[name] = "language_model.output_layer." + rest.removeprefix("lm_head.")
+        elif head.isdigit():
+            by_index.setdefault(int(head), []).append(rest)
+        else:
+            raise ValueError(f"{name}: not a parameter of Megatron-DeepSpeed's GPTModelPipe")
+    layers = sorted(i for i, rs in by_index.items() if any(r.startswith("self_attention.") for r in rs))
+    for i, rests in by_index.items():
+        if i in layers:
+            out.update({f"{i}.{r}": f"language_model.encoder.layers.{layers.index(i)}.{r}" for r in rests})
+        elif layers and i > layers[-1] and set(rests) <= {"weight", "bias"}:
+            out.update({f"{i}.{r}": f"language_model.encoder.final_layernorm.{r}" for r in rests})
+        else:
+            raise ValueError(f"pipeline layer {i} ({rests}) is neither a transformer layer nor the final norm")
+    return out
+
+
+def _by_tensor_rank(ckpt: DeepSpeedCheckpoint) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """name -> {state -> tensor} per TP rank; a pipeline's stages are joined (the first stage's copy of
+    a tied embedding wins: the tied copies are kept equal by DeepSpeed)."""
+    if not ckpt.pipeline:
+        return [r.tensors for r in ckpt.ranks]
+    names = pipeline_names(sorted({n for r in ckpt.ranks for n in r.tensors}))
+    out: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(ckpt.tensor_parallel)]
+    for mp, rank in enumerate(ckpt.ranks):
+        for name, states in rank.tensors.items():
+            out[mp % ckpt.tensor_parallel].setdefault(names[name], states)
+    return out
+
+
 def import_deepspeed(folder: str, output_folder: str, model_config: ModelConfig | None = None,
                      overwrite: bool = False, qkv_layout: str = "grouped") -> int:
     """Write a universal checkpoint (fp32 master and Adam moments when saved) from a DeepSpeed save of a
-    Megatron-DeepSpeed GPT model, ZeRO 1-3, any TP; returns the number of canonical tensors."""
+    Megatron-DeepSpeed GPT model (GPTModel, or GPTModelPipe), ZeRO 1-3, any TP and PP; returns the number
+    of canonical tensors."""
     ckpt = read_deepspeed(folder)
     args = ckpt.client.get("args")
     if model_config is None:
@@ -113,15 +157,17 @@ def import_deepspeed(folder: str, output_folder: str, model_config: ModelConfig 
             raise ValueError(f"{ckpt.folder}: the model states hold no Megatron-DeepSpeed args; pass "
                              f"--model-config FILE with the model's shape")
         model_config = config_from_megatron_args(args)
-    saved = [s for s in STATES if all(s in t for r in ckpt.ranks for t in r.tensors.values())]
-    by_state = {s: canonical_from_megatron_deepspeed([{n: t[s] for n, t in r.tensors.items()} for r in ckpt.ranks],
+    ranks = _by_tensor_rank(ckpt)
+    saved = [s for s in STATES if all(s in t for r in ranks for t in r.values())]
+    by_state = {s: canonical_from_megatron_deepspeed([{n: t[s] for n, t in r.items()} for r in ranks],
                                                      model_config, qkv_layout) for s in saved}
     tensors = {n: {s: by_state[s][n] for s in saved} for n in by_state["fp32"]}
     iteration = int(ckpt.client.get("iteration", ckpt.client.get("global_steps", 0)))
     consumed = getattr(args, "consumed_train_samples", None) or ckpt.client.get("global_samples", 0)
     state = imported_state(model_config, iteration=iteration, consumed_samples=int(consumed),
                            optimizer_step=ckpt.ranks[0].step if "exp_avg" in saved else 0)
-    source = {"imported_from": f"deepspeed ZeRO-{ckpt.zero_stage}", "tensor_parallel": len(ckpt.ranks),
+    source = {"imported_from": f"deepspeed ZeRO-{ckpt.zero_stage}", "tensor_parallel": ckpt.tensor_parallel,
+              "pipeline_stages": len(ckpt.ranks) // ckpt.tensor_parallel,
               "folder": os.path.abspath(ckpt.folder), "qkv_layout": qkv_layout,
               "deepspeed_version": ckpt.client.get("ds_version")}
     write_imported(output_folder, model_config, tensors, source, folder, state, overwrite=overwrite)

@@ -3,7 +3,8 @@
 A DeepSpeed save (``global_stepN/``) holds, per model-parallel rank ``mp``:
 
 * ``mp_rank_{mp:02d}_model_states.pt`` (ZeRO 0-2) or ``zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt``
-  (ZeRO-3): the module's weights, ``param_shapes`` (name -> shape per optimizer group, in the order the flat buffers hold
+  (ZeRO-3): the module's weights (a PipelineModule keeps those in ``layer_*-model_{tp:02d}-model_states.pt``
+  files instead, and numbers ``mp`` as stage x TP + TP rank), ``param_shapes`` (name -> shape per optimizer group, in the order the flat buffers hold
   them) and the client state (Megatron-DeepSpeed's ``args`` and ``iteration``);
 * ``[bf16_]zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt``: the data-parallel rank's partition
   of the fp32 master weights and of Adam's moments. ZeRO-1/2 flatten each group (each parameter
@@ -75,8 +76,10 @@ class RankTensors:
 class DeepSpeedCheckpoint:
     folder: str
     client: dict  # the model-states dict of model-parallel rank 0 (args, iteration, global_samples, ...)
-    ranks: list[RankTensors]  # by model-parallel rank
+    ranks: list[RankTensors]  # by model-parallel rank: pipeline stage x TP + TP rank
     zero_stage: int
+    tensor_parallel: int
+    pipeline: bool  # a PipelineModule save: names are "<layer index>.<name>" and "tied_modules.<key>.<name>"
 
 
 def _optim_files(folder: str, mp: int) -> list[str]:
@@ -92,10 +95,6 @@ def _optim_files(folder: str, mp: int) -> list[str]:
 
 def _model_states(folder: str, mp: int) -> tuple[dict, dict[str, torch.Tensor]]:
     """(the rank's model-states dict, its module weights by name)."""
-    if glob.glob(os.path.join(folder, "layer_*-model_*-model_states.pt")):
-        raise ValueError(f"{folder} is a DeepSpeed PipelineModule save (layer_*-model_*-model_states.pt); this "
-                         f"importer reads the saves of engines without a pipeline (mp_rank_*_model_states.pt, "
-                         f"Megatron-DeepSpeed's --no-pipeline-parallel) only")
     for path in (os.path.join(folder, f"mp_rank_{mp:02d}_model_states.pt"),
                  os.path.join(folder, f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt")):
         if os.path.isfile(path):
@@ -142,6 +141,10 @@ def _read_rank(folder: str, mp: int) -> tuple[dict, RankTensors, int]:
         raise ValueError(f"{folder}: a ZeRO-0 save keeps Adam's state in a torch optimizer state dict keyed by "
                          f"position, which names cannot be recovered from; resave with ZeRO stage 1-3, or "
                          f"without the optimizer for a weights-only import")
+    if not files and not weights:
+        raise ValueError(f"{folder}: model-parallel rank {mp} has neither optimizer files nor module weights (a "
+                         f"PipelineModule save keeps them in layer_* files, which are read only with the optimizer "
+                         f"state); copy its *zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt files")
     if not files:  # weights only: the module's tensors are the master
         rank.tensors = {n: {"fp32": t.float()} for n, t in weights.items()}
         return states, rank, 0
@@ -199,4 +202,13 @@ def read_deepspeed(folder: str) -> DeepSpeedCheckpoint:
         states, rank, stage = _read_rank(folder, mp)
         client = client or states
         ranks.append(rank)
-    return DeepSpeedCheckpoint(folder, client, ranks, stage)
+    layer_files = [n for n in names if n.startswith("layer_")]
+    tp_ranks = {int(m) for n in layer_files for m in re.findall(r"-model_(\d+)-", n)}
+    args = client.get("args")
+    if layer_files:
+        tp = getattr(args, "tensor_model_parallel_size", None) or max(len(tp_ranks), 1)
+    else:
+        tp = len(mps)
+    if len(mps) % tp:
+        raise ValueError(f"{folder}: {len(mps)} model-parallel ranks do not divide into tensor-parallel size {tp}")
+    return DeepSpeedCheckpoint(folder, client, ranks, stage, tp, bool(layer_files))
