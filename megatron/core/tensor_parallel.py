@@ -84,9 +84,13 @@ def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     return x if comm.group_size(group) == 1 else _GatherFromTP.apply(x, group)
 
 
-def enter_tp(x: torch.Tensor, group, sp: SequenceParallel) -> torch.Tensor:
-    """The input of a TP-sharded matmul: the whole sequence, its gradient summed over TP."""
-    return sp.gather(x) if sp.enabled else copy_to_tp(x, group)
+def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group,
+                           sp: SequenceParallel) -> torch.Tensor:
+    """A matmul with output features split over TP, of the whole sequence (gathered from the
+    sequence slices under SP); the input gradient is summed over TP."""
+    if sp.enabled:
+        return sp.gathered_linear(x, weight, bias)
+    return F.linear(copy_to_tp(x, group), weight, bias)
 
 
 def leave_tp(y: torch.Tensor, group, sp: SequenceParallel) -> torch.Tensor:
@@ -136,7 +140,7 @@ class ColumnParallelLinear(nn.Module):
             offset += s.length
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(enter_tp(x, self.group, self.sp), self.weight, self.bias)
+        return column_parallel_linear(x, self.weight, self.bias, self.group, self.sp)
 
 
 class RowParallelLinear(nn.Module):

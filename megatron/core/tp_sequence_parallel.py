@@ -5,9 +5,11 @@ The model's hidden states are ``[batch, sequence, hidden]`` (Megatron's are ``[s
 the slices are cut along dim 1, ``SEQ_DIM``; the collectives move the sequence to the leading
 dimension for the copy they make anyway. Entering a column-parallel matmul the slices are
 all-gathered (backward: reduce-scattered, since the input gradient of a TP-sharded matmul is a
-partial sum over TP); leaving a row-parallel matmul the partial outputs are reduce-scattered
-instead of all-reduced (backward: all-gathered). The bytes moved equal those of TP's two
-all-reduces per block, while the activations between the matmuls shrink by the TP size.
+partial sum over TP); the matmul keeps only this rank's slice for backward and gathers it again
+there, as Megatron does, so the whole-sequence input is never stored. Leaving a row-parallel
+matmul the partial outputs are reduce-scattered instead of all-reduced (backward:
+all-gathered). The bytes moved in forward equal those of TP's all-reduces, while the
+activations between the matmuls shrink by the TP size.
 
 A parameter replicated over TP that is applied to a sequence slice (norms, row-parallel
 biases, the position table) gets only its slice's share of the gradient on each TP rank:
@@ -19,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatron.core import comm
@@ -36,17 +39,23 @@ def check_divisible(seq: int, tp: int) -> None:
                          f"sequence); choose --seq-length a multiple of {tp}, or drop --sequence-parallel")
 
 
-class _GatherSequence(torch.autograd.Function):
-    """All-gather the sequence slices forward; reduce-scatter the gradient backward."""
+class _GatheredLinear(torch.autograd.Function):
+    """``F.linear(all-gathered x, weight, bias)`` that saves only ``x``, this rank's slice, and
+    gathers it again in backward for the weight gradient."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return comm.all_gather_dim(x, group, SEQ_DIM)
+    def forward(ctx, x, weight, bias, group):
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(comm.all_gather_dim(x, group, SEQ_DIM), weight, bias)
 
     @staticmethod
     def backward(ctx, g):
-        return comm.reduce_scatter_dim(g, ctx.group, SEQ_DIM), None
+        x, weight = ctx.saved_tensors
+        whole = comm.all_gather_dim(x, ctx.group, SEQ_DIM).reshape(-1, weight.shape[1])
+        grad_x = comm.reduce_scatter_dim(g @ weight, ctx.group, SEQ_DIM)
+        g2 = g.reshape(-1, weight.shape[0])
+        return grad_x, g2.t() @ whole, g2.sum(0) if ctx.has_bias else None, None
 
 
 class _ReduceScatterSequence(torch.autograd.Function):
@@ -80,9 +89,9 @@ class SequenceParallel:
     def enabled(self) -> bool:
         return self.size > 1
 
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole sequence, from every TP rank's slice."""
-        return _GatherSequence.apply(x, self.group)
+    def gathered_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """A column-parallel matmul of the whole sequence, from every TP rank's slice ``x``."""
+        return _GatheredLinear.apply(x, weight, bias, self.group)
 
     def reduce_scatter(self, y: torch.Tensor) -> torch.Tensor:
         """This rank's sequence slice of the sum over TP of ``y``."""

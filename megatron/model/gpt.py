@@ -7,15 +7,14 @@ tied embeddings and PP > 1, the last stage holds a replica of the word embedding
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.dropout import DropoutRNG
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import CanonicalSpec, shard_range, whole_piece
 from megatron.core.sharding import PartialSum
-from megatron.core.tensor_parallel import (VocabParallelEmbedding, enter_tp, gather_from_tp, make_param,
-                                           vocab_parallel_cross_entropy)
+from megatron.core.tensor_parallel import (VocabParallelEmbedding, column_parallel_linear, gather_from_tp,
+                                           make_param, vocab_parallel_cross_entropy)
 from megatron.core.tp_sequence_parallel import SequenceParallel, check_divisible
 from megatron.model.config import ModelConfig
 from megatron.model.recompute import RecomputeConfig, run_layers
@@ -123,7 +122,7 @@ class GPTModel(nn.Module):
 
     def head(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         x = self.final_norm(x)
-        logits = F.linear(enter_tp(x, self.topo.tp_group, self.sp), self.output_weight())
+        logits = column_parallel_linear(x, self.output_weight(), None, self.topo.tp_group, self.sp)
         vocab_start = self.topo.tp_rank * (self.padded_vocab // self.topo.tp)
         if labels is None:
             return gather_from_tp(logits, self.topo.tp_group)[..., : self.cfg.vocab_size]
