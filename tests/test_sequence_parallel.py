@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron.checkpointing import convert_to_universal
+from megatron.core.dropout import DropoutRNG
 from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.core.sharding import PartialSum
 from megatron.model.config import ModelConfig
@@ -104,6 +105,17 @@ def test_sequence_parallel_at_tp1_is_a_no_op() -> None:
     states = inspect_trained(1, GPT + SP + ["--train-iters", "2"], _replica_state)
     assert states[0]["sp_size"] == 1 and not states[0]["tp_partial"]
     assert run(1, GPT + SP, steps=2) == run(1, GPT, steps=2)
+
+
+def test_a_sequence_slice_of_the_hidden_dropout_mask_is_a_slice_of_the_whole() -> None:
+    rng = DropoutRNG(seed=7, iteration=3, first_sample=40)
+    x = torch.ones(2, 12, 32)
+    whole = rng.hidden(x, 0.3, layer=1, site="mlp_out")
+    for rank in range(3):  # TP 3: positions [4r, 4r + 4) of 12
+        shard = rng.hidden(x[:, 4 * rank:4 * rank + 4], 0.3, 1, "mlp_out", seq_start=4 * rank, seq_length=12)
+        assert torch.equal(shard, whole[:, 4 * rank:4 * rank + 4])
+    assert not torch.equal(rng.hidden(x[:, 4:8], 0.3, 1, "mlp_out"), whole[:, 4:8])  # positions matter
+    assert abs((whole == 0).float().mean().item() - 0.3) < 0.05  # 768 draws: binomial std 0.017, 3 sigma
 
 
 # --- checkpoints ------------------------------------------------------------------------------
