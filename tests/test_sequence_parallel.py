@@ -15,6 +15,7 @@ from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.core.sharding import PartialSum
 from megatron.model.config import ModelConfig
 from megatron.model.gpt import GPTModel
+from megatron.testing.distributed import run_distributed
 from megatron.testing.training import inspect_trained, train_losses
 
 # Six heads, FFN 192 and sequence 12 split over TP 2 and 3; vocabulary 101 padded to a multiple
@@ -105,6 +106,24 @@ def test_sequence_parallel_at_tp1_is_a_no_op() -> None:
     states = inspect_trained(1, GPT + SP + ["--train-iters", "2"], _replica_state)
     assert states[0]["sp_size"] == 1 and not states[0]["tp_partial"]
     assert run(1, GPT + SP, steps=2) == run(1, GPT, steps=2)
+
+
+def _logits_and_token_losses(rank: int, world: int, sequence_parallel: bool):
+    cfg = ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=6, vocab_size=101, seq_length=12,
+                      make_vocab_size_divisible_by=1)
+    model = GPTModel(cfg, Topology(ParallelDims(world, tp=world), rank), seed=3, sequence_parallel=sequence_parallel)
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(tokens), model(tokens, tokens.roll(-1, dims=1))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sp_logits_and_per_token_losses_equal_tp1(world: int) -> None:
+    """The whole sequence's logits come back from the sequence slices (evaluation, generation)."""
+    ref_logits, ref_loss = run_distributed(_logits_and_token_losses, 1, False)[0]
+    for logits, loss in run_distributed(_logits_and_token_losses, world, True):
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
 
 
 def test_a_sequence_slice_of_the_hidden_dropout_mask_is_a_slice_of_the_whole() -> None:
