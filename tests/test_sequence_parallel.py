@@ -21,7 +21,7 @@ from megatron.testing.training import inspect_trained, train_losses
 # Six heads, FFN 192 and sequence 12 split over TP 2 and 3; vocabulary 101 padded to a multiple
 # of TP only, so at TP 2 and 3 the last rank's rows straddle the logical end.
 GPT = ("--num-layers 2 --hidden-size 48 --num-attention-heads 6 --seq-length 12 --micro-batch-size 2 "
-       "--global-batch-size 4 --lr 1e-2 --mock-data --vocab-size 101 --make-vocab-size-divisible-by 1 "
+       "--global-batch-size 4 --lr 5e-3 --mock-data --vocab-size 101 --make-vocab-size-divisible-by 1 "
        "--log-interval 1000").split()
 # Llama-style GQA: 12 query heads share 6 KV heads (split over TP 2 and 3), RMSNorm, SwiGLU, RoPE.
 LLAMA_GQA = GPT + ("--num-attention-heads 12 --num-key-value-heads 6 --normalization rmsnorm --swiglu "
@@ -32,7 +32,9 @@ DROPOUT = {"dropout": ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"],
            "no_dropout": ["--hidden-dropout", "0", "--attention-dropout", "0"]}
 STEPS = 12
 # fp32: SP changes only the reduction order (reduce-scatter instead of all-reduce, TP sums of the
-# norm gradients), ~1e-7 relative after 12 steps; 1e-5 relative is the project's fp32 tolerance.
+# norm gradients): at most 1e-6 relative over 12 steps at this learning rate (at lr 1e-2 Adam
+# amplifies TP's own reduction-order noise in the Llama model to 9e-6 with SP off already);
+# 1e-5 relative is the project's fp32 tolerance.
 REL_TOL = 1e-5
 SP = ["--sequence-parallel"]
 
