@@ -75,6 +75,7 @@ def test_dropout_changes_the_curve_so_the_dropout_cases_can_fail() -> None:
 @pytest.mark.parametrize("name,world,flags", [
     ("tp2-pp2", 4, tp(2) + ["--pipeline-model-parallel-size", "2"]),  # stages pass sequence slices
     ("tp2-dp2-zero2", 4, tp(2) + ["--zero-stage", "2"]),  # TP sums of partitioned norm gradients
+    ("tp2-dp2-zero3", 4, tp(2) + ["--zero-stage", "3"]),  # weights gathered around each layer
     ("tp2-recompute", 2, tp(2) + ["--recompute-granularity", "full", "--recompute-method", "uniform"]),
 ])
 def test_sequence_parallel_composes_with_pp_zero_and_recompute(name: str, world: int, flags: list[str]) -> None:
