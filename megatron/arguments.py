@@ -253,6 +253,9 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="ds_config.json; keys that cannot be honoured here are refused, naming the key")
     g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                    help="set by the deepspeed launcher; must agree with LOCAL_RANK when both are given")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron-LM's sequence parallelism: outside the TP matmuls (norms, dropout, residuals) "
+                        "each TP rank holds 1/TP of the sequence; --seq-length must divide by TP; a no-op at TP 1")
     g.add_argument("--ds-sequence-parallel-size", type=int, default=1,
                    help="DeepSpeed-Ulysses sequence parallelism: only 1 (off) is supported here")
     g.add_argument("--no-pipeline-parallel", action="store_true",
@@ -458,6 +461,7 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
         raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
                           f"--pipeline-model-parallel-size {pp}")
     dp = world_size // (tp * pp)
+    args.sequence_parallel = args.sequence_parallel and tp > 1  # as Megatron: nothing to split at TP 1
     if args.deepspeed_config:
         merge_deepspeed_config(args, dp, explicit if explicit is not None else set(vars(args)), ConfigError)
     if args.use_checkpoint_args:

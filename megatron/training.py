@@ -85,7 +85,7 @@ class Trainer:
         set_random_seeds(args.seed + 100 * self.topo.pp_rank)
         self.datasets, vocab_size = build_datasets(args)
         self.cfg = model_config_from_args(args, vocab_size)
-        self.model = GPTModel(self.cfg, self.topo, args.seed).to(device)
+        self.model = GPTModel(self.cfg, self.topo, args.seed, args.sequence_parallel).to(device)
         self.model.set_recompute(recompute_from_args(args, zero3=args.zero_stage == 3))
         self.moe_metrics: dict[str, float] = {}  # the last step's MoE losses and loads (MoEStats.summary)
         self.dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32

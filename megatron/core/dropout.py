@@ -5,7 +5,8 @@ The generator is counter-based (a keyed 32-bit integer hash, murmur3's finaliser
 torch integer ops), so the same canonical element gets the same keep/drop decision on
 CPU and GPU, on every TP/PP/DP layout and micro-batch count. Replicated activations
 (the hidden states every TP rank holds) get identical masks on every rank; sharded ones
-(attention probabilities, heads split over TP) use the global head index.
+use the global index: of the head for attention probabilities split over TP, of the sequence
+position for hidden states split along the sequence (Megatron sequence parallelism).
 """
 from __future__ import annotations
 
@@ -53,14 +54,19 @@ class DropoutRNG:
     def key(self, layer: int, site: str) -> tuple[int, int]:
         return _key(self.seed, self.iteration, layer, SITES[site])
 
-    def hidden(self, x: torch.Tensor, p: float, layer: int, site: str) -> torch.Tensor:
-        """Dropout on ``[batch, seq, hidden]`` activations whose hidden axis is whole."""
+    def hidden(self, x: torch.Tensor, p: float, layer: int, site: str, seq_start: int = 0,
+               seq_length: int | None = None) -> torch.Tensor:
+        """Dropout on ``[batch, seq, hidden]`` activations whose hidden axis is whole. ``x`` may
+        hold positions ``[seq_start, seq_start + x.shape[1])`` of a sequence of ``seq_length``
+        (a sequence-parallel slice): the mask is that slice of the whole sequence's mask."""
         if p <= 0.0:
             return x
         b, s, h = x.shape
+        total = s if seq_length is None else seq_length
         dev = x.device
-        counters = ((torch.arange(b, device=dev).view(b, 1, 1) + self.first_sample) * s
-                    + torch.arange(s, device=dev).view(1, s, 1)) * h + torch.arange(h, device=dev).view(1, 1, h)
+        counters = ((torch.arange(b, device=dev).view(b, 1, 1) + self.first_sample) * total
+                    + torch.arange(seq_start, seq_start + s, device=dev).view(1, s, 1)) * h \
+            + torch.arange(h, device=dev).view(1, 1, h)
         return x * keep_mask(counters, self.key(layer, site), p).to(x.dtype) * (1.0 / (1.0 - p))
 
     def attention(self, probs: torch.Tensor, p: float, layer: int, head_offset: int, num_heads: int) -> torch.Tensor:

@@ -7,15 +7,15 @@ tied embeddings and PP > 1, the last stage holds a replica of the word embedding
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.dropout import DropoutRNG
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import CanonicalSpec, shard_range, whole_piece
 from megatron.core.sharding import PartialSum
-from megatron.core.tensor_parallel import (VocabParallelEmbedding, copy_to_tp, gather_from_tp,
+from megatron.core.tensor_parallel import (VocabParallelEmbedding, column_parallel_linear, gather_from_tp,
                                            make_param, vocab_parallel_cross_entropy)
+from megatron.core.tp_sequence_parallel import SequenceParallel, check_divisible
 from megatron.model.config import ModelConfig
 from megatron.model.moe import MoEStats
 from megatron.model.recompute import RecomputeConfig, run_layers
@@ -25,9 +25,15 @@ WORD_EMBEDDING = "embedding.word_embeddings.weight"
 
 
 class GPTModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, topo: Topology, seed: int) -> None:
+    """``sequence_parallel``: Megatron's ``--sequence-parallel`` (meaningful with TP > 1): the
+    hidden states between stages and layers are this TP rank's slice of the sequence."""
+
+    def __init__(self, cfg: ModelConfig, topo: Topology, seed: int, sequence_parallel: bool = False) -> None:
         super().__init__()
         cfg.check_parallel(topo.tp, topo.pp)
+        self.sp = sp = SequenceParallel.of(topo, sequence_parallel)
+        if sp.enabled:
+            check_divisible(cfg.seq_length, sp.size)
         self.recompute = RecomputeConfig()
         self.cfg, self.topo = cfg, topo
         self.dropout_rng = DropoutRNG(seed)  # shared by every layer; the schedule sets its sample
@@ -37,22 +43,23 @@ class GPTModel(nn.Module):
         self.embedding = None
         if self.pre_process:
             self.embedding = nn.Module()
-            self.embedding.word_embeddings = VocabParallelEmbedding(word, self.padded_vocab, topo, seed)
+            self.embedding.word_embeddings = VocabParallelEmbedding(word, self.padded_vocab, topo, seed, sp=sp)
             if cfg.position_embedding_type == "learned_absolute":
                 pos = CanonicalSpec("embedding.position_embeddings.weight",
                                     (cfg.max_position_embeddings, cfg.hidden_size), "normal", cfg.init_method_std)
                 self.embedding.position_embeddings = nn.Module()
                 self.embedding.position_embeddings.weight = make_param(
                     pos.shape, [whole_piece(pos, owner=topo.tp_rank == 0)], [pos], seed, replicated_over=("tp",))
+                sp.mark_partial_sum(self.embedding.position_embeddings.weight)
             if cfg.embed_layernorm:
-                self.embedding.layernorm = Norm("embedding.layernorm", cfg, topo, seed)
+                self.embedding.layernorm = Norm("embedding.layernorm", cfg, topo, seed, sp)
         start, count = shard_range(cfg.num_layers, topo.pp_rank, topo.pp, "--num-layers")
         self.moe_stats = MoEStats(cfg.moe) if cfg.moe is not None else None  # shared by the MoE layers
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(i, cfg, topo, seed, self.dropout_rng, self.moe_stats)
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(i, cfg, topo, seed, self.dropout_rng, self.moe_stats, sp)
                                      for i in range(start, start + count)})
         self.final_norm = self.output_layer = None
         if self.post_process:
-            self.final_norm = Norm("final_norm", cfg, topo, seed)
+            self.final_norm = Norm("final_norm", cfg, topo, seed, sp)
             if not cfg.tie_embeddings:
                 out = CanonicalSpec("output_layer.weight", (cfg.vocab_size, cfg.hidden_size), "normal",
                                     cfg.init_method_std)
@@ -86,13 +93,20 @@ class GPTModel(nn.Module):
             return self.output_layer.weight
         return self.embedding.word_embeddings.weight
 
+    def stage_output_shape(self, micro: int, seq: int) -> tuple[int, int, int]:
+        """The hidden states one stage sends the next: this TP rank's sequence slice under SP."""
+        return micro, seq // self.sp.size, self.cfg.hidden_size
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embedding.word_embeddings(tokens)
+        x = self.embedding.word_embeddings(tokens)  # this rank's sequence slice under SP
+        local = x.shape[1]
+        start = self.sp.seq_start(local)
         if self.cfg.position_embedding_type == "learned_absolute":
-            x = x + self.embedding.position_embeddings.weight[: tokens.shape[1]]
+            x = x + self.embedding.position_embeddings.weight[start:start + local]
         if self.cfg.embed_layernorm:
             x = self.embedding.layernorm(x)
-        return self.dropout_rng.hidden(x, self.cfg.hidden_dropout if self.training else 0.0, -1, "embedding")
+        return self.dropout_rng.hidden(x, self.cfg.hidden_dropout if self.training else 0.0, -1, "embedding",
+                                       start, self.sp.seq_length(local))
 
     def rope(self, seq: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.cfg.position_embedding_type != "rope":
@@ -103,7 +117,7 @@ class GPTModel(nn.Module):
         """First stage takes token ids, later stages hidden states. The last stage returns the
         per-token loss when ``labels`` are given, else the full (unpadded) logits."""
         x = self.embed(tokens_or_hidden) if self.pre_process else tokens_or_hidden
-        rope = self.rope(x.shape[1], x)
+        rope = self.rope(self.sp.seq_length(x.shape[1]), x)
         x = run_layers(list(self.layers.values()), x, rope, self.recompute)
         if not self.post_process:
             return x
@@ -111,7 +125,7 @@ class GPTModel(nn.Module):
 
     def head(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         x = self.final_norm(x)
-        logits = F.linear(copy_to_tp(x, self.topo.tp_group), self.output_weight())
+        logits = column_parallel_linear(x, self.output_weight(), None, self.topo.tp_group, self.sp)
         vocab_start = self.topo.tp_rank * (self.padded_vocab // self.topo.tp)
         if labels is None:
             return gather_from_tp(logits, self.topo.tp_group)[..., : self.cfg.vocab_size]

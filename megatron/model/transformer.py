@@ -17,6 +17,7 @@ from megatron.core.parallel_state import Topology
 from megatron.core.pieces import CanonicalSpec, whole_piece
 from megatron.core.tensor_parallel import (ColumnParallelLinear, OutputSegment, RowParallelLinear,
                                            make_param, shard_or_raise)
+from megatron.core.tp_sequence_parallel import SequenceParallel
 from megatron.model.config import ModelConfig
 from megatron.model.mlp_parts import activate, linear_specs
 from megatron.model.moe import MoELayer, MoEStats
@@ -24,9 +25,11 @@ from megatron.model.recompute import maybe_recompute
 
 
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm; a replica on every TP rank (TP rank 0 owns it)."""
+    """LayerNorm or RMSNorm; a replica on every TP rank (TP rank 0 owns it). Under sequence
+    parallelism each replica normalises one sequence slice, so their gradients add up over TP."""
 
-    def __init__(self, name: str, cfg: ModelConfig, topo: Topology, seed: int) -> None:
+    def __init__(self, name: str, cfg: ModelConfig, topo: Topology, seed: int,
+                 sp: SequenceParallel = SequenceParallel()) -> None:
         super().__init__()
         self.kind, self.eps = cfg.normalization, cfg.layernorm_epsilon
         h, owner = cfg.hidden_size, topo.tp_rank == 0
@@ -36,6 +39,8 @@ class Norm(nn.Module):
         if self.kind == "layernorm":
             b = CanonicalSpec(f"{name}.bias", (h,), "zeros", weight_decay=False)
             self.bias = make_param((h,), [whole_piece(b, owner)], [b], seed, replicated_over=("tp",))
+        sp.mark_partial_sum(self.weight)
+        sp.mark_partial_sum(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rmsnorm":
@@ -80,7 +85,7 @@ def alibi_bias(slopes: torch.Tensor, seq: int, dtype: torch.dtype, device) -> to
 
 class Attention(nn.Module):
     def __init__(self, prefix: str, cfg: ModelConfig, topo: Topology, seed: int, index: int = 0,
-                 dropout_rng: DropoutRNG | None = None) -> None:
+                 dropout_rng: DropoutRNG | None = None, sp: SequenceParallel = SequenceParallel()) -> None:
         super().__init__()
         self.cfg, hd, h = cfg, cfg.head_dim, cfg.hidden_size
         self.index, self.dropout_rng = index, dropout_rng or DropoutRNG(seed)
@@ -109,15 +114,15 @@ class Attention(nn.Module):
             OutputSegment(q_w, q_b, q_start, q_len),
             OutputSegment(k_w, k_b, kv_start, kv_len, owner, slot),
             OutputSegment(v_w, v_b, kv_start, kv_len, owner, slot),
-        ], topo, seed)
+        ], topo, seed, sp)
         d_w, d_b = linear_specs(f"{prefix}.dense", h, heads * hd, std / math.sqrt(2 * cfg.num_layers), bias)
-        self.dense = RowParallelLinear(d_w, d_b, topo, seed)
+        self.dense = RowParallelLinear(d_w, d_b, topo, seed, sp)
         self.recompute_core = False  # selective recomputation: softmax(QK^T)V again in backward
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        b, s, _ = x.shape
         hd = self.cfg.head_dim
-        qkv = self.qkv(x)
+        qkv = self.qkv(x)  # the whole sequence, also when x is a sequence-parallel slice
+        b, s, _ = qkv.shape
         q, k, v = qkv.split([self.local_heads * hd, self.local_kv * hd, self.local_kv * hd], dim=-1)
         q = q.view(b, s, self.local_heads, hd).transpose(1, 2)
         k = k.view(b, s, self.local_kv, hd).transpose(1, 2)
@@ -160,7 +165,7 @@ class MLP(nn.Module):
     model's (an MoE layer's shared expert)."""
 
     def __init__(self, prefix: str, cfg: ModelConfig, topo: Topology, seed: int,
-                 ffn_hidden_size: int | None = None) -> None:
+                 ffn_hidden_size: int | None = None, sp: SequenceParallel = SequenceParallel()) -> None:
         super().__init__()
         h, std, bias = cfg.hidden_size, cfg.init_method_std, cfg.add_bias_linear
         f = ffn_hidden_size or cfg.ffn_hidden_size
@@ -172,33 +177,38 @@ class MLP(nn.Module):
         else:
             names = (f"{prefix}.fc1",)
         segments = [OutputSegment(*linear_specs(n, f, h, std, bias), start, length) for n in names]
-        self.fc1 = ColumnParallelLinear(h, segments, topo, seed)
+        self.fc1 = ColumnParallelLinear(h, segments, topo, seed, sp)
         w2, b2 = linear_specs(f"{prefix}.fc2", h, f, std / math.sqrt(2 * cfg.num_layers), bias)
-        self.fc2 = RowParallelLinear(w2, b2, topo, seed)
+        self.fc2 = RowParallelLinear(w2, b2, topo, seed, sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(activate(self.fc1(x), self.swiglu, self.gelu_approximate))
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm decoder layer; ``index`` is global, so canonical names do not depend on PP."""
+    """Pre-norm decoder layer; ``index`` is global, so canonical names do not depend on PP.
+    Under sequence parallelism ``x`` is this TP rank's sequence slice outside the matmuls."""
 
     def __init__(self, index: int, cfg: ModelConfig, topo: Topology, seed: int,
-                 dropout_rng: DropoutRNG | None = None, moe_stats: MoEStats | None = None) -> None:
+                 dropout_rng: DropoutRNG | None = None, moe_stats: MoEStats | None = None,
+                 sp: SequenceParallel = SequenceParallel()) -> None:
         super().__init__()
         prefix = f"layers.{index}"
-        self.index, self.dropout = index, cfg.hidden_dropout
+        self.index, self.dropout, self.sp = index, cfg.hidden_dropout, sp
         self.dropout_rng = dropout_rng or DropoutRNG(seed)
-        self.input_norm = Norm(f"{prefix}.input_norm", cfg, topo, seed)
-        self.attention = Attention(f"{prefix}.attention", cfg, topo, seed, index, self.dropout_rng)
-        self.post_attention_norm = Norm(f"{prefix}.post_attention_norm", cfg, topo, seed)
+        self.input_norm = Norm(f"{prefix}.input_norm", cfg, topo, seed, sp)
+        self.attention = Attention(f"{prefix}.attention", cfg, topo, seed, index, self.dropout_rng, sp)
+        self.post_attention_norm = Norm(f"{prefix}.post_attention_norm", cfg, topo, seed, sp)
         if cfg.moe is not None and index in cfg.moe.layers:
+            if sp.enabled:
+                raise ValueError("--sequence-parallel with MoE layers (--num-experts) is not supported: the "
+                                 "router needs the whole sequence; leave out --sequence-parallel")
             shared = cfg.moe.shared_expert_ffn_hidden_size
             shared_expert = MLP(f"{prefix}.mlp.shared_expert", cfg, topo, seed, shared) if shared else None
             self.mlp = MoELayer(f"{prefix}.mlp", index, cfg, topo, seed, moe_stats or MoEStats(cfg.moe),
                                 shared_expert)
         else:
-            self.mlp = MLP(f"{prefix}.mlp", cfg, topo, seed)
+            self.mlp = MLP(f"{prefix}.mlp", cfg, topo, seed, sp=sp)
 
     def units(self) -> list[tuple[object, str, list[torch.nn.Parameter]]]:
         """ZeRO-3 units (see ``GPTModel.units``): the layer, and its experts apart (another ZeRO group)."""
@@ -208,5 +218,8 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        x = x + self.dropout_rng.hidden(self.attention(self.input_norm(x), rope), p, self.index, "attention_out")
-        return x + self.dropout_rng.hidden(self.mlp(self.post_attention_norm(x)), p, self.index, "mlp_out")
+        local = x.shape[1]
+        where = (self.sp.seq_start(local), self.sp.seq_length(local))  # global positions for the masks
+        x = x + self.dropout_rng.hidden(self.attention(self.input_norm(x), rope), p, self.index, "attention_out",
+                                        *where)
+        return x + self.dropout_rng.hidden(self.mlp(self.post_attention_norm(x)), p, self.index, "mlp_out", *where)
