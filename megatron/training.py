@@ -76,8 +76,8 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
         self.args, self.device, self.rank, self.world = args, device, rank, world
-        self.topo = Topology(ParallelDims(world, args.tensor_model_parallel_size,
-                                          args.pipeline_model_parallel_size), rank)
+        self.topo = Topology(ParallelDims(world, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                          cp=args.context_parallel_size, sp=args.ds_sequence_parallel_size), rank)
         set_random_seeds(args.seed + 100 * self.topo.pp_rank)
         self.datasets, vocab_size = build_datasets(args)
         self.cfg = model_config_from_args(args, vocab_size)

@@ -10,9 +10,11 @@ CPU and GPU, on every TP/PP/DP layout and micro-batch count. Replicated activati
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from megatron.core.sequence_layout import SequenceLayout
 
 _M32 = 0xFFFFFFFF
 SITES = {"embedding": 0, "attention": 1, "attention_out": 2, "mlp_out": 3}
@@ -43,24 +45,28 @@ def keep_mask(counters: torch.Tensor, key: tuple[int, int], p: float) -> torch.T
 
 @dataclass
 class DropoutRNG:
-    """The coordinates a layer cannot know by itself: the seed, the iteration being trained
-    and the global index of the micro-batch's first sample (set by the schedule)."""
+    """The coordinates a layer cannot know by itself: the seed, the iteration being trained,
+    the global index of the micro-batch's first sample (set by the schedule) and which sequence
+    positions this rank holds (Ulysses / context parallelism)."""
 
     seed: int
     iteration: int = 0
     first_sample: int = 0
+    layout: SequenceLayout = field(default_factory=SequenceLayout)
 
     def key(self, layer: int, site: str) -> tuple[int, int]:
         return _key(self.seed, self.iteration, layer, SITES[site])
 
     def hidden(self, x: torch.Tensor, p: float, layer: int, site: str) -> torch.Tensor:
-        """Dropout on ``[batch, seq, hidden]`` activations whose hidden axis is whole."""
+        """Dropout on ``[batch, seq, hidden]`` activations whose hidden axis is whole (the sequence
+        axis may be this rank's share: counters use the global positions)."""
         if p <= 0.0:
             return x
         b, s, h = x.shape
         dev = x.device
-        counters = ((torch.arange(b, device=dev).view(b, 1, 1) + self.first_sample) * s
-                    + torch.arange(s, device=dev).view(1, s, 1)) * h + torch.arange(h, device=dev).view(1, 1, h)
+        pos = self.layout.positions(s, dev).view(1, s, 1)
+        counters = ((torch.arange(b, device=dev).view(b, 1, 1) + self.first_sample) * (s * self.layout.splits)
+                    + pos) * h + torch.arange(h, device=dev).view(1, 1, h)
         return x * keep_mask(counters, self.key(layer, site), p).to(x.dtype) * (1.0 / (1.0 - p))
 
     def attention(self, probs: torch.Tensor, p: float, layer: int, head_offset: int, num_heads: int) -> torch.Tensor:
@@ -70,12 +76,19 @@ class DropoutRNG:
             return probs
         b, hl, q, k = probs.shape
         dev = probs.device
+        keep = self.attention_keep(b, hl, torch.arange(q, device=dev), torch.arange(k, device=dev), q, p, layer,
+                                   head_offset, num_heads)
+        return probs * keep.to(probs.dtype) * (1.0 / (1.0 - p))
+
+    def attention_keep(self, b: int, hl: int, q_pos: torch.Tensor, k_pos: torch.Tensor, seq: int, p: float,
+                       layer: int, head_offset: int, num_heads: int) -> torch.Tensor:
+        """Keep mask ``[b, hl, len(q_pos), len(k_pos)]`` for queries and keys at global positions
+        ``q_pos`` / ``k_pos`` of ``seq``-token samples (ring attention asks block by block)."""
+        dev = q_pos.device
         sample = torch.arange(b, device=dev).view(b, 1, 1, 1) + self.first_sample
         head = torch.arange(hl, device=dev).view(1, hl, 1, 1) + head_offset
-        counters = ((sample * num_heads + head) * q + torch.arange(q, device=dev).view(1, 1, q, 1)) * k \
-            + torch.arange(k, device=dev).view(1, 1, 1, k)
-        keep = keep_mask(counters, self.key(layer, "attention"), p)
-        return probs * keep.to(probs.dtype) * (1.0 / (1.0 - p))
+        counters = ((sample * num_heads + head) * seq + q_pos.view(1, 1, -1, 1)) * seq + k_pos.view(1, 1, 1, -1)
+        return keep_mask(counters, self.key(layer, "attention"), p)
 
 
 def begin_micro_batch(model: torch.nn.Module, first_sample: int) -> None:
