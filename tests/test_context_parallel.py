@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.arguments import parse_args
-from megatron.checkpointing import convert_to_universal
+from megatron.checkpointing import CheckpointReader, convert_to_universal
 from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.core.ring_attention import Ring, ring_attention
 from megatron.core.sequence_layout import SequenceLayout
@@ -103,14 +103,15 @@ def test_ring_attention_output_and_gradients_match_full_attention(cp: int, alibi
 # --- layout invariance of training ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def references() -> dict[tuple[str, str], list[float]]:
+def references() -> dict[tuple[str, str, int], list[float]]:
     return {}
 
 
-def reference(references: dict, model: str, dropout: str) -> list[float]:
-    if (model, dropout) not in references:
-        references[model, dropout] = train_losses(1, argv(model, dropout))
-    return references[model, dropout]
+def reference(references: dict, model: str, dropout: str, steps: int = STEPS) -> list[float]:
+    """The one-rank curve (S = C = 1), trained once per module."""
+    if (model, dropout, steps) not in references:
+        references[model, dropout, steps] = train_losses(1, argv(model, dropout, steps))
+    return references[model, dropout, steps]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -126,3 +127,60 @@ def test_dropout_changes_the_curve(references) -> None:
     """Else the dropout-on comparisons could not fail."""
     off = train_losses(1, argv("gpt", "off", steps=3))
     assert abs(off[-1] - reference(references, "gpt", "on")[2]) > 1e-3
+
+
+# --- resume on another sequence split -------------------------------------------------------------
+
+N = 3  # iterations before the save; the resumed run trains the next N
+RESUMES = {  # name: (model, (world, source flags), (world, target flags))
+    "s2dp2-to-s1dp4z2": ("gpt", (4, "--ds-sequence-parallel-size 2"), (4, "--zero-stage 2")),
+    "s4-to-tp2s2z3": ("gpt", (4, "--ds-sequence-parallel-size 4"),
+                      (4, "--tensor-model-parallel-size 2 --ds-sequence-parallel-size 2 --zero-stage 3")),
+    "c2tp2-to-c1dp2z0": ("gpt", (4, "--context-parallel-size 2 --tensor-model-parallel-size 2"), (2, "--zero-stage 0")),
+    "gqa-s2-to-s1pp2": ("llama-gqa", (2, "--ds-sequence-parallel-size 2"), (2, "--pipeline-model-parallel-size 2")),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUMES))
+def test_resume_on_another_sequence_split_continues_the_curve(tmp_path, references, case: str) -> None:
+    """Save under one split, resume under another through the native files and through the
+    universal checkpoint: the losses continue the one-rank curve."""
+    model, (src_world, src), (dst_world, dst) = RESUMES[case]
+    want, base = reference(references, model, "on", 2 * N), argv(model, "on", steps=2 * N)
+    train_losses(src_world, base + src.split() + ["--exit-interval", str(N), "--save", str(tmp_path)])
+    step = os.path.join(tmp_path, f"global_step{N}")
+    coords = [tuple(sorted(src_["coords"].items())) for src_ in CheckpointReader(step).manifest["sources"]]
+    assert len(set(coords)) == src_world and all({"sp", "cp"} <= dict(c).keys() for c in coords), coords
+    convert_to_universal(step, step + "_universal", num_workers=2, progress=False)
+    for universal in ([], ["--universal-checkpoint"]):
+        got = train_losses(dst_world, base + dst.split() + ["--load", str(tmp_path)] + universal)
+        assert_same_curve(got, want[N:], f"{case} {'universal' if universal else 'native'}")
+
+
+# --- refusals ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world,flags,message", [
+    (8, "--tensor-model-parallel-size 2 --ds-sequence-parallel-size 4",
+     "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 2 x --ds-sequence-parallel-size 4 = 8"),
+    (4, "--ds-sequence-parallel-size 4 --seq-length 30",
+     "--seq-length 30 is not divisible by --ds-sequence-parallel-size 4 = 4"),
+    (4, "--context-parallel-size 4 --seq-length 36",
+     "--seq-length 36 is not divisible by --ds-sequence-parallel-size 1 x 2 x --context-parallel-size 4 = 8"),
+    (4, "--context-parallel-size 2 --ds-sequence-parallel-size 2 --seq-length 36",
+     r"--seq-length 36 is not divisible by --ds-sequence-parallel-size 2 x 2 x --context-parallel-size 2 = 8"),
+    (6, "--context-parallel-size 4",
+     "world size 6 is not divisible by --tensor-model-parallel-size 1 x --pipeline-model-parallel-size 1 x "
+     "--context-parallel-size 4"),
+], ids=["heads-tp-x-s", "seq-s", "seq-2c", "seq-s-x-2c", "world"])
+def test_splits_that_do_not_divide_are_refused(world: int, flags: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("+", r"\+")):
+        parse_args(argv("gpt", "off") + flags.split(), world)
+
+
+def test_model_refuses_heads_not_divisible_by_tp_x_s_without_the_cli() -> None:
+    from megatron.model.config import ModelConfig
+    from megatron.model.gpt import GPTModel
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=97, seq_length=32)
+    with pytest.raises(ValueError, match="--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 2 "
+                                         "x --ds-sequence-parallel-size 4"):
+        GPTModel(cfg, Topology(ParallelDims(8, tp=2, sp=4), 0), seed=1)
