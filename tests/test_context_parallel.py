@@ -3,7 +3,6 @@
 gradients, resume across any sequence split, and clear refusals."""
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
