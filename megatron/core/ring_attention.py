@@ -4,7 +4,9 @@ Each rank keeps its queries; at step ``i`` it holds the K/V block of cp rank ``(
 sends it on to the next rank and receives the following one (``batch_isend_irecv``, so NCCL
 never deadlocks) while it computes with the current one. Blocks are combined exactly by
 log-sum-exp. The causal mask (and an ALiBi bias, and attention dropout) come from the global
-positions of the block's queries and keys, so any sequence order is masked correctly.
+positions of the block's queries and keys, so any sequence order is masked correctly. Every
+block pair is computed whole and then masked: blocks that the causal mask empties are not
+skipped, so the ring does up to twice the attention FLOPs of a block-skipping one.
 
 Backward recomputes every block's probabilities from the saved log-sum-exp; the gradients of a
 K/V block ride around the ring with it and reach their owner after ``C`` hops.
