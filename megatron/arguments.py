@@ -12,6 +12,7 @@ import difflib
 from megatron.core.batch_rampup import BatchRampup
 from megatron.core.optimizer.lr_scheduler import DECAY_STYLES, WD_INCR_STYLES
 from megatron.core.parallel_state import ParallelDims
+from megatron.core.sequence_layout import check_sequence_split
 from megatron.deepspeed_config import merge_deepspeed_config
 
 
@@ -257,7 +258,11 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="Megatron-LM's sequence parallelism: outside the TP matmuls (norms, dropout, residuals) "
                         "each TP rank holds 1/TP of the sequence; --seq-length must divide by TP; a no-op at TP 1")
     g.add_argument("--ds-sequence-parallel-size", type=int, default=1,
-                   help="DeepSpeed-Ulysses sequence parallelism: only 1 (off) is supported here")
+                   help="DeepSpeed-Ulysses: split each sample's sequence over this many ranks; attention "
+                        "all-to-alls sequence shards into head shards (heads must divide by TP x this)")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="ring attention (Megatron-Core's context parallelism): split each sample's sequence "
+                        "over this many ranks in 2x as many chunks, K/V passed around a ring")
     g.add_argument("--no-pipeline-parallel", action="store_true",
                    help="Megatron-DeepSpeed's non-pipelined model; the same model here, so it needs "
                         "--pipeline-model-parallel-size 1")
@@ -421,9 +426,6 @@ def explicit_flags(argv: list[str] | None) -> set[str]:
 
 def _check_compatibility_flags(args: argparse.Namespace) -> None:
     """Megatron-DeepSpeed flags accepted only where they mean what they say here."""
-    if args.ds_sequence_parallel_size != 1:
-        raise ConfigError(f"--ds-sequence-parallel-size {args.ds_sequence_parallel_size}: DeepSpeed-Ulysses "
-                          f"sequence parallelism is not implemented here; use 1 (off)")
     if args.no_pipeline_parallel and args.pipeline_model_parallel_size > 1:
         raise ConfigError(f"--no-pipeline-parallel with --pipeline-model-parallel-size "
                           f"{args.pipeline_model_parallel_size}: drop one of them")
@@ -457,11 +459,23 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
     in the others but must agree with these."""
     _check_compatibility_flags(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-                          f"--pipeline-model-parallel-size {pp}")
-    dp = world_size // (tp * pp)
+    cp, sp = args.context_parallel_size, args.ds_sequence_parallel_size
+    sizes = [("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+             ("--context-parallel-size", cp), ("--ds-sequence-parallel-size", sp)]
+    for flag, size in sizes:
+        if size < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {size}")
+    if world_size % (tp * pp * cp * sp):
+        named = " x ".join(f"{flag} {size}" for i, (flag, size) in enumerate(sizes) if i < 2 or size > 1)
+        raise ConfigError(f"world size {world_size} is not divisible by {named}")
+    dp = world_size // (tp * pp * cp * sp)
     args.sequence_parallel = args.sequence_parallel and tp > 1  # as Megatron: nothing to split at TP 1
+    if args.sequence_parallel and cp * sp > 1:
+        raise ConfigError(f"--sequence-parallel with --context-parallel-size {cp} / --ds-sequence-parallel-size "
+                          f"{sp} is not supported: split the sequence one way (leave one of them out)")
+    if getattr(args, "num_experts", None) and cp * sp > 1:
+        raise ConfigError(f"--num-experts with --context-parallel-size {cp} / --ds-sequence-parallel-size {sp} "
+                          f"is not supported: routing statistics are per whole sequence; leave them at 1")
     if args.deepspeed_config:
         merge_deepspeed_config(args, dp, explicit if explicit is not None else set(vars(args)), ConfigError)
     if args.use_checkpoint_args:
@@ -485,6 +499,10 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
     if args.hidden_size % args.num_attention_heads:
         raise ConfigError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
                           f"{args.num_attention_heads}")
+    try:
+        check_sequence_split(args.seq_length, args.num_attention_heads, tp, sp, cp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if args.zero_stage == 3 and pp > 1:
         raise ConfigError("--zero-stage 3 with --pipeline-model-parallel-size > 1 is not supported: "
                           "use ZeRO stage 0-2 with pipeline parallelism, or PP=1 with ZeRO-3")

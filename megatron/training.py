@@ -80,6 +80,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
         self.args, self.device, self.rank, self.world = args, device, rank, world
         self.topo = Topology(ParallelDims(world, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                          cp=args.context_parallel_size, sp=args.ds_sequence_parallel_size,
                                           ep=args.expert_model_parallel_size,
                                           etp=args.expert_tensor_parallel_size), rank)
         set_random_seeds(args.seed + 100 * self.topo.pp_rank)

@@ -2,7 +2,8 @@
 
 The global batch at ``consumed_samples`` is samples ``[consumed, consumed + global)``
 of the dataset whatever the layout; DP rank ``d`` takes micro-batch ``m`` as samples
-``consumed + (m * dp + d) * micro + [0, micro)``. Each token's loss is divided by the
+``consumed + (m * dp + d) * micro + [0, micro)``; its Ulysses and context-parallel ranks
+keep their tokens of those samples (``SequenceLayout``). Each token's loss is divided by the
 number of tokens in the global batch, so summing gradients over micro-batches and DP
 ranks gives the gradient of the global mean on every layout.
 """
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from megatron.core.parallel_state import Topology
+from megatron.core.sequence_layout import SequenceLayout
 
 
 def micro_batches(dataset, consumed: int, global_batch: int, micro: int, topo: Topology,
@@ -25,7 +27,8 @@ def micro_batches(dataset, consumed: int, global_batch: int, micro: int, topo: T
         first = consumed + (m * topo.dp + topo.dp_rank) * micro
         samples = np.stack([dataset[(first + j) % len(dataset)] for j in range(micro)])
         t = torch.from_numpy(samples).to(device)
-        out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous(), first))
+        layout = SequenceLayout.of(topo)  # Ulysses / ring ranks of a replica read the same samples, keep their tokens
+        out.append((layout.shard(t[:, :-1]), layout.shard(t[:, 1:]), first))
     return out
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from megatron.core.dropout import DropoutRNG
 from megatron.core.parallel_state import Topology
+from megatron.core.sequence_layout import SequenceLayout, check_sequence_split
 from megatron.core.pieces import CanonicalSpec, shard_range, whole_piece
 from megatron.core.sharding import PartialSum
 from megatron.core.tensor_parallel import (VocabParallelEmbedding, column_parallel_linear, gather_from_tp,
@@ -36,7 +37,9 @@ class GPTModel(nn.Module):
             check_divisible(cfg.seq_length, sp.size)
         self.recompute = RecomputeConfig()
         self.cfg, self.topo = cfg, topo
-        self.dropout_rng = DropoutRNG(seed)  # shared by every layer; the schedule sets its sample
+        check_sequence_split(cfg.seq_length, cfg.num_attention_heads, topo.tp, topo.dims.sp, topo.dims.cp)
+        self.layout = SequenceLayout.of(topo)  # this rank's share of each sample's tokens (Ulysses, ring)
+        self.dropout_rng = DropoutRNG(seed, layout=self.layout)  # shared by every layer; the schedule sets its sample
         self.pre_process, self.post_process = topo.is_first_stage, topo.is_last_stage
         self.padded_vocab = cfg.padded_vocab_size(topo.tp)
         word = CanonicalSpec(WORD_EMBEDDING, (cfg.vocab_size, cfg.hidden_size), "normal", cfg.init_method_std)
@@ -102,7 +105,9 @@ class GPTModel(nn.Module):
         local = x.shape[1]
         start = self.sp.seq_start(local)
         if self.cfg.position_embedding_type == "learned_absolute":
-            x = x + self.embedding.position_embeddings.weight[start:start + local]
+            positions = torch.arange(start, start + local, device=x.device) if self.sp.enabled \
+                else self.layout.positions(local, x.device)  # Megatron-SP slice, or Ulysses / ring share
+            x = x + self.embedding.position_embeddings.weight[positions]
         if self.cfg.embed_layernorm:
             x = self.embedding.layernorm(x)
         return self.dropout_rng.hidden(x, self.cfg.hidden_dropout if self.training else 0.0, -1, "embedding",
@@ -111,7 +116,8 @@ class GPTModel(nn.Module):
     def rope(self, seq: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.cfg.position_embedding_type != "rope":
             return None
-        return rope_cos_sin(seq, self.cfg.head_dim, self.cfg.rotary_base, x.dtype, x.device)
+        return rope_cos_sin(seq, self.cfg.head_dim, self.cfg.rotary_base, x.dtype, x.device,
+                            self.layout.positions(seq, x.device))
 
     def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """First stage takes token ids, later stages hidden states. The last stage returns the

@@ -5,6 +5,7 @@ q, k, v, gate and up tensors so a TP change cannot scramble them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -15,9 +16,12 @@ from torch import nn
 from megatron.core.dropout import DropoutRNG
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import CanonicalSpec, whole_piece
+from megatron.core.ring_attention import Ring, ring_attention
+from megatron.core.sequence_layout import SequenceLayout
 from megatron.core.tensor_parallel import (ColumnParallelLinear, OutputSegment, RowParallelLinear,
                                            make_param, shard_or_raise)
 from megatron.core.tp_sequence_parallel import SequenceParallel
+from megatron.core.ulysses import heads_to_seq, seq_to_heads
 from megatron.model.config import ModelConfig
 from megatron.model.mlp_parts import activate, linear_specs
 from megatron.model.moe import MoELayer, MoEStats
@@ -48,9 +52,12 @@ class Norm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
-def rope_cos_sin(seq: int, dim: int, base: float, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(seq: int, dim: int, base: float, dtype: torch.dtype, device,
+                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary angles for positions ``0..seq-1``, or for the given global ``positions``."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
-    angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=device), inv_freq)
+    pos = torch.arange(seq, device=device) if positions is None else positions
+    angles = torch.outer(pos.to(device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -89,8 +96,12 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, hd, h = cfg, cfg.head_dim, cfg.hidden_size
         self.index, self.dropout_rng = index, dropout_rng or DropoutRNG(seed)
-        self.head_offset = topo.tp_rank * (cfg.num_attention_heads // topo.tp)
         heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.sp_group, self.cp_group, self.cp_ranks = topo.group("sp"), topo.group("cp"), topo.group_ranks["cp"]
+        self.layout = SequenceLayout.of(topo)
+        # Ulysses hands each sp rank 1/S of this TP rank's heads: the global heads its core computes
+        self.core_heads = heads // (topo.tp * topo.dims.sp)
+        self.head_offset = topo.tp_rank * (heads // topo.tp) + self.layout.sp_rank * self.core_heads
         std, bias = cfg.init_method_std, cfg.add_bias_linear
         q_w, q_b = linear_specs(f"{prefix}.q", heads * hd, h, std, bias)
         k_w, k_b = linear_specs(f"{prefix}.k", kv * hd, h, std, bias)
@@ -98,8 +109,8 @@ class Attention(nn.Module):
         q_start, q_len = shard_or_raise(heads * hd, topo, q_w.name)
         self.local_heads = heads // topo.tp
         if cfg.position_embedding_type == "alibi":  # slopes by global head index: this rank's heads
-            first = topo.tp_rank * self.local_heads
-            self.alibi_slopes = alibi_slopes(heads)[first:first + self.local_heads]  # fp32, not cast with the model
+            first = self.head_offset
+            self.alibi_slopes = alibi_slopes(heads)[first:first + self.core_heads]  # fp32, not cast with the model
         if kv >= topo.tp:
             kv_start, kv_len = shard_or_raise(kv * hd, topo, k_w.name)
             owner, slot = True, None
@@ -129,20 +140,47 @@ class Attention(nn.Module):
         v = v.view(b, s, self.local_kv, hd).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.local_kv != self.local_heads:
-            rep = self.local_heads // self.local_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if self.local_kv % self.layout.sp:  # too few KV heads to split over Ulysses: replicate them first
+            k, v = self._repeat_kv(k, self.local_heads), self._repeat_kv(v, self.local_heads)
+        q, k, v = (seq_to_heads(t, self.sp_group) for t in (q, k, v))
+        k, v = self._repeat_kv(k, self.core_heads), self._repeat_kv(v, self.core_heads)
+        out = self._core(q, k, v)
+        out = heads_to_seq(out, self.sp_group)
+        return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * hd))
+
+    @staticmethod
+    def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+        """GQA: repeat each of ``t``'s KV heads for the query heads of its group (``heads`` in all)."""
+        return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of this rank's heads over the sequence of its cp rank (the ring adds the rest)."""
         p = self.cfg.attention_dropout if self.training else 0.0
-        bias = alibi_bias(self.alibi_slopes, s, q.dtype, q.device) \
-            if self.cfg.position_embedding_type == "alibi" else None
+        alibi = self.cfg.position_embedding_type == "alibi"
+        if self.layout.cp > 1:
+            return ring_attention(q, k, v, self._ring(q, p, alibi))
+        s = q.shape[-2]
+        bias = alibi_bias(self.alibi_slopes, s, q.dtype, q.device) if alibi else None
         if p > 0:
             core = partial(self._dropout_attention, p=p, bias=bias)
         elif bias is not None:
             core = partial(F.scaled_dot_product_attention, attn_mask=bias)
         else:
             core = partial(F.scaled_dot_product_attention, is_causal=True)
-        out = maybe_recompute(self.recompute_core, core, q, k, v)
-        return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * hd))
+        return maybe_recompute(self.recompute_core, core, q, k, v)
+
+    def _ring(self, q: torch.Tensor, p: float, alibi: bool) -> Ring:
+        b, heads, s, _ = q.shape
+        seq = s * self.layout.cp
+        rng = dataclasses.replace(self.dropout_rng)  # backward may run after the next micro-batch's forward
+        slopes = self.alibi_slopes.to(q.device)[:, None, None] if alibi else None
+        return Ring(
+            self.cp_group, self.cp_ranks, self.layout.cp_rank,
+            [self.layout.cp_positions(seq, r, q.device) for r in range(self.layout.cp)],
+            bias=(lambda qp, kp: slopes * (kp[None, :] - qp[:, None]).float()) if alibi else None,
+            keep=(lambda qp, kp: rng.attention_keep(b, heads, qp, kp, seq, p, self.index, self.head_offset,
+                                                    self.cfg.num_attention_heads)) if p > 0 else None,
+            dropout=p)
 
     def _dropout_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
