@@ -106,6 +106,11 @@ class SequenceParallel:
         """The whole sequence's length, from the ``local`` positions this rank holds."""
         return local * self.size
 
+    def dropout_window(self, local: int) -> tuple[int, int] | tuple[()]:
+        """``DropoutRNG.hidden``'s (first position, sequence length) for this rank's slice; nothing when
+        off, so the masks follow the model's Ulysses / ring sequence layout instead."""
+        return (self.seq_start(local), self.seq_length(local)) if self.enabled else ()
+
     def mark_partial_sum(self, p: nn.Parameter | None) -> None:
         """``p`` is replicated over TP and sees one sequence slice: its TP gradients add up."""
         if p is not None and self.enabled:

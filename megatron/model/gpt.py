@@ -111,7 +111,7 @@ class GPTModel(nn.Module):
         if self.cfg.embed_layernorm:
             x = self.embedding.layernorm(x)
         return self.dropout_rng.hidden(x, self.cfg.hidden_dropout if self.training else 0.0, -1, "embedding",
-                                       start, self.sp.seq_length(local))
+                                       *self.sp.dropout_window(local))
 
     def rope(self, seq: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.cfg.position_embedding_type != "rope":

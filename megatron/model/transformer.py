@@ -257,7 +257,7 @@ class TransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         local = x.shape[1]
-        where = (self.sp.seq_start(local), self.sp.seq_length(local))  # global positions for the masks
+        where = self.sp.dropout_window(local)  # global positions for the masks
         x = x + self.dropout_rng.hidden(self.attention(self.input_norm(x), rope), p, self.index, "attention_out",
                                         *where)
         return x + self.dropout_rng.hidden(self.mlp(self.post_attention_norm(x)), p, self.index, "mlp_out", *where)
