@@ -252,3 +252,23 @@ def test_recomputed_moe_layers_count_their_losses_once(references: dict, recompu
     but neither injects the auxiliary gradient twice nor logs the losses twice."""
     world, flags = layout(ep=2, dp=2)
     assert_same_run(curves(world, flags + ROUTINGS["top2"] + recompute), references["top2"], " ".join(recompute))
+
+
+def _metrics(rank: int, world: int, argv: list[str]) -> list[dict[str, float]]:
+    from megatron.training import pretrain
+    return pretrain(argv).moe_metrics
+
+
+def test_aux_losses_and_expert_load_reach_tensorboard(tmp_path) -> None:
+    import json
+    world, flags = layout(ep=2, dp=2)
+    argv = MOE + flags + ["--train-iters", "3", "--tensorboard-dir", str(tmp_path), "--log-interval", "1"]
+    logged = run_distributed(_metrics, world, argv)[0]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == len(logged) == 3
+    for row, want in zip(rows, logged):
+        for layer in (0, 1):
+            load = row[f"moe/layer {layer} expert load max/mean"]
+            assert load == want[f"layer {layer} expert load max/mean"] and 1.0 <= load <= 4.0
+        assert row["moe/load balancing loss"] == want["load balancing loss"] > 0.0
+        assert row["moe/z loss"] == want["z loss"] > 0.0
