@@ -449,8 +449,18 @@ def main(argv: list[str]) -> int:
     """``pretrain`` for the command line. An error in the configuration (flags, DeepSpeed
     config, layout, data files) found while building the run is one line on stderr, printed
     by rank 0 only (every rank exits 2); so is a checkpoint error (every rank holds the same
-    message, see ``checkpointing.agree``). ``--debug`` shows the traceback instead."""
-    rank = int(os.environ.get("RANK", "0"))
+    message, see ``checkpointing.agree``). ``--debug`` shows the traceback instead. However
+    it ends, the process groups go before the interpreter does (the TP3 SIGABRT, see
+    ``shutdown_distributed``); only a clean finish waits for the other ranks."""
+    code = None
+    try:
+        code = _run(argv, int(os.environ.get("RANK", "0")))
+        return code
+    finally:
+        shutdown_distributed(wait=code == 0)
+
+
+def _run(argv: list[str], rank: int) -> int:
     try:
         trainer = build_trainer(argv)
     except checkpointing.CheckpointError as exc:
@@ -468,5 +478,4 @@ def main(argv: list[str]) -> int:
         trainer.train()
     except checkpointing.CheckpointError as exc:
         return _report_checkpoint_error(exc, argv, rank)
-    shutdown_distributed()  # before interpreter exit: see its docstring (the TP3 SIGABRT)
     return 0
