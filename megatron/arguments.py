@@ -100,6 +100,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
                    help="ZeRO stage (default 1, as Megatron-DeepSpeed)")
     g.add_argument("--ddp-bucket-size", type=int, default=1 << 22, help="elements per DP all-reduce bucket")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                   help="accumulate and reduce gradients in fp32 (default: in the model's dtype, as the ZeRO "
+                        "paper's memory counts them)")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--tensorboard-log-interval", type=int, default=1)

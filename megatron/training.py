@@ -18,14 +18,15 @@ import torch
 
 from megatron import checkpointing
 from megatron.core import comm
-from megatron.core.optimizer.distributed_optimizer import AdamConfig, DistributedOptimizer
+from megatron.core.optimizer.distributed_optimizer import AdamConfig, DistributedOptimizer, Precision
 from megatron.core.batch_rampup import BatchRampup
 from megatron.core.optimizer.grad_scaler import loss_scaler_from_args, resume_loss_scaler
 from megatron.core.optimizer.lr_scheduler import (OptimizerParamScheduler, schedule_shape_from_args,
                                                   scheduler_policy)
-from megatron.core.optimizer.zero3 import partition_parameters
+from megatron.core.optimizer.zero3 import partition_parameters, placeholder_parameters
 from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.core.schedules import forward_backward, micro_batches
+from megatron.core.tensor_parallel import parameters_on_meta
 from megatron.arguments import planned_train_iters
 from megatron.data.build import build_datasets
 from megatron.data.prefetch import Prefetcher
@@ -86,21 +87,29 @@ class Trainer:
         set_random_seeds(args.seed + 100 * self.topo.pp_rank)
         self.datasets, vocab_size = build_datasets(args)
         self.cfg = model_config_from_args(args, vocab_size)
-        self.model = GPTModel(self.cfg, self.topo, args.seed, args.sequence_parallel).to(device)
-        self.model.set_recompute(recompute_from_args(args, zero3=args.zero_stage == 3))
         self.moe_metrics: dict[str, float] = {}  # the last step's MoE losses and loads (MoEStats.summary)
+        zero3 = args.zero_stage == 3
+        with parameters_on_meta(zero3):  # ZeRO-3: no rank materialises its whole local model
+            self.model = GPTModel(self.cfg, self.topo, args.seed, args.sequence_parallel)
         self.dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        if zero3:
+            placeholder_parameters(self.model, self.dtype, device)
+        self.model.to(device)
+        self.model.set_recompute(recompute_from_args(args, zero3=zero3))
         self.scaler = loss_scaler_from_args(args)
         adam = AdamConfig(lr=args.lr, weight_decay=args.weight_decay, beta1=args.adam_beta1,
                           beta2=args.adam_beta2, eps=args.adam_eps, clip_grad=args.clip_grad,
                           bucket_numel=args.ddp_bucket_size, optimizer=args.optimizer,
                           sgd_momentum=args.sgd_momentum)
-        # The optimizer copies the fp32 canonical init before the model is cast down.
+        # The optimizer copies the fp32 canonical init before the model is cast down (ZeRO-3:
+        # generates its chunks of it).
+        precision = Precision(self.dtype, torch.float32 if args.accumulate_allreduce_grads_in_fp32 else self.dtype)
         self.optimizer = DistributedOptimizer(list(self.model.named_parameters()), self.topo, args.zero_stage,
-                                              adam, self.scaler)
+                                              adam, self.scaler, precision, device,
+                                              canonical_seed=args.seed if zero3 else None)
         self.model.to(self.dtype)
-        if args.zero_stage == 3:  # keep only this rank's shard of each parameter from here on
-            partition_parameters(self.model, self.topo, self.optimizer.fragments())
+        if zero3:  # the parameters live as the optimizer's shards from here on
+            partition_parameters(self.model, self.topo, self.optimizer)
         self.schedule = build_lr_schedule(args)
         self.rampup = BatchRampup(*args.rampup_batch_size, args.global_batch_size) if args.rampup_batch_size else None
         self.identity = run_identity(args, vocab_size)
@@ -453,8 +462,18 @@ def main(argv: list[str]) -> int:
     """``pretrain`` for the command line. An error in the configuration (flags, DeepSpeed
     config, layout, data files) found while building the run is one line on stderr, printed
     by rank 0 only (every rank exits 2); so is a checkpoint error (every rank holds the same
-    message, see ``checkpointing.agree``). ``--debug`` shows the traceback instead."""
-    rank = int(os.environ.get("RANK", "0"))
+    message, see ``checkpointing.agree``). ``--debug`` shows the traceback instead. However
+    it ends, the process groups go before the interpreter does (the TP3 SIGABRT, see
+    ``shutdown_distributed``); only a clean finish waits for the other ranks."""
+    code = None
+    try:
+        code = _run(argv, int(os.environ.get("RANK", "0")))
+        return code
+    finally:
+        shutdown_distributed(wait=code == 0)
+
+
+def _run(argv: list[str], rank: int) -> int:
     try:
         trainer = build_trainer(argv)
     except checkpointing.CheckpointError as exc:
@@ -472,5 +491,4 @@ def main(argv: list[str]) -> int:
         trainer.train()
     except checkpointing.CheckpointError as exc:
         return _report_checkpoint_error(exc, argv, rank)
-    shutdown_distributed()  # before interpreter exit: see its docstring (the TP3 SIGABRT)
     return 0

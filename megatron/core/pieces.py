@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
@@ -143,3 +146,11 @@ def box_flat_span(shape: Sequence[int], box: Box) -> tuple[int, int]:
     lo = sum(o * s for o, s in zip(box[0], strides))
     hi = sum((o + n - 1) * s for o, n, s in zip(box[0], box[1], strides)) + 1
     return lo, hi
+
+
+def strided_view(flat: torch.Tensor, shape: tuple[int, ...], start: int, box: Box) -> torch.Tensor:
+    """The elements of ``box`` of a row-major tensor of ``shape`` whose flat elements from
+    ``start`` on are stored in ``flat``."""
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    origin = sum(o * s for o, s in zip(box[0], strides)) - start
+    return flat.as_strided(box[1], strides, flat.storage_offset() + origin)

@@ -6,7 +6,10 @@ replicate, reduce and partition it. This is the one place where partition semant
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +23,29 @@ from megatron.core.sharding import DENSE_REDUCE_GROUP, PartialSum, ShardingRecor
 from megatron.core.tp_sequence_parallel import SequenceParallel
 
 
+_ON_META = ContextVar("parameters_on_meta", default=False)
+
+
+@contextmanager
+def parameters_on_meta(enabled: bool = True) -> Iterator[None]:
+    """Make parameters on the meta device (shape, dtype and record, no values) while
+    ``enabled``: ZeRO-3 then initialises only the chunks a rank owns from the canonical init."""
+    token = _ON_META.set(enabled)
+    try:
+        yield
+    finally:
+        _ON_META.reset(token)
+
+
 def make_param(local_shape: tuple[int, ...], pieces: list[Piece], specs: list[CanonicalSpec],
                seed: int, replicated_over: tuple[str, ...] = ()) -> nn.Parameter:
-    """A dense parameter initialised from the canonical tensors it holds pieces of;
-    ``replicated_over`` names the model-parallel groups that hold copies of it (a norm: tp)."""
+    """A dense parameter initialised from the canonical tensors it holds pieces of (on the
+    meta device under ``parameters_on_meta``); ``replicated_over`` names the model-parallel
+    groups that hold copies of it (a norm: tp)."""
     piece_map = PieceMap(tuple(local_shape), pieces)
     by_name = {s.name: s for s in specs}
-    p = nn.Parameter(init_local(piece_map, by_name, seed))
+    value = torch.empty(piece_map.local_shape, device="meta") if _ON_META.get() else init_local(piece_map, by_name, seed)
+    p = nn.Parameter(value)
     p.sharding = ShardingRecord(piece_map, by_name, (DENSE_REDUCE_GROUP, *replicated_over))
     return p
 
