@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
+from megatron.checkpointing.async_save import wait_for_async_saves
 from megatron.checkpointing.locate import NEVER, resolve_checkpoint
 from megatron.checkpointing.reader import STATES, WEIGHTS_ONLY, CheckpointReader, saved_states
 from megatron.checkpointing.safetensors_io import CheckpointError
@@ -64,6 +65,7 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
     Returns None if there is nothing to resume from and ``start_fresh`` allows that (see
     ``locate``). ``validate(state)`` may refuse the checkpoint before any tensor is read. A
     failure on any rank raises the same CheckpointError on every rank."""
+    wait_for_async_saves()  # a checkpoint still being written in the background is committed first
     path = resolve_checkpoint(load_dir, universal, tag, start_fresh)  # the same answer on every rank
     if path is None:
         return None
