@@ -384,6 +384,9 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-save-optim", action="store_true",
                    help="save weights only: no Adam moments, loss scaler or LR schedule")
     g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--async-save", action="store_true",
+                   help="save in the background: the step blocks only to copy the state to host memory; "
+                        "the files are written, fsynced and committed while training goes on")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and start at iteration 0 (no optimizer, schedule, RNG or data position)")
     g.add_argument("--use-checkpoint-args", action="store_true",

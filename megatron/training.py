@@ -118,6 +118,8 @@ class Trainer:
         self.writer = MetricsWriter(args, rank)
         if args.save:
             self._claim_save_folder()
+        self.async_saver = (checkpointing.AsyncSaver(self.topo, device, self.log)
+                            if args.async_save and args.save else None)
         self.prefetcher = Prefetcher(partial(micro_batches, self.datasets[0], micro=args.micro_batch_size,
                                              topo=self.topo, device=device),
                                      self.global_batch_at, enabled=args.num_workers > 0)
@@ -162,9 +164,13 @@ class Trainer:
 
     def save(self) -> None:
         a = self.args
+        if self.async_saver is not None:
+            self.async_saver.save(a.save, self._global_state(), self.model, self.optimizer,
+                                  save_optim=not a.no_save_optim, save_rng=not a.no_save_rng, keep_last_k=a.keep_last_k)
+            return
         path = checkpointing.save_checkpoint(a.save, self._global_state(), self.model, self.optimizer, self.topo,
                                              save_optim=not a.no_save_optim, save_rng=not a.no_save_rng,
-                                             keep_last_k=a.keep_last_k)
+                                             keep_last_k=a.keep_last_k, log=self.log)
         self.log(f"saved checkpoint at iteration {self.state.iteration} to {path}")
 
     def _resume(self) -> None:
@@ -177,7 +183,7 @@ class Trainer:
             loaded = checkpointing.load_checkpoint(
                 a.load, self.model, self.optimizer, self.topo, universal=a.universal_checkpoint, tag=a.load_tag,
                 load_optimizer=load_optim, load_rng=not (a.no_load_rng or a.finetune),
-                validate=self._validate_checkpoint, start_fresh=self._start_fresh_policy())
+                validate=self._validate_checkpoint, start_fresh=self._start_fresh_policy(), log=self.log)
         except (OSError, checkpointing.CheckpointError) as e:
             error = checkpointing.as_checkpoint_error(e, f"loading {a.load}")
         checkpointing.raise_if_any_failed(error)  # every rank stops with the same one-line message
@@ -384,6 +390,8 @@ class Trainer:
                 "iteration time": time.perf_counter() - step_start, "moe": self.moe_metrics})
             if a.eval_interval and it % a.eval_interval == 0 and self.datasets[1] is not None:
                 self._report_validation(it)
+            if self.async_saver is not None:
+                self.async_saver.poll()  # commits a finished background save
             if a.save and a.save_interval and it % a.save_interval == 0:
                 self.save()
                 saved_at = it
@@ -393,6 +401,8 @@ class Trainer:
                 break
         if a.save and saved_at != self.state.iteration:
             self.save()
+        if self.async_saver is not None:
+            self.async_saver.close()  # the job ends only once its last save is committed
         if self.state.stop_reason:
             self.log(self.state.stop_reason)
         self._sigterm.restore()

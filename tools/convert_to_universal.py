@@ -26,6 +26,7 @@ from functools import partial
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.checkpointing import CheckpointError, convert_to_universal  # noqa: E402
+from megatron.checkpointing.convert import CHUNK_BYTES  # noqa: E402
 
 
 def _model_config(path: str | None):
@@ -39,10 +40,12 @@ def _model_config(path: str | None):
 def _convert_native(args: argparse.Namespace, output: str) -> None:
     start = time.perf_counter()
     report = convert_to_universal(args.input_folder, output, args.num_workers, args.replica_policy,
-                                  progress=not args.no_progress, overwrite=args.overwrite)
+                                  progress=not args.no_progress, overwrite=args.overwrite,
+                                  chunk_bytes=int(args.chunk_size_mb * 2**20))
     seconds = time.perf_counter() - start
     print(f"wrote {report.tensors} canonical tensors ({report.bytes_written / 2**20:.1f} MiB in "
-          f"{len(report.files)} files) to {report.output} in {seconds:.2f} s; read "
+          f"{len(report.files)} files) to {report.output} in {seconds:.2f} s "
+          f"({report.bytes_written / 2**20 / max(seconds, 1e-9):.1f} MiB/s); read and verified "
           f"{report.bytes_read / 2**20:.1f} MiB")
     where = f" in {report.max_replica_tensor}" if report.max_replica_tensor else ""
     print(f"replicas: largest disagreement {report.max_replica_diff:.3e}{where} (policy {args.replica_policy})")
@@ -89,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                    dest="num_workers", type=int, default=4,
                    help="tensors converted in parallel (ds_to_universal.py's --num_extract_workers: each worker "
                         "reads and merges one canonical tensor at a time)")
+    p.add_argument("--chunk-size-mb", "--chunk_size_mb", type=float, default=CHUNK_BYTES / 2**20,
+                   help="tensor data held in memory at once by all workers together (MiB): tensors larger than "
+                        "this are streamed through in chunks, so peak memory does not grow with the model")
     p.add_argument("--num_merge_workers", "--num-merge-workers", type=int, default=None,
                    help="accepted for ds_to_universal.py command lines; no effect: there is no separate merge "
                         "stage here (extraction and merging are one pass per tensor, see --num_workers)")

@@ -7,6 +7,7 @@ This module is pure: no torch.distributed, no files.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -138,6 +139,25 @@ def flat_range_boxes(shape: Sequence[int], start: int, end: int) -> Iterator[Box
 
 def box_slices(box: Box) -> tuple[slice, ...]:
     return tuple(slice(o, o + s) for o, s in zip(box[0], box[1]))
+
+
+def box_runs(shape: Sequence[int], box: Box) -> tuple[int, list[tuple[int, tuple[int, ...]]]]:
+    """A box of a row-major tensor as contiguous runs: (run length, [(flat start, index of the run
+    in the box's leading dims)]). Trailing dims the box spans whole are folded into each run, so a
+    column slice of a matrix is one run per row and a block of whole rows is a single run."""
+    shape, (offsets, sizes) = tuple(shape), box
+    if math.prod(sizes) == 0:
+        return 0, []
+    if not shape:
+        return 1, [(0, ())]
+    k = len(shape) - 1
+    while k > 0 and sizes[k] == shape[k]:
+        k -= 1
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    base = sum(o * s for o, s in zip(offsets, strides))
+    runs = [(base + sum(i * s for i, s in zip(index, strides)), index)
+            for index in itertools.product(*(range(n) for n in sizes[:k]))]
+    return sizes[k] * strides[k], runs
 
 
 def box_flat_span(shape: Sequence[int], box: Box) -> tuple[int, int]:
