@@ -22,7 +22,7 @@ import torch
 
 from megatron.interop.canonical import imported_state, write_imported
 from megatron.interop.deepspeed_files import STATES, DeepSpeedCheckpoint, read_deepspeed
-from megatron.interop.mcore import config_from_megatron_args
+from megatron.interop.mcore import config_from_megatron_args, split_grouped_qkv
 from megatron.model.config import ModelConfig
 
 QKV_LAYOUTS = ("grouped", "blocked")
@@ -56,13 +56,11 @@ def _split_fused(ours: str, part: torch.Tensor, cfg: ModelConfig, tp: int, qkv_l
     """One TP rank's slice of a fused tensor -> its canonical pieces (that rank's rows of each)."""
     base, kind = ours.rsplit(".", 1)
     if base.endswith("attention.qkv"):
-        prefix, hd = base.removesuffix("qkv"), cfg.head_dim
-        groups, per = cfg.num_key_value_heads // tp, cfg.num_attention_heads // cfg.num_key_value_heads
+        prefix, kv = base.removesuffix("qkv"), cfg.num_key_value_heads // tp * cfg.head_dim
         if qkv_layout == "grouped":
-            x = part.reshape(groups, per + 2, hd, *part.shape[1:])
-            q, k, v = (t.reshape(-1, *part.shape[1:]) for t in (x[:, :per], x[:, per], x[:, per + 1]))
+            q, k, v = split_grouped_qkv(part, cfg, tp)
         else:
-            q, k, v = part.split([groups * per * hd, groups * hd, groups * hd])
+            q, k, v = part.split([part.shape[0] - 2 * kv, kv, kv])
         return {f"{prefix}q.{kind}": q, f"{prefix}k.{kind}": k, f"{prefix}v.{kind}": v}
     if base.endswith("mlp.fc1") and cfg.swiglu:
         gate, up = part.chunk(2)

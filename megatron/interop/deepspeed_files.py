@@ -4,8 +4,9 @@ A DeepSpeed save (``global_stepN/``) holds, per model-parallel rank ``mp``:
 
 * ``mp_rank_{mp:02d}_model_states.pt`` (ZeRO 0-2) or ``zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt``
   (ZeRO-3): the module's weights (a PipelineModule keeps those in ``layer_*-model_{tp:02d}-model_states.pt``
-  files instead, and numbers ``mp`` as stage x TP + TP rank), ``param_shapes`` (name -> shape per optimizer group, in the order the flat buffers hold
-  them) and the client state (Megatron-DeepSpeed's ``args`` and ``iteration``);
+  files instead, and numbers ``mp`` as stage x TP + TP rank), ``param_shapes`` (name -> shape per
+  optimizer group, in the order the flat buffers hold them) and the client state (Megatron-DeepSpeed's
+  ``args`` and ``iteration``);
 * ``[bf16_]zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt``: the data-parallel rank's partition
   of the fp32 master weights and of Adam's moments. ZeRO-1/2 flatten each group (each parameter
   followed by its ``param_alignment_paddings``) and cut the buffer into equal parts; ZeRO-3 cuts
@@ -155,9 +156,7 @@ def _read_rank(folder: str, mp: int) -> tuple[dict, RankTensors, int]:
                          f"copy the missing *zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt files")
     optim = [load_pickle(f)["optimizer_state_dict"] for f in files]
     stage = int(optim[0].get("zero_stage", 1))
-    shapes = states.get("param_shapes")
-    if stage == 3:
-        shapes = load_pickle(os.path.join(folder, f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"))["param_shapes"]
+    shapes = states.get("param_shapes")  # under ZeRO-3 from zero_pp_rank_0's model states (_model_states)
     if not shapes:
         raise ValueError(f"{folder}: model states of model-parallel rank {mp} have no param_shapes; cannot place "
                          f"the flat optimizer partitions")

@@ -57,10 +57,11 @@ def config_from_megatron_args(args: argparse.Namespace) -> ModelConfig:
         init_method_std=a.get("init_method_std", 0.02), openai_gelu=bool(a.get("openai_gelu")))
 
 
-def _split_qkv(fused: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[groups x (q_per_group + 2) x head_dim, ...] -> canonical q, k, v (rows head-major)."""
-    groups, hd = cfg.num_key_value_heads, cfg.head_dim
-    per = cfg.num_attention_heads // groups
+def split_grouped_qkv(fused: torch.Tensor, cfg: ModelConfig, tp: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[groups x (q_per_group + 2) x head_dim, ...] -> canonical q, k, v (rows head-major); with
+    ``tp`` > 1, one TP rank's slice (its 1/tp of the KV groups) -> that rank's rows of each."""
+    groups, hd = cfg.num_key_value_heads // tp, cfg.head_dim
+    per = cfg.num_attention_heads // cfg.num_key_value_heads
     x = fused.reshape(groups, per + 2, hd, *fused.shape[1:])
     rest = fused.shape[1:]
     return (x[:, :per].reshape(-1, *rest), x[:, per].reshape(-1, *rest), x[:, per + 1].reshape(-1, *rest))
@@ -76,7 +77,7 @@ def _layer_tensors(get, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
             out[f"{ours}.{canonical}.{kind}"] = t if t is not None else get(f"{local_key}.{kind}")
     linear_kinds = ("weight", "bias") if cfg.add_bias_linear else ("weight",)
     for kind in linear_kinds:
-        q, k, v = _split_qkv(get(f"self_attention.linear_qkv.{kind}"), cfg)
+        q, k, v = split_grouped_qkv(get(f"self_attention.linear_qkv.{kind}"), cfg)
         out.update({f"{ours}.attention.q.{kind}": q, f"{ours}.attention.k.{kind}": k, f"{ours}.attention.v.{kind}": v})
         out[f"{ours}.attention.dense.{kind}"] = get(f"self_attention.linear_proj.{kind}")
         fc1 = get(f"mlp.linear_fc1.{kind}")
