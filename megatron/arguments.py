@@ -98,6 +98,11 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
                    help="ZeRO stage (default 1, as Megatron-DeepSpeed)")
     g.add_argument("--ddp-bucket-size", type=int, default=1 << 22, help="elements per DP all-reduce bucket")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="start each gradient bucket's DP all-reduce / reduce-scatter from the backward hooks "
+                        "as soon as the bucket is complete (bit-identical to the non-overlapped path)")
+    g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
+                   help=">= 1: the iteration line also shows the exposed (non-overlapped) gradient-reduction time")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--tensorboard-log-interval", type=int, default=1)

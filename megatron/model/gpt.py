@@ -29,6 +29,7 @@ class GPTModel(nn.Module):
         cfg.check_parallel(topo.tp, topo.pp)
         self.recompute = RecomputeConfig()
         self.cfg, self.topo = cfg, topo
+        self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.dropout_rng = DropoutRNG(seed)  # shared by every layer; the schedule sets its sample
         self.pre_process, self.post_process = topo.is_first_stage, topo.is_last_stage
         self.padded_vocab = cfg.padded_vocab_size(topo.tp)
@@ -92,9 +93,13 @@ class GPTModel(nn.Module):
         return self.dropout_rng.hidden(x, self.cfg.hidden_dropout if self.training else 0.0, -1, "embedding")
 
     def rope(self, seq: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary tables, made once per (length, dtype, device) rather than every step."""
         if self.cfg.position_embedding_type != "rope":
             return None
-        return rope_cos_sin(seq, self.cfg.head_dim, self.cfg.rotary_base, x.dtype, x.device)
+        key = (seq, x.dtype, x.device)
+        if key not in self._rope_tables:
+            self._rope_tables[key] = rope_cos_sin(seq, self.cfg.head_dim, self.cfg.rotary_base, x.dtype, x.device)
+        return self._rope_tables[key]
 
     def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """First stage takes token ids, later stages hidden states. The last stage returns the

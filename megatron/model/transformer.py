@@ -99,6 +99,7 @@ class Attention(nn.Module):
         if cfg.position_embedding_type == "alibi":  # slopes by global head index: this rank's heads
             first = topo.tp_rank * self.local_heads
             self.alibi_slopes = alibi_slopes(heads)[first:first + self.local_heads]  # fp32, not cast with the model
+            self._alibi_key, self._alibi_bias = None, None
         if kv >= topo.tp:
             kv_start, kv_len = shard_or_raise(kv * hd, topo, k_w.name)
             owner, slot = True, None
@@ -132,8 +133,7 @@ class Attention(nn.Module):
             rep = self.local_heads // self.local_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         p = self.cfg.attention_dropout if self.training else 0.0
-        bias = alibi_bias(self.alibi_slopes, s, q.dtype, q.device) \
-            if self.cfg.position_embedding_type == "alibi" else None
+        bias = self._alibi(s, q.dtype, q.device) if self.cfg.position_embedding_type == "alibi" else None
         if p > 0:
             core = partial(self._dropout_attention, p=p, bias=bias)
         elif bias is not None:
@@ -142,6 +142,13 @@ class Attention(nn.Module):
             core = partial(F.scaled_dot_product_attention, is_causal=True)
         out = maybe_recompute(self.recompute_core, core, q, k, v)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * hd))
+
+    def _alibi(self, seq: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """This rank's ALiBi bias, made once per (length, dtype, device) rather than every step."""
+        key = (seq, dtype, device)
+        if self._alibi_key != key:
+            self._alibi_key, self._alibi_bias = key, alibi_bias(self.alibi_slopes, seq, dtype, device)
+        return self._alibi_bias
 
     def _dropout_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
