@@ -147,6 +147,7 @@ class DistributedOptimizer:
         self.launchers: dict[int, BucketLauncher] = {}  # stages 0-1 with --overlap-grad-reduce, per group
         self._in_flight: list[tuple] = []  # stages 2-3 with --overlap-grad-reduce: started reduce-scatters
         self.exposed_comm_seconds = 0.0  # time the step waited for gradient reductions, for the log
+        self.overlapped_buckets = 0  # stages 2-3: reduce-scatters the last step's backward started
         for g in self.groups:
             if self.stage <= 1:
                 # One shard: the partition has the accumulators' layout, so share the buffer.
@@ -234,9 +235,11 @@ class DistributedOptimizer:
         """After the last micro-batch: sum partial rows, reduce over the ZeRO group, keep this
         rank's chunks, then sum whole-tensor partials (tied embeddings) on those chunks."""
         start = time.perf_counter()
+        started_in_backward = len(self._in_flight)
         for g in self.groups:
             self._reduce_scatter_pending(g)
         self._drain()
+        self.overlapped_buckets = started_in_backward
         for g in self.groups:
             if g.index in self.launchers:
                 self.launchers[g.index].finish()

@@ -47,6 +47,7 @@ class BucketLauncher:
         self.prepared: set[int] = set()
         self.remaining = list(self.waits_for)
         self.handles: dict[int, object] = {}
+        self.launched_from_hooks = 0  # buckets started during backward in the current step
 
     def grad_added(self, p: nn.Parameter) -> None:
         """Called by the gradient hook after ``p``'s gradient was added to its accumulator."""
@@ -60,6 +61,7 @@ class BucketLauncher:
             self.remaining[b] -= 1
             if self.remaining[b] == 0:
                 self._launch(b)
+                self.launched_from_hooks += 1
 
     def _prepare(self, p: nn.Parameter) -> None:
         self.prepare(p)
@@ -80,4 +82,6 @@ class BucketLauncher:
                 self._launch(b)
         for b in sorted(self.handles):
             self.handles[b].wait()
+        early = self.launched_from_hooks
         self.expect(self.backwards)
+        self.launched_from_hooks = early  # kept for inspection until the next step's hooks
