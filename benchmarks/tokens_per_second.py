@@ -1,16 +1,25 @@
-"""Training throughput of our GPT at one rank vs transformers' GPT2LMHeadModel of the same shape (CPU).
+"""Training throughput of our GPT at one rank vs transformers on the same shape (CPU), for a
+GPT-2 shape (``GPT2LMHeadModel``) and a Llama shape (``LlamaForCausalLM``: RMSNorm, RoPE,
+SwiGLU, GQA, no biases, untied output layer).
 
-    python benchmarks/tokens_per_second.py [--layers 4 --hidden 256 --heads 8 --seq 256 --batch 8 --iters 10]
+    python benchmarks/tokens_per_second.py [--models gpt2 llama --layers 4 --hidden 256 --heads 8
+                                            --seq 256 --batch 8 --runs 5 --steps 2]
 
-Both run forward + backward + AdamW on the same batches in this process, alternating
-so that machine noise hits both; the ratio is ours / theirs.
+Each run times ``--steps`` steps (forward + backward + clipped AdamW on the same batch) of
+every implementation in turn, in this process, so machine noise hits them alike; the
+1-minute load average is printed beside each figure. The ratio is the median of ours over
+the median of theirs. DP2 ZeRO-1 / ZeRO-3 vs DeepSpeed runs only where deepspeed is
+installed (``benchmarks/zero_throughput.py`` measures ours at DP2 with and without overlap).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -22,8 +31,20 @@ from megatron.core.parallel_state import ParallelDims, Topology  # noqa: E402
 from megatron.model.config import ModelConfig  # noqa: E402
 from megatron.model.gpt import GPTModel  # noqa: E402
 
+Step = Callable[[torch.Tensor], None]
 
-def ours(cfg: ModelConfig):
+
+def model_config(kind: str, a: argparse.Namespace) -> ModelConfig:
+    common = dict(num_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads, seq_length=a.seq,
+                  make_vocab_size_divisible_by=1)
+    if kind == "gpt2":  # GPT-2's gelu_new is GeLU's tanh approximation
+        return ModelConfig(vocab_size=50257, openai_gelu=True, **common)
+    return ModelConfig(vocab_size=32000, num_key_value_heads=max(1, a.heads // 2), normalization="rmsnorm",
+                       swiglu=True, position_embedding_type="rope", tie_embeddings=False, add_bias_linear=False,
+                       layernorm_epsilon=1e-6, **common)
+
+
+def ours(cfg: ModelConfig) -> Step:
     model = GPTModel(cfg, Topology(ParallelDims(1)), seed=1)
     opt = DistributedOptimizer(list(model.named_parameters()), model.topo, 0, AdamConfig(lr=1e-4), LossScaler())
 
@@ -34,12 +55,25 @@ def ours(cfg: ModelConfig):
     return step
 
 
-def theirs(cfg: ModelConfig):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def hf_model(kind: str, cfg: ModelConfig) -> torch.nn.Module:
+    if kind == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+        return GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_position_embeddings,
+                                          n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
+                                          n_head=cfg.num_attention_heads, resid_pdrop=0.0, embd_pdrop=0.0,
+                                          attn_pdrop=0.0))
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                                        intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
+                                        num_attention_heads=cfg.num_attention_heads,
+                                        num_key_value_heads=cfg.num_key_value_heads,
+                                        max_position_embeddings=cfg.seq_length, rms_norm_eps=cfg.layernorm_epsilon,
+                                        rope_theta=cfg.rotary_base, tie_word_embeddings=False))
 
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_position_embeddings,
-                                    n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_attention_heads,
-                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+def theirs(kind: str, cfg: ModelConfig) -> Step:
+    hf = hf_model(kind, cfg)
+    hf.train()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
 
     def step(tokens: torch.Tensor) -> None:
@@ -50,35 +84,56 @@ def theirs(cfg: ModelConfig):
     return step
 
 
+def timed_run(step: Step, tokens: torch.Tensor, steps: int) -> tuple[float, float]:
+    """(tokens/s over ``steps`` steps, 1-minute load average right after)."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(tokens)
+    seconds = time.perf_counter() - start
+    return tokens.shape[0] * (tokens.shape[1] - 1) * steps / seconds, os.getloadavg()[0]
+
+
+def compare(kind: str, a: argparse.Namespace) -> float:
+    cfg = model_config(kind, a)
+    label = {"gpt2": "transformers GPT2LMHeadModel", "llama": "transformers LlamaForCausalLM"}[kind]
+    tokens = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(0))
+    runs = {"ours": ours(cfg), label: theirs(kind, cfg)}
+    for step in runs.values():  # warm-up
+        step(tokens)
+    figures: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for _ in range(a.runs):
+        for name, step in runs.items():
+            figures[name].append(timed_run(step, tokens, a.steps))
+    print(f"{kind}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads} "
+          f"(KV {cfg.num_key_value_heads}), ffn {cfg.ffn_hidden_size}, seq {cfg.seq_length}, batch {a.batch}, "
+          f"vocab {cfg.vocab_size}; {torch.get_num_threads()} threads, fp32, {a.runs} runs x {a.steps} steps each")
+    for name, figs in figures.items():
+        cells = "  ".join(f"{t:7.1f} (load {load:.2f})" for t, load in figs)
+        print(f"  {name:30s} median {statistics.median(t for t, _ in figs):7.1f} tokens/s | runs: {cells}")
+    ratio = statistics.median(t for t, _ in figures["ours"]) / statistics.median(t for t, _ in figures[label])
+    per_run = statistics.median(o / t for (o, _), (t, _) in zip(figures["ours"], figures[label]))
+    print(f"  ratio ours / transformers: {ratio:.2f}x (median of the per-run ratios {per_run:.2f}x)")
+    return ratio
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", choices=["gpt2", "llama"], default=["gpt2", "llama"])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=50257)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--runs", type=int, default=5, help="timed runs per implementation (median reported)")
+    p.add_argument("--steps", type=int, default=2, help="training steps per timed run")
     a = p.parse_args()
-    cfg = ModelConfig(num_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads, vocab_size=a.vocab,
-                      seq_length=a.seq, make_vocab_size_divisible_by=1)
-    tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(0))
-    runs = {"ours": ours(cfg), "transformers GPT2LMHeadModel": theirs(cfg)}
-    for step in runs.values():  # warm-up
-        step(tokens)
-    elapsed = {name: 0.0 for name in runs}
-    for _ in range(a.iters):
-        for name, step in runs.items():
-            start = time.perf_counter()
-            step(tokens)
-            elapsed[name] += time.perf_counter() - start
-    tokens_per_iter = a.batch * a.seq
-    print(f"GPT {a.layers} layers, hidden {a.hidden}, heads {a.heads}, seq {a.seq}, batch {a.batch}, vocab {a.vocab}; "
-          f"{torch.get_num_threads()} threads, fp32, {a.iters} timed steps each")
-    for name, t in elapsed.items():
-        print(f"  {name:32s} {tokens_per_iter * a.iters / t:10.1f} tokens/s")
-    ratio = elapsed["transformers GPT2LMHeadModel"] / elapsed["ours"]
-    print(f"ratio ours / transformers: {ratio:.2f}x")
+    for kind in a.models:
+        compare(kind, a)
+    if importlib.util.find_spec("deepspeed") is None:
+        print("deepspeed is not installed: the DP2 ZeRO-1 / ZeRO-3 comparison with DeepSpeed is skipped")
+    else:
+        print("deepspeed is installed, but this benchmark does not drive it yet: see benchmarks/zero_throughput.py "
+              "for ours at DP2")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,11 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
                    help="accumulate and reduce gradients in fp32 (default: in the model's dtype, as the ZeRO "
                         "paper's memory counts them)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="start each gradient bucket's DP all-reduce / reduce-scatter from the backward hooks "
+                        "as soon as the bucket is complete (bit-identical to the non-overlapped path)")
+    g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
+                   help=">= 1: the iteration line also shows the exposed (non-overlapped) gradient-reduction time")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--tensorboard-log-interval", type=int, default=1)

@@ -100,7 +100,7 @@ class Trainer:
         adam = AdamConfig(lr=args.lr, weight_decay=args.weight_decay, beta1=args.adam_beta1,
                           beta2=args.adam_beta2, eps=args.adam_eps, clip_grad=args.clip_grad,
                           bucket_numel=args.ddp_bucket_size, optimizer=args.optimizer,
-                          sgd_momentum=args.sgd_momentum)
+                          sgd_momentum=args.sgd_momentum, overlap_grad_reduce=args.overlap_grad_reduce)
         # The optimizer copies the fp32 canonical init before the model is cast down (ZeRO-3:
         # generates its chunks of it).
         precision = Precision(self.dtype, torch.float32 if args.accumulate_allreduce_grads_in_fp32 else self.dtype)
@@ -282,6 +282,7 @@ class Trainer:
         gbs = self.global_batch_at(self.state.consumed_samples)
         batches = self.prefetcher.get(self.state.consumed_samples)
         self.optimizer.zero_grad()
+        self.optimizer.expect_backwards(len(batches))
         self.model.train()
         self.model.dropout_rng.iteration = self.state.iteration
         moe = self.model.moe_stats
@@ -311,10 +312,12 @@ class Trainer:
         return float(total) / a.eval_iters
 
     def _log_iteration(self, it: int, planned: int, gbs: int, seconds: float, lr: float, loss: float,
-                       grad_norm: float, ok: bool) -> None:
+                       grad_norm: float, ok: bool, iterations: int = 1) -> None:
         """Megatron's iteration line, with throughput per rank (model FLOPs, see megatron/flops.py)."""
         a, world = self.args, self.world
         tokens = gbs * a.seq_length
+        exposed = self.optimizer.exposed_comm_seconds / max(1, iterations)
+        self.optimizer.exposed_comm_seconds = 0.0
         flops = self.flops_per_iteration * gbs / a.global_batch_size
         self.log(f" iteration {it:8d}/{planned:8d} | consumed samples: {self.state.consumed_samples:10d}"
                  f" | elapsed time per iteration (ms): {1000 * seconds:.1f}"
@@ -324,7 +327,8 @@ class Trainer:
                  + "".join(f" | {k}: {v:.6E}" for k, v in self.moe_metrics.items())
                  + f" | tokens per second: {tokens / seconds:.1f}"
                  f" | tokens per second per rank: {tokens / seconds / world:.1f}"
-                 f" | TFLOP/s per rank: {flops / seconds / world / 1e12:.3f}")
+                 f" | TFLOP/s per rank: {flops / seconds / world / 1e12:.3f}"
+                 + (f" | exposed grad-reduce time (ms): {1000 * exposed:.1f}" if a.timing_log_level >= 1 else ""))
 
     def _report_validation(self, it: int) -> None:
         val = self.evaluate()
@@ -382,7 +386,7 @@ class Trainer:
             it = self.state.iteration
             if it % a.log_interval == 0 or it == planned:
                 elapsed = time.perf_counter() - window_start
-                self._log_iteration(it, planned, gbs, elapsed / window_iters, lr, loss, grad_norm, ok)
+                self._log_iteration(it, planned, gbs, elapsed / window_iters, lr, loss, grad_norm, ok, window_iters)
                 window_start, window_iters = time.perf_counter(), 0
             self.writer.training(it, self.state.consumed_samples, self.state.consumed_tokens, {
                 "lm loss": loss, "learning rate": lr, "batch size": gbs,

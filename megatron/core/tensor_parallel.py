@@ -222,12 +222,16 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Megatron's memory-light form: the ``[tokens, vocab]`` buffers are the shifted logits,
+    exponentiated and normalised in place, and the backward reuses them (no other copy)."""
+
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_size, group):
         logits = logits.float()
         n_local = logits.shape[-1]
-        valid = torch.arange(vocab_start, vocab_start + n_local, device=logits.device) < vocab_size
-        logits = logits.masked_fill(~valid, float("-inf"))  # padding rows never compete
+        if vocab_start + n_local > vocab_size:  # padding rows never compete
+            valid = torch.arange(vocab_start, vocab_start + n_local, device=logits.device) < vocab_size
+            logits = logits.masked_fill(~valid, float("-inf"))
         max_logit = logits.max(dim=-1).values
         comm.all_reduce(max_logit, group, op=torch.distributed.ReduceOp.MAX)
         shifted = logits - max_logit.unsqueeze(-1)
@@ -236,20 +240,21 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         idx = local_t.clamp(0, n_local - 1).unsqueeze(-1)
         target_logit = shifted.gather(-1, idx).squeeze(-1).masked_fill(~in_range, 0.0)
         comm.all_reduce(target_logit, group)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
+        softmax = shifted.exp_()
+        sum_exp = softmax.sum(dim=-1)
         comm.all_reduce(sum_exp, group)
         loss = sum_exp.log() - target_logit
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        softmax.div_(sum_exp.unsqueeze(-1))
         ctx.save_for_backward(softmax, idx, in_range)
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         softmax, idx, in_range = ctx.saved_tensors
-        grad = softmax.clone()
+        grad = softmax  # the buffer is ours alone: turn it into the gradient in place
         grad.scatter_add_(-1, idx, -in_range.unsqueeze(-1).to(grad.dtype))
-        return grad * g.unsqueeze(-1), None, None, None, None
+        return grad.mul_(g.unsqueeze(-1)), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,

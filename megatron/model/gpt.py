@@ -40,6 +40,7 @@ class GPTModel(nn.Module):
         check_sequence_split(cfg.seq_length, cfg.num_attention_heads, topo.tp, topo.dims.sp, topo.dims.cp)
         self.layout = SequenceLayout.of(topo)  # this rank's share of each sample's tokens (Ulysses, ring)
         self.dropout_rng = DropoutRNG(seed, layout=self.layout)  # shared by every layer; the schedule sets its sample
+        self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pre_process, self.post_process = topo.is_first_stage, topo.is_last_stage
         self.padded_vocab = cfg.padded_vocab_size(topo.tp)
         word = CanonicalSpec(WORD_EMBEDDING, (cfg.vocab_size, cfg.hidden_size), "normal", cfg.init_method_std)
@@ -114,10 +115,14 @@ class GPTModel(nn.Module):
                                        *self.sp.dropout_window(local))
 
     def rope(self, seq: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary tables, made once per (length, dtype, device) rather than every step."""
         if self.cfg.position_embedding_type != "rope":
             return None
-        return rope_cos_sin(seq, self.cfg.head_dim, self.cfg.rotary_base, x.dtype, x.device,
-                            self.layout.positions(seq, x.device))
+        key = (seq, x.dtype, x.device)
+        if key not in self._rope_tables:
+            self._rope_tables[key] = rope_cos_sin(seq, self.cfg.head_dim, self.cfg.rotary_base, x.dtype, x.device,
+                                                  self.layout.positions(seq, x.device))
+        return self._rope_tables[key]
 
     def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """First stage takes token ids, later stages hidden states. The last stage returns the

@@ -111,6 +111,7 @@ class Attention(nn.Module):
         if cfg.position_embedding_type == "alibi":  # slopes by global head index: this rank's heads
             first = self.head_offset
             self.alibi_slopes = alibi_slopes(heads)[first:first + self.core_heads]  # fp32, not cast with the model
+            self._alibi_key, self._alibi_bias = None, None
         if kv >= topo.tp:
             kv_start, kv_len = shard_or_raise(kv * hd, topo, k_w.name)
             owner, slot = True, None
@@ -160,7 +161,7 @@ class Attention(nn.Module):
         if self.layout.cp > 1:
             return ring_attention(q, k, v, self._ring(q, p, alibi))
         s = q.shape[-2]
-        bias = alibi_bias(self.alibi_slopes, s, q.dtype, q.device) if alibi else None
+        bias = self._alibi(s, q.dtype, q.device) if alibi else None
         if p > 0:
             core = partial(self._dropout_attention, p=p, bias=bias)
         elif bias is not None:
@@ -181,6 +182,13 @@ class Attention(nn.Module):
             keep=(lambda qp, kp: rng.attention_keep(b, heads, qp, kp, seq, p, self.index, self.head_offset,
                                                     self.cfg.num_attention_heads)) if p > 0 else None,
             dropout=p)
+
+    def _alibi(self, seq: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """This rank's ALiBi bias, made once per (length, dtype, device) rather than every step."""
+        key = (seq, dtype, device)
+        if self._alibi_key != key:
+            self._alibi_key, self._alibi_bias = key, alibi_bias(self.alibi_slopes, seq, dtype, device)
+        return self._alibi_bias
 
     def _dropout_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
                            bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+import time
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,10 @@ from torch import nn
 
 from megatron.core import comm
 from megatron.core.canonical_init import init_flat_range
+from megatron.core.optimizer.grad_overlap import BucketLauncher
 from megatron.core.optimizer.grad_scaler import LossScaler
-from megatron.core.optimizer.grad_sync import counted_boxes, sum_row_partials, sum_whole_partials
+from megatron.core.optimizer.grad_sync import (count_non_finite, counted_boxes, square_sum, sum_row_partials,
+                                               sum_whole_partials)
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import strided_view
 from megatron.core.sharding import ShardingRecord, sharding_of
@@ -54,6 +57,7 @@ class AdamConfig:
     bucket_numel: int = 1 << 22
     optimizer: str = "adam"  # adam (AdamW) | sgd (momentum in the exp_avg buffer)
     sgd_momentum: float = 0.9
+    overlap_grad_reduce: bool = False  # launch bucket reductions from backward hooks (grad_overlap.py)
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ class ParamGroup:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for (f, p, grad), boxes, r in zip(self.views(self.grad), self.counted, self.records):
             for box in boxes:
-                total += strided_view(grad, r.local_shape, f.start, box).double().pow(2).sum()
+                total += square_sum(strided_view(grad, r.local_shape, f.start, box))
         return total
 
     def views(self, buf: torch.Tensor):
@@ -187,12 +191,22 @@ class DistributedOptimizer:
         self._pending: dict[int, list[tuple[Fragment, torch.Tensor]]] = {g.index: [] for g in self.groups}
         self._pending_numel = dict.fromkeys(self._pending, 0)
         self.main_grads: dict[int, torch.Tensor] = {}  # stages 0-1: id(param) -> its accumulator
+        self.launchers: dict[int, BucketLauncher] = {}  # stages 0-1 with --overlap-grad-reduce, per group
+        self._in_flight: list[tuple] = []  # stages 2-3 with --overlap-grad-reduce: started reduce-scatters
+        self.exposed_comm_seconds = 0.0  # time the step waited for gradient reductions, for the log
+        self.overlapped_buckets = 0  # stages 2-3: reduce-scatters the last step's backward started
         for g in self.groups:
             if g.main_grad_flat is not None:
                 offset = 0
                 for p in g.params:
                     self.main_grads[id(p)] = g.main_grad_flat[offset:offset + p.numel()].view(p.shape)
                     offset += p.numel()
+                group = self.topo.group(g.zero_group)
+                if self.cfg.overlap_grad_reduce and comm.group_size(group) > 1:
+                    records = {id(p): r for p, r in zip(g.params, g.records)}
+                    self.launchers[g.index] = BucketLauncher(
+                        g.main_grad_flat, g.params, self.cfg.bucket_numel, group,
+                        lambda p, records=records: sum_row_partials(records[id(p)], self.main_grads[id(p)], self.topo))
             for f, p, r in zip(g.fragments, g.params, g.records):
                 p.register_post_accumulate_grad_hook(self._make_hook(g, f, r))
 
@@ -200,6 +214,8 @@ class DistributedOptimizer:
         def hook(p: nn.Parameter) -> None:
             if self.stage <= 1:
                 self.main_grads[id(p)].add_(p.grad)
+                if g.index in self.launchers:
+                    self.launchers[g.index].grad_added(p)
             else:
                 grad = p.grad.to(g.grad_shard.dtype)
                 sum_row_partials(record, grad, self.topo)  # needs the full local rows: before the scatter
@@ -224,12 +240,35 @@ class DistributedOptimizer:
             send[:, column:column + f.chunk] = padded.view(g.shards, f.chunk)
             column += f.chunk
         mine = torch.empty(width, dtype=dtype, device=g.device)
-        comm.reduce_scatter_flat(mine, send.view(-1), self.topo.group(g.zero_group))
+        group = self.topo.group(g.zero_group)
+        self._pending[g.index], self._pending_numel[g.index] = [], 0
+        if self.cfg.overlap_grad_reduce and comm.group_size(group) > 1:  # added in launch order by _drain
+            handle = torch.distributed.reduce_scatter_tensor(mine, send.view(-1), group=group, async_op=True)
+            self._in_flight.append((g, pending, mine, send, handle))
+            return
+        comm.reduce_scatter_flat(mine, send.view(-1), group)
+        self._add_scattered(g, pending, mine)
+
+    @staticmethod
+    def _add_scattered(g: ParamGroup, pending: list[tuple[Fragment, torch.Tensor]], mine: torch.Tensor) -> None:
         column = 0
         for f, _ in pending:
             g.grad_shard[f.offset:f.offset + f.end - f.start] += mine[column:column + f.end - f.start]
             column += f.chunk
-        self._pending[g.index], self._pending_numel[g.index] = [], 0
+
+    def _drain(self) -> None:
+        """Wait for the started reduce-scatters; add their shares in the order they started,
+        the order the non-overlapped path adds them in."""
+        for g, pending, mine, _send, handle in self._in_flight:
+            handle.wait()
+            self._add_scattered(g, pending, mine)
+        self._in_flight = []
+
+    def expect_backwards(self, micro_batches: int) -> None:
+        """Tell --overlap-grad-reduce how many backward passes this step runs, so a bucket
+        starts once its gradients are final."""
+        for launcher in self.launchers.values():
+            launcher.expect(micro_batches)
 
     def zero_grad(self) -> None:
         for g in self.groups:
@@ -239,14 +278,22 @@ class DistributedOptimizer:
         """After the last micro-batch: sum partial rows, reduce over the ZeRO group, keep this
         rank's chunks as the step's fp32 ``g.grad``, then sum whole-tensor partials (tied
         embeddings) on those chunks."""
+        start = time.perf_counter()
+        started_in_backward = len(self._in_flight)
         for g in self.groups:
             self._reduce_scatter_pending(g)
+        self._drain()
+        self.overlapped_buckets = started_in_backward
+        for g in self.groups:
             flat = g.main_grad_flat
             if flat is not None:
-                for p, r in zip(g.params, g.records):
-                    sum_row_partials(r, self.main_grads[id(p)], self.topo)
-                for s in range(0, flat.numel(), self.cfg.bucket_numel):
-                    comm.all_reduce(flat[s:s + self.cfg.bucket_numel], self.topo.group(g.zero_group))
+                if g.index in self.launchers:  # the buckets backward has not started yet, then wait
+                    self.launchers[g.index].finish()
+                else:
+                    for p, r in zip(g.params, g.records):
+                        sum_row_partials(r, self.main_grads[id(p)], self.topo)
+                    for s in range(0, flat.numel(), self.cfg.bucket_numel):
+                        comm.all_reduce(flat[s:s + self.cfg.bucket_numel], self.topo.group(g.zero_group))
                 if g.shards == 1 and flat.dtype == torch.float32:  # already the partition's layout
                     g.grad = flat
                 else:
@@ -260,6 +307,9 @@ class DistributedOptimizer:
             # values afterwards gives both stages the same bits.
             for (f, p, grad), r in zip(g.views(g.grad), g.records):
                 sum_whole_partials(r, grad, self.topo)
+        if self.topo.device.type == "cuda":  # the wait above only orders the streams
+            torch.cuda.synchronize(self.topo.device)
+        self.exposed_comm_seconds += time.perf_counter() - start
 
     # --- the step ----------------------------------------------------------------------
 
@@ -280,7 +330,7 @@ class DistributedOptimizer:
             if inv_scale != 1.0:
                 g.grad.mul_(inv_scale)
             stats[0] += g.grad_square_sum()
-            stats[1] += (~torch.isfinite(g.grad)).sum()
+            stats[1] += count_non_finite(g.grad)
         comm.world_all_reduce(stats)
         found_inf = bool(stats[1] > 0)
         self.scaler.update(found_inf)
@@ -304,7 +354,7 @@ class DistributedOptimizer:
         bias1, bias2 = 1.0 - b1 ** self.step_count, 1.0 - b2 ** self.step_count
         if wd:
             g.master.mul_(1.0 - lr * wd)
-        denom = (g.exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
+        denom = g.exp_avg_sq.sqrt().div_(math.sqrt(bias2)).add_(eps)
         g.master.addcdiv_(g.exp_avg, denom, value=-lr / bias1)
 
     def _sgd(self, g: ParamGroup, lr: float) -> None:

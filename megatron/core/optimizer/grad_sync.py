@@ -49,3 +49,24 @@ def counted_boxes(record: ShardingRecord, start: int, end: int) -> list[Box]:
                 if overlap is not None:
                     out.append(overlap)
     return out
+
+
+_CHUNK = 1 << 16  # elements per fp64 partial sum: small enough to stay in cache
+
+
+def square_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of ``t`` in fp64 (exact squares of fp32 values), a cache-sized chunk at a
+    time, so no fp64 copy of a whole gradient is ever made."""
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
+    for chunk in t.reshape(-1).split(_CHUNK):
+        wide = chunk.double()
+        total += torch.dot(wide, wide)
+    return total
+
+
+def count_non_finite(t: torch.Tensor) -> torch.Tensor:
+    """How many elements of ``t`` are inf or nan. A plain sum is finite exactly when every
+    element is (or it overflows), so the full count runs only when the sum says it may be nonzero."""
+    if torch.isfinite(t.sum()):
+        return torch.zeros((), dtype=torch.int64, device=t.device)
+    return (~torch.isfinite(t)).sum()
