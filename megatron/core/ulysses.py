@@ -37,33 +37,24 @@ def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return got.transpose(0, 1).reshape(b, n * h, s // n, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """One Ulysses all-to-all in forward (to heads, or back to sequence), its inverse in backward."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
+    def forward(ctx, x, group, to_heads: bool):
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _heads_to_seq(g, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_to_heads(g, ctx.group), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(g, ctx.group), None, None
 
 
 def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
     """``[b, heads, seq/S, d]`` sequence-sharded -> ``[b, heads/S, seq, d]`` head-sharded."""
-    return x if comm.group_size(group) == 1 else _SeqToHeads.apply(x, group)
+    return x if comm.group_size(group) == 1 else _Exchange.apply(x, group, True)
 
 
 def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     """The inverse of ``seq_to_heads``."""
-    return x if comm.group_size(group) == 1 else _HeadsToSeq.apply(x, group)
+    return x if comm.group_size(group) == 1 else _Exchange.apply(x, group, False)
