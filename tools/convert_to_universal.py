@@ -10,6 +10,12 @@ one into a PyTorch DCP.
         --output_folder ckpt/global_step100_universal [--qkv-layout grouped|blocked]
     python tools/convert_to_universal.py --output-format dcp  --input_folder ckpt/global_step100_universal \
         --output_folder DCP_DIR
+    torchrun --nproc_per_node 4 tools/convert_to_universal.py --input_folder ckpt/global_step100 \
+        --output_folder ckpt/global_step100_universal     # native only: the tensors split over the ranks
+
+Under torchrun the max(--num_workers, ranks) output files are dealt to the ranks by bytes, each rank
+reads only its tensors' bytes and writes its files, and rank 0 commits once all have finished (the
+ranks share one file system); the output is byte for byte the one-process output with that many workers.
 
 DeepSpeed's ds_to_universal.py flags --num_extract_workers (= --num_workers), --num_merge_workers
 and --keep_temp_folder are accepted too.
@@ -25,6 +31,8 @@ from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch.distributed as dist  # noqa: E402
+
 from megatron.checkpointing import CheckpointError, convert_to_universal  # noqa: E402
 from megatron.checkpointing.convert import CHUNK_BYTES  # noqa: E402
 
@@ -37,12 +45,20 @@ def _model_config(path: str | None):
         return ModelConfig.from_json(json.load(f))
 
 
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _convert_native(args: argparse.Namespace, output: str) -> None:
     start = time.perf_counter()
     report = convert_to_universal(args.input_folder, output, args.num_workers, args.replica_policy,
                                   progress=not args.no_progress, overwrite=args.overwrite,
                                   chunk_bytes=int(args.chunk_size_mb * 2**20))
     seconds = time.perf_counter() - start
+    if not _rank0():
+        return
+    if dist.is_initialized():
+        print(f"{dist.get_world_size()} ranks; totals over all of them:")
     print(f"wrote {report.tensors} canonical tensors ({report.bytes_written / 2**20:.1f} MiB in "
           f"{len(report.files)} files) to {report.output} in {seconds:.2f} s "
           f"({report.bytes_written / 2**20 / max(seconds, 1e-9):.1f} MiB/s); read and verified "
@@ -112,15 +128,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_format == "dcp" and args.output_folder is None:
         p.error("--output-format dcp needs --output_folder")
     output = args.output_folder or args.input_folder.rstrip("/") + "_universal"
+    native = args.input_format == "native" and args.output_format == "universal"
+    ranks = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks > 1 and not native:
+        p.error(f"under torchrun ({ranks} ranks) only native -> universal conversions are "
+                f"split over ranks; run --input-format {args.input_format} --output-format {args.output_format} "
+                f"as one process: python tools/convert_to_universal.py ...")
+    started = ranks > 1 and not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo")
+    first = _rank0()
     try:
-        if args.input_format == "native" and args.output_format == "universal":
+        if native:
             _convert_native(args, output)
         else:
             _convert_interop(args, output)
     except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if first:
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.output_format == "universal":
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if args.output_format == "universal" and first:
         print(f"latest_universal -> {os.path.basename(output.rstrip('/'))}")
     return 0
 

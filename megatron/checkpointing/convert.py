@@ -15,12 +15,13 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from threading import Lock
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
 from megatron.checkpointing.manifest import seal
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, CheckpointReader, saved_states
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
@@ -129,73 +130,172 @@ def _kind(folder: str) -> str:
     return kind if kind in ("native", "universal") else "unknown"
 
 
+@dataclass
+class _FileResult:
+    """One output file as its writer left it: checksums, the tensors' tables, the largest replica gap."""
+
+    file: str
+    info: dict
+    params: dict
+    max_diff: float = 0.0
+    max_tensor: str = ""
+
+
+def _ranks_files(plan: list[list[str]], sizes: list[int], world: int) -> list[list[int]]:
+    """Deal output files to ranks, largest first, each to the rank with the fewest bytes so far."""
+    ranks: list[list[int]] = [[] for _ in range(world)]
+    load = [0] * world
+    for i in sorted(range(len(plan)), key=lambda i: -sizes[i]):
+        r = load.index(min(load))
+        ranks[r].append(i)
+        load[r] += sizes[i]
+    return ranks
+
+
+def _write_file(reader: CheckpointReader, tmp: str, index: int, names: list[str], states: tuple[str, ...],
+                chunk_elements: int, policy: str, bar: tqdm) -> _FileResult:
+    """Stream the canonical tensors ``names`` into ``universal_{index:03d}.safetensors``."""
+    file = f"universal_{index:03d}.safetensors"
+    entries = [(f"{n}/{s}", reader.canonical[n]) for n in names for s in states]
+    writer = SafetensorsWriter(os.path.join(tmp, file), entries, {"kind": "universal"})
+    result = _FileResult(file, {}, {})
+    for n in names:
+        for s in states:
+            writer.begin(f"{n}/{s}")
+            for box in chunk_boxes(reader.canonical[n], chunk_elements):
+                chunk, diff = assemble(reader, n, box, s, policy)
+                writer.write_chunk(chunk)
+                if diff > result.max_diff:
+                    result.max_diff, result.max_tensor = diff, f"{n} ({s})"
+            writer.end()
+        shape = list(reader.canonical[n])
+        result.params[n] = {"local_shape": shape, "group": reader.manifest["canonical"][n]["group"],
+                            "pieces": [{"canonical": n, "local_offsets": [0] * len(shape),
+                                        "canonical_offsets": [0] * len(shape), "sizes": shape, "owner": True}],
+                            "fragments": [[0, math.prod(shape)]]}
+        bar.update(1)
+    result.info = writer.close().to_json()
+    return result
+
+
+def _manifest(reader: CheckpointReader, states: tuple[str, ...], results: list[_FileResult], policy: str,
+              report: ConversionReport) -> dict:
+    m = reader.manifest
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "universal", "state": m["state"],
+        "source_topology": m["topology"], "source_zero_stage": m["zero_stage"], "param_groups": m["param_groups"],
+        "canonical": m["canonical"], "saved_states": list(states), "files": {r.file: r.info for r in results},
+        # Kept so that a resume on the saving layout restores every rank's RNG exactly.
+        "rng": {str(src["rank"]): rng for src in m["sources"] if (rng := reader.rank_rng(src["rank"])) is not None},
+        "sources": [{"file": r.file, "position": [r.file], "params": r.params} for r in results],
+        "replica_check": {"policy": policy, "max_abs_diff": report.max_replica_diff,
+                          "tensor": report.max_replica_tensor},
+    }
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _agree(error: BaseException | None, rank: int) -> None:
+    """Collective: every rank raises the lowest failing rank's error (named by rank), or none does."""
+    named = None if error is None else as_checkpoint_error(error, f"rank {rank} of the conversion")
+    if named is not None and not str(named).startswith("rank "):
+        named = CheckpointError(f"rank {rank} of the conversion: {named}")
+    raise_if_any_failed(named)
+
+
+def _gather(obj):
+    rank, world = _world()
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def convert_to_universal(input_folder: str, output_folder: str, num_workers: int = 4,
                          replica_policy: str = "first", progress: bool = True,
                          overwrite: bool = False, chunk_bytes: int = CHUNK_BYTES) -> ConversionReport:
     """Write ``output_folder`` (a universal checkpoint) and ``latest_universal`` beside it.
-    ``chunk_bytes`` bounds the tensor data all workers hold at once, whatever the tensors' sizes."""
-    if replica_policy not in REPLICA_POLICIES:
-        raise ValueError(f"--replica-policy must be one of {REPLICA_POLICIES}, got {replica_policy!r}")
-    if chunk_bytes < 4:
-        raise ValueError(f"--chunk-size-mb must hold at least one fp32 element, got {chunk_bytes} bytes")
-    reader = CheckpointReader(input_folder)
-    if reader.kind != "native":
-        raise CheckpointError(f"{input_folder} is already a {reader.kind} checkpoint")
-    output_folder = output_folder.rstrip("/")
-    check_output_folder(input_folder, output_folder, overwrite)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(output_folder)), f".{os.path.basename(output_folder)}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    plan = _plan_files(reader, max(1, num_workers))
-    chunk_elements = max(1, chunk_bytes // 4 // len(plan))  # each worker holds one chunk (two for 'mean')
-    report = ConversionReport(output_folder)
-    lock = Lock()
+    ``chunk_bytes`` bounds the tensor data each process holds at once, whatever the tensors' sizes.
+
+    Under ``torch.distributed`` (torchrun) every rank calls this: the ``max(num_workers, world)``
+    output files are dealt to the ranks by bytes, each rank writes its own into the shared
+    temporary folder, and rank 0 commits once after all have finished; the output is the one a
+    single process writes with that many workers, byte for byte. A failure on any rank raises
+    on every rank and commits nothing."""
+    rank, world = _world()
+    error, reader, tmp = None, None, ""
+    try:
+        if replica_policy not in REPLICA_POLICIES:
+            raise ValueError(f"--replica-policy must be one of {REPLICA_POLICIES}, got {replica_policy!r}")
+        if chunk_bytes < 4:
+            raise ValueError(f"--chunk-size-mb must hold at least one fp32 element, got {chunk_bytes} bytes")
+        reader = CheckpointReader(input_folder)
+        if reader.kind != "native":
+            raise CheckpointError(f"{input_folder} is already a {reader.kind} checkpoint")
+        output_folder = output_folder.rstrip("/")
+        check_output_folder(input_folder, output_folder, overwrite)
+        parent = os.path.dirname(os.path.abspath(output_folder))
+        tmp = os.path.join(parent, f".{os.path.basename(output_folder)}.tmp")
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+    except Exception as e:  # noqa: BLE001 - every rank must learn of it before the next collective
+        error = e
+    if world == 1 and error is not None:
+        raise error
+    _agree(error, rank)
+    try:
+        return _convert(reader, tmp, output_folder, max(1, num_workers), replica_policy, progress, chunk_bytes)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _convert(reader: CheckpointReader, tmp: str, output_folder: str, num_workers: int, policy: str,
+             progress: bool, chunk_bytes: int) -> ConversionReport:
+    rank, world = _world()
     states = saved_states(reader.manifest)
-    bar = tqdm(total=sum(len(f) for f in plan), desc="converting", unit="tensor", disable=not progress)
-
-    def write_file(index: int, names: list[str]) -> tuple[str, dict, dict]:
-        file = f"universal_{index:03d}.safetensors"
-        entries = [(f"{n}/{s}", reader.canonical[n]) for n in names for s in states]
-        writer = SafetensorsWriter(os.path.join(tmp, file), entries, {"kind": "universal"})
-        params = {}
-        for n in names:
-            for s in states:
-                writer.begin(f"{n}/{s}")
-                for box in chunk_boxes(reader.canonical[n], chunk_elements):
-                    chunk, diff = assemble(reader, n, box, s, replica_policy)
-                    writer.write_chunk(chunk)
-                    with lock:
-                        if diff > report.max_replica_diff:
-                            report.max_replica_diff, report.max_replica_tensor = diff, f"{n} ({s})"
-                writer.end()
-            shape = list(reader.canonical[n])
-            params[n] = {"local_shape": shape, "group": reader.manifest["canonical"][n]["group"],
-                         "pieces": [{"canonical": n, "local_offsets": [0] * len(shape),
-                                     "canonical_offsets": [0] * len(shape), "sizes": shape, "owner": True}],
-                         "fragments": [[0, math.prod(shape)]]}
-            bar.update(1)
-        return file, writer.close().to_json(), params
-
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        results = list(pool.map(lambda a: write_file(*a), enumerate(plan)))
+    plan = _plan_files(reader, max(num_workers, world))
+    sizes = [sum(math.prod(reader.canonical[n]) for n in f) for f in plan]
+    mine = _ranks_files(plan, sizes, world)[rank]
+    chunk_elements = max(1, chunk_bytes // 4 // max(1, len(mine)))  # each thread holds one chunk (two for 'mean')
+    bar = tqdm(total=sum(len(plan[i]) for i in mine), desc="converting", unit="tensor",
+               disable=not progress or rank != 0)
+    results, error = [], None
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, len(mine))) as pool:
+            results = list(pool.map(lambda i: _write_file(reader, tmp, i, plan[i], states, chunk_elements, policy,
+                                                          bar), mine))
+    except Exception as e:  # noqa: BLE001 - reported to every rank by _agree
+        if world == 1:
+            raise
+        error = e
     bar.close()
-    m = reader.manifest
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "universal", "state": m["state"],
-        "source_topology": m["topology"], "source_zero_stage": m["zero_stage"], "param_groups": m["param_groups"],
-        "canonical": m["canonical"], "saved_states": list(states), "files": {f: info for f, info, _ in results},
-        # Kept so that a resume on the saving layout restores every rank's RNG exactly.
-        "rng": {str(src["rank"]): rng for src in m["sources"] if (rng := reader.rank_rng(src["rank"])) is not None},
-        "sources": [{"file": f, "position": [f], "params": params} for f, _, params in results],
-        "replica_check": {"policy": replica_policy, "max_abs_diff": report.max_replica_diff,
-                          "tensor": report.max_replica_tensor},
-    }
-    write_atomic(os.path.join(tmp, MANIFEST), seal(manifest))
-    commit_folder(tmp, output_folder)
-    parent = os.path.dirname(os.path.abspath(output_folder))
-    write_atomic(os.path.join(parent, "latest_universal"), os.path.basename(output_folder))
-    report.tensors = len(reader.canonical)
-    report.files = [f for f, _, _ in results]
-    report.bytes_written = sum(info["size"] for _, info, _ in results)
-    report.bytes_read = reader.bytes_read
+    _agree(error, rank)
+    gathered = _gather((results, reader.bytes_read))
+    results = sorted((r for rs, _ in gathered for r in rs), key=lambda r: r.file)
+    report = ConversionReport(output_folder, tensors=len(reader.canonical), files=[r.file for r in results],
+                              bytes_written=sum(r.info["size"] for r in results),
+                              bytes_read=sum(b for _, b in gathered))
+    for r in results:  # in file order, so that the tensor named does not depend on thread timing
+        if r.max_diff > report.max_replica_diff:
+            report.max_replica_diff, report.max_replica_tensor = r.max_diff, r.max_tensor
+    error = None
+    if rank == 0:
+        try:
+            write_atomic(os.path.join(tmp, MANIFEST), seal(_manifest(reader, states, results, policy, report)))
+            commit_folder(tmp, output_folder)
+            write_atomic(os.path.join(os.path.dirname(os.path.abspath(output_folder)), "latest_universal"),
+                         os.path.basename(output_folder))
+        except Exception as e:  # noqa: BLE001
+            if world == 1:
+                raise
+            error = e
+    _agree(error, rank)
     return report
