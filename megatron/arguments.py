@@ -272,6 +272,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=2,
                    help="> 0: the next global batch is read in a background thread while the current one "
                         "trains (the batches do not change); 0: read in the training thread")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="positions restart at 0 after every end-of-document token of a sample")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="a token attends only to earlier tokens of its own document within a sample")
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="leave out of the loss the positions whose input is an end-of-document token "
+                        "(the loss is the mean over the other tokens of the global batch); "
+                        "with --mock-data the end-of-document id is --vocab-size - 1")
     g.add_argument("--data-impl", choices=["mmap", "infer"], default="infer",
                    help="no-op: the memory-mapped .bin/.idx format is the only one (as upstream's mmap)")
     g.add_argument("--tokenizer-type", default=None,

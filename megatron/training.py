@@ -25,7 +25,8 @@ from megatron.core.optimizer.lr_scheduler import (OptimizerParamScheduler, sched
                                                   scheduler_policy)
 from megatron.core.optimizer.zero3 import partition_parameters
 from megatron.core.parallel_state import ParallelDims, Topology
-from megatron.core.schedules import forward_backward, micro_batches
+from megatron.core.documents import DocumentMasking
+from megatron.core.schedules import forward_backward, loss_denominator, micro_batches
 from megatron.arguments import planned_train_iters
 from megatron.data.build import build_datasets
 from megatron.data.prefetch import Prefetcher
@@ -79,7 +80,8 @@ class Trainer:
         self.topo = Topology(ParallelDims(world, args.tensor_model_parallel_size,
                                           args.pipeline_model_parallel_size), rank)
         set_random_seeds(args.seed + 100 * self.topo.pp_rank)
-        self.datasets, vocab_size = build_datasets(args)
+        self.datasets, vocab_size, eod = build_datasets(args)
+        self.documents = DocumentMasking(eod, args.reset_position_ids, args.reset_attention_mask, args.eod_mask_loss)
         self.cfg = model_config_from_args(args, vocab_size)
         self.model = GPTModel(self.cfg, self.topo, args.seed).to(device)
         self.model.set_recompute(recompute_from_args(args, zero3=args.zero_stage == 3))
@@ -104,7 +106,7 @@ class Trainer:
         if args.save:
             self._claim_save_folder()
         self.prefetcher = Prefetcher(partial(micro_batches, self.datasets[0], micro=args.micro_batch_size,
-                                             topo=self.topo, device=device),
+                                             topo=self.topo, device=device, masking=self.documents),
                                      self.global_batch_at, enabled=args.num_workers > 0)
         self.flops_per_iteration = training_flops_per_iteration(self.cfg, args.global_batch_size,
                                                                 self.model.padded_vocab)
@@ -263,8 +265,8 @@ class Trainer:
         self.optimizer.zero_grad()
         self.model.train()
         self.model.dropout_rng.iteration = self.state.iteration
-        loss_sum = forward_backward(self.model, batches, self.topo, self.scaler.scale, gbs * a.seq_length,
-                                    self.device)
+        denom = loss_denominator(batches, gbs, a.seq_length, self.topo, self.device)
+        loss_sum = forward_backward(self.model, batches, self.topo, self.scaler.scale, denom, self.device)
         ok, grad_norm = self.optimizer.step(self._apply_schedule())
         if ok:  # Megatron steps the schedule by the samples of a successful update only
             self.schedule.step(gbs, self.state.consumed_tokens + gbs * a.seq_length)
@@ -279,9 +281,9 @@ class Trainer:
         total = torch.zeros(1, device=self.device)
         for _ in range(a.eval_iters):
             batches = micro_batches(valid, self.state.consumed_valid_samples, a.global_batch_size,
-                                    a.micro_batch_size, self.topo, self.device)
-            total += forward_backward(self.model, batches, self.topo, 1.0, a.global_batch_size * a.seq_length,
-                                      self.device, backward=False)
+                                    a.micro_batch_size, self.topo, self.device, self.documents)
+            denom = loss_denominator(batches, a.global_batch_size, a.seq_length, self.topo, self.device)
+            total += forward_backward(self.model, batches, self.topo, 1.0, denom, self.device, backward=False)
             self.state.consumed_valid_samples += a.global_batch_size
         return float(total) / a.eval_iters
 

@@ -22,9 +22,7 @@ from torch import nn
 
 from megatron.core.parallel_state import Topology
 from megatron.core.dropout import begin_micro_batch
-from megatron.core.micro_batches import micro_batch_loss
-
-Batch = tuple[torch.Tensor, torch.Tensor, int]  # tokens, labels, global index of the first sample
+from megatron.core.micro_batches import MicroBatch, micro_batch_loss
 
 
 class StageLinks:
@@ -65,7 +63,7 @@ class StageLinks:
 class StageRunner:
     """Forward and backward of one micro-batch on this stage; the last stage adds the loss."""
 
-    def __init__(self, model: nn.Module, topo: Topology, batches: list[Batch], loss_scale: float, denom: int,
+    def __init__(self, model: nn.Module, topo: Topology, batches: list[MicroBatch], loss_scale: float, denom: int,
                  local_loss: torch.Tensor) -> None:
         self.model, self.topo, self.batches = model, topo, batches
         self.loss_scale, self.denom, self.local_loss = loss_scale, denom, local_loss
@@ -73,17 +71,17 @@ class StageRunner:
     def forward(self, m: int, received: torch.Tensor | None, grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Returns (this stage's input if it needs a gradient, the output: hidden states, or the
         micro-batch's loss share on the last stage)."""
-        tokens, labels, first_sample = self.batches[m]
-        begin_micro_batch(self.model, first_sample)
-        x = tokens
+        batch = self.batches[m]
+        begin_micro_batch(self.model, batch.first_sample)
+        x = batch.tokens
         if not self.topo.is_first_stage:
             x = received.requires_grad_(grad)
         with torch.set_grad_enabled(grad):
             if self.topo.is_last_stage:
-                out = micro_batch_loss(self.model, x, labels, self.denom)
+                out = micro_batch_loss(self.model, batch, x, self.denom)
                 self.local_loss += out.detach()
             else:
-                out = self.model(x)
+                out = self.model(x, None, batch.documents)
         return (x if grad and not self.topo.is_first_stage else None), out
 
     def backward(self, x: torch.Tensor | None, out: torch.Tensor, out_grad: torch.Tensor | None) -> torch.Tensor | None:
@@ -103,7 +101,7 @@ def num_warmup_forwards(topo: Topology, num_micro: int, all_forward_first: bool 
     return min(topo.pp - topo.pp_rank - 1, num_micro)
 
 
-def forward_backward_pipelined(model: nn.Module, batches: list[Batch], topo: Topology, loss_scale: float,
+def forward_backward_pipelined(model: nn.Module, batches: list[MicroBatch], topo: Topology, loss_scale: float,
                                denom: int, device: torch.device, backward: bool = True,
                                all_forward_first: bool = False) -> torch.Tensor:
     """Run this stage's part of every micro-batch in the 1F1B order.

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core.documents import DocumentLayout
 from megatron.core.dropout import DropoutRNG
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import CanonicalSpec, shard_range, whole_piece
@@ -83,25 +84,32 @@ class GPTModel(nn.Module):
             return self.output_layer.weight
         return self.embedding.word_embeddings.weight
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embedding.word_embeddings(tokens)
         if self.cfg.position_embedding_type == "learned_absolute":
-            x = x + self.embedding.position_embeddings.weight[: tokens.shape[1]]
+            table = self.embedding.position_embeddings.weight
+            x = x + (table[: tokens.shape[1]] if position_ids is None else table[position_ids])
         if self.cfg.embed_layernorm:
             x = self.embedding.layernorm(x)
         return self.dropout_rng.hidden(x, self.cfg.hidden_dropout if self.training else 0.0, -1, "embedding")
 
-    def rope(self, seq: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rope(self, seq: int, x: torch.Tensor, position_ids: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.cfg.position_embedding_type != "rope":
             return None
-        return rope_cos_sin(seq, self.cfg.head_dim, self.cfg.rotary_base, x.dtype, x.device)
+        return rope_cos_sin(seq, self.cfg.head_dim, self.cfg.rotary_base, x.dtype, x.device, position_ids)
 
-    def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None,
+                documents: DocumentLayout | None = None) -> torch.Tensor:
         """First stage takes token ids, later stages hidden states. The last stage returns the
-        per-token loss when ``labels`` are given, else the full (unpadded) logits."""
-        x = self.embed(tokens_or_hidden) if self.pre_process else tokens_or_hidden
-        rope = self.rope(x.shape[1], x)
-        x = run_layers(list(self.layers.values()), x, rope, self.recompute)
+        per-token loss when ``labels`` are given, else the full (unpadded) logits. ``documents``
+        (``--reset-position-ids`` / ``--reset-attention-mask``) restarts positions and blocks
+        attention at document ends; ALiBi, as in Megatron, has no positions to reset."""
+        positions = documents.position_ids if documents is not None else None
+        mask = documents.attention_mask() if documents is not None else None
+        x = self.embed(tokens_or_hidden, positions) if self.pre_process else tokens_or_hidden
+        rope = self.rope(x.shape[1], x, positions)
+        x = run_layers(list(self.layers.values()), x, rope, self.recompute, mask)
         if not self.post_process:
             return x
         return self.head(x, labels)

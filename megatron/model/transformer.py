@@ -47,9 +47,15 @@ def _linear_specs(name: str, out_f: int, in_f: int, std: float, bias: bool) -> t
     return w, b
 
 
-def rope_cos_sin(seq: int, dim: int, base: float, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(seq: int, dim: int, base: float, dtype: torch.dtype, device,
+                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[seq, dim]`` for positions ``0..seq-1``, or ``[b, 1, seq, dim]`` (to
+    broadcast over heads) for per-sample ``positions [b, seq]`` (``--reset-position-ids``)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
-    angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=device), inv_freq)
+    if positions is None:
+        angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=device), inv_freq)
+    else:
+        angles = (positions.to(torch.float32)[..., None] * inv_freq)[:, None]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -118,7 +124,10 @@ class Attention(nn.Module):
         self.dense = RowParallelLinear(d_w, d_b, topo, seed)
         self.recompute_core = False  # selective recomputation: softmax(QK^T)V again in backward
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: ``[b, 1, s, s]`` bool, True where a query may attend (``--reset-attention-mask``);
+        None for plain causal attention (SDPA's causal kernel)."""
         b, s, _ = x.shape
         hd = self.cfg.head_dim
         qkv = self.qkv(x)
@@ -134,6 +143,8 @@ class Attention(nn.Module):
         p = self.cfg.attention_dropout if self.training else 0.0
         bias = alibi_bias(self.alibi_slopes, s, q.dtype, q.device) \
             if self.cfg.position_embedding_type == "alibi" else None
+        if mask is not None:  # the additive form holds the causal and document masks as -inf
+            bias = (bias if bias is not None else q.new_zeros(s, s)).masked_fill(~mask, float("-inf"))
         if p > 0:
             core = partial(self._dropout_attention, p=p, bias=bias)
         elif bias is not None:
@@ -146,7 +157,7 @@ class Attention(nn.Module):
     def _dropout_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention whose probability dropout is keyed by global head (see core.dropout).
-        ``bias`` (ALiBi) already holds the causal mask as -inf."""
+        ``bias`` (ALiBi, document masks) already holds the causal mask as -inf."""
         s = q.shape[-2]
         scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
         if bias is None:
@@ -199,7 +210,9 @@ class TransformerLayer(nn.Module):
         self.post_attention_norm = Norm(f"{prefix}.post_attention_norm", cfg, topo, seed)
         self.mlp = MLP(f"{prefix}.mlp", cfg, topo, seed)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        x = x + self.dropout_rng.hidden(self.attention(self.input_norm(x), rope), p, self.index, "attention_out")
+        x = x + self.dropout_rng.hidden(self.attention(self.input_norm(x), rope, mask), p, self.index,
+                                        "attention_out")
         return x + self.dropout_rng.hidden(self.mlp(self.post_attention_norm(x)), p, self.index, "mlp_out")
