@@ -83,7 +83,7 @@ class Trainer:
         self.datasets, vocab_size, eod = build_datasets(args)
         self.documents = DocumentMasking(eod, args.reset_position_ids, args.reset_attention_mask, args.eod_mask_loss)
         self.cfg = model_config_from_args(args, vocab_size)
-        self.model = GPTModel(self.cfg, self.topo, args.seed).to(device)
+        self.model = GPTModel(self.cfg, self.topo, args.seed, args.virtual_pipeline_model_parallel_size).to(device)
         self.model.set_recompute(recompute_from_args(args, zero3=args.zero_stage == 3))
         self.dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         self.scaler = loss_scaler_from_args(args)

@@ -54,10 +54,12 @@ def loss_denominator(batches: list[MicroBatch], global_batch: int, seq_length: i
     return max(1, int(comm.all_reduce(local, topo.dp_group).item()))
 
 
-def micro_batch_loss(model: nn.Module, batch: MicroBatch, inputs: torch.Tensor, denom: int) -> torch.Tensor:
+def micro_batch_loss(model: nn.Module, batch: MicroBatch, inputs: torch.Tensor, denom: int,
+                     chunk: int = 0) -> torch.Tensor:
     """The last stage's share of the global-batch mean loss for one micro-batch (``inputs``:
-    its tokens on the first stage, the received hidden states on the others)."""
-    losses = model(inputs, batch.labels, batch.documents).float()
+    its tokens on the first stage, the received hidden states on the others; ``chunk``: the
+    stage's model chunk holding the head)."""
+    losses = model(inputs, batch.labels, batch.documents, chunk).float()
     if batch.documents is not None and batch.documents.loss_mask is not None:
         losses = losses * batch.documents.loss_mask
     return losses.sum() / denom

@@ -61,32 +61,42 @@ class StageLinks:
 
 
 class StageRunner:
-    """Forward and backward of one micro-batch on this stage; the last stage adds the loss."""
+    """Forward and backward of one micro-batch on one model chunk of this stage (the only one
+    without interleaving); the last virtual stage adds the loss."""
 
     def __init__(self, model: nn.Module, topo: Topology, batches: list[MicroBatch], loss_scale: float, denom: int,
                  local_loss: torch.Tensor) -> None:
         self.model, self.topo, self.batches = model, topo, batches
         self.loss_scale, self.denom, self.local_loss = loss_scale, denom, local_loss
+        self.num_chunks = len(getattr(model, "chunks", [None]))
 
-    def forward(self, m: int, received: torch.Tensor | None, grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Returns (this stage's input if it needs a gradient, the output: hidden states, or the
-        micro-batch's loss share on the last stage)."""
+    def is_first(self, chunk: int) -> bool:
+        return self.topo.is_first_stage and chunk == 0
+
+    def is_last(self, chunk: int) -> bool:
+        return self.topo.is_last_stage and chunk == self.num_chunks - 1
+
+    def forward(self, m: int, received: torch.Tensor | None, grad: bool,
+                chunk: int = 0) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Returns (this chunk's input if it needs a gradient, the output: hidden states, or the
+        micro-batch's loss share on the last virtual stage)."""
         batch = self.batches[m]
         begin_micro_batch(self.model, batch.first_sample)
         x = batch.tokens
-        if not self.topo.is_first_stage:
+        if not self.is_first(chunk):
             x = received.requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            if self.topo.is_last_stage:
-                out = micro_batch_loss(self.model, batch, x, self.denom)
+            if self.is_last(chunk):
+                out = micro_batch_loss(self.model, batch, x, self.denom, chunk)
                 self.local_loss += out.detach()
             else:
-                out = self.model(x, None, batch.documents)
-        return (x if grad and not self.topo.is_first_stage else None), out
+                out = self.model(x, None, batch.documents, chunk)
+        return (x if grad and not self.is_first(chunk) else None), out
 
-    def backward(self, x: torch.Tensor | None, out: torch.Tensor, out_grad: torch.Tensor | None) -> torch.Tensor | None:
+    def backward(self, x: torch.Tensor | None, out: torch.Tensor, out_grad: torch.Tensor | None,
+                 chunk: int = 0) -> torch.Tensor | None:
         """Backpropagate one micro-batch; returns the gradient to send to the previous stage."""
-        if self.topo.is_last_stage:
+        if self.is_last(chunk):
             (out * self.loss_scale).backward()
         else:
             torch.autograd.backward(out, grad_tensors=out_grad)

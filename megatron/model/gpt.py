@@ -13,7 +13,7 @@ from torch import nn
 from megatron.core.documents import DocumentLayout
 from megatron.core.dropout import DropoutRNG
 from megatron.core.parallel_state import Topology
-from megatron.core.pieces import CanonicalSpec, shard_range, whole_piece
+from megatron.core.pieces import CanonicalSpec, whole_piece
 from megatron.core.sharding import PartialSum
 from megatron.core.tensor_parallel import (VocabParallelEmbedding, copy_to_tp, gather_from_tp,
                                            make_param, vocab_parallel_cross_entropy)
@@ -24,8 +24,24 @@ from megatron.model.transformer import Norm, TransformerLayer, rope_cos_sin
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 
 
+def stage_layer_chunks(num_layers: int, pp_rank: int, pp: int, virtual_chunks: int = 1) -> list[range]:
+    """Global layer indices of each model chunk of stage ``pp_rank``. Without interleaving the
+    stage holds one contiguous block; with ``virtual_chunks`` V > 1 the layers form ``pp * V``
+    virtual stages of equal size and chunk ``c`` of stage ``s`` is virtual stage ``c * pp + s``
+    (Megatron's interleaved placement), so canonical names stay global on every layout."""
+    stages = pp * virtual_chunks
+    if num_layers % stages:
+        raise ValueError(f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size {pp} "
+                         f"x {virtual_chunks} model chunks per stage")
+    per = num_layers // stages
+    return [range((c * pp + pp_rank) * per, (c * pp + pp_rank + 1) * per) for c in range(virtual_chunks)]
+
+
 class GPTModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, topo: Topology, seed: int) -> None:
+    def __init__(self, cfg: ModelConfig, topo: Topology, seed: int, virtual_chunks: int = 1) -> None:
+        """``virtual_chunks`` > 1: the interleaved pipeline's model chunks of this stage (see
+        ``stage_layer_chunks``); the first stage's chunk 0 embeds, the last stage's last chunk
+        holds the head."""
         super().__init__()
         cfg.check_parallel(topo.tp, topo.pp)
         self.recompute = RecomputeConfig()
@@ -46,8 +62,9 @@ class GPTModel(nn.Module):
                     pos.shape, [whole_piece(pos, owner=topo.tp_rank == 0)], [pos], seed, replicated_over=("tp",))
             if cfg.embed_layernorm:
                 self.embedding.layernorm = Norm("embedding.layernorm", cfg, topo, seed)
-        start, count = shard_range(cfg.num_layers, topo.pp_rank, topo.pp, "--num-layers")
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(i, cfg, topo, seed, self.dropout_rng) for i in range(start, start + count)})
+        self.chunks = stage_layer_chunks(cfg.num_layers, topo.pp_rank, topo.pp, virtual_chunks)
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(i, cfg, topo, seed, self.dropout_rng)
+                                     for chunk in self.chunks for i in chunk})
         self.final_norm = self.output_layer = None
         if self.post_process:
             self.final_norm = Norm("final_norm", cfg, topo, seed)
@@ -100,17 +117,19 @@ class GPTModel(nn.Module):
         return rope_cos_sin(seq, self.cfg.head_dim, self.cfg.rotary_base, x.dtype, x.device, position_ids)
 
     def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None,
-                documents: DocumentLayout | None = None) -> torch.Tensor:
-        """First stage takes token ids, later stages hidden states. The last stage returns the
-        per-token loss when ``labels`` are given, else the full (unpadded) logits. ``documents``
+                documents: DocumentLayout | None = None, chunk: int = 0) -> torch.Tensor:
+        """Model chunk ``chunk`` of this stage (the only one without interleaving). The first
+        virtual stage takes token ids, later ones hidden states. The last returns the per-token
+        loss when ``labels`` are given, else the full (unpadded) logits. ``documents``
         (``--reset-position-ids`` / ``--reset-attention-mask``) restarts positions and blocks
         attention at document ends; ALiBi, as in Megatron, has no positions to reset."""
         positions = documents.position_ids if documents is not None else None
         mask = documents.attention_mask() if documents is not None else None
-        x = self.embed(tokens_or_hidden, positions) if self.pre_process else tokens_or_hidden
+        first, last = self.pre_process and chunk == 0, self.post_process and chunk == len(self.chunks) - 1
+        x = self.embed(tokens_or_hidden, positions) if first else tokens_or_hidden
         rope = self.rope(x.shape[1], x, positions)
-        x = run_layers(list(self.layers.values()), x, rope, self.recompute, mask)
-        if not self.post_process:
+        x = run_layers([self.layers[str(i)] for i in self.chunks[chunk]], x, rope, self.recompute, mask)
+        if not last:
             return x
         return self.head(x, labels)
 
