@@ -164,7 +164,8 @@ class Trainer:
             loaded = checkpointing.load_checkpoint(
                 a.load, self.model, self.optimizer, self.topo, universal=a.universal_checkpoint, tag=a.load_tag,
                 load_optimizer=load_optim, load_rng=not (a.no_load_rng or a.finetune),
-                validate=self._validate_checkpoint, start_fresh=self._start_fresh_policy())
+                validate=self._validate_checkpoint, start_fresh=self._start_fresh_policy(),
+                progress=None if self.rank == 0 else False)
         except (OSError, checkpointing.CheckpointError) as e:
             error = checkpointing.as_checkpoint_error(e, f"loading {a.load}")
         checkpointing.raise_if_any_failed(error)  # every rank stops with the same one-line message

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from threading import Lock
 
 import torch
-from tqdm import tqdm
 
 from megatron.checkpointing.manifest import seal
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, CheckpointReader, saved_states
@@ -24,6 +23,7 @@ from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWr
 from megatron.checkpointing.commit import commit_folder, is_checkpoint, write_atomic
 from megatron.checkpointing.locate import POINTERS, checkpoint_folders
 from megatron.core.pieces import box_slices, translate
+from megatron.progress import progress_bar
 
 REPLICA_POLICIES = ("first", "mean", "strict")
 
@@ -117,9 +117,10 @@ def _kind(folder: str) -> str:
 
 
 def convert_to_universal(input_folder: str, output_folder: str, num_workers: int = 4,
-                         replica_policy: str = "first", progress: bool = True,
+                         replica_policy: str = "first", progress: bool | None = None,
                          overwrite: bool = False) -> ConversionReport:
-    """Write ``output_folder`` (a universal checkpoint) and ``latest_universal`` beside it."""
+    """Write ``output_folder`` (a universal checkpoint) and ``latest_universal`` beside it.
+    ``progress``: a bar per tensor (None: when stderr is a terminal)."""
     if replica_policy not in REPLICA_POLICIES:
         raise ValueError(f"--replica-policy must be one of {REPLICA_POLICIES}, got {replica_policy!r}")
     reader = CheckpointReader(input_folder)
@@ -134,7 +135,7 @@ def convert_to_universal(input_folder: str, output_folder: str, num_workers: int
     report = ConversionReport(output_folder)
     lock = Lock()
     states = saved_states(reader.manifest)
-    bar = tqdm(total=sum(len(f) for f in plan), desc="converting", unit="tensor", disable=not progress)
+    bar = progress_bar(sum(len(f) for f in plan), "converting", "tensor", progress)
 
     def write_file(index: int, names: list[str]) -> tuple[str, dict, dict]:
         file = f"universal_{index:03d}.safetensors"
