@@ -11,6 +11,8 @@ import difflib
 
 from megatron.core.batch_rampup import BatchRampup
 from megatron.core.optimizer.lr_scheduler import DECAY_STYLES, WD_INCR_STYLES
+from megatron.core.parallel_state import ParallelDims
+from megatron.core.sequence_layout import check_sequence_split
 from megatron.deepspeed_config import merge_deepspeed_config
 
 
@@ -98,6 +100,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
                    help="ZeRO stage (default 1, as Megatron-DeepSpeed)")
     g.add_argument("--ddp-bucket-size", type=int, default=1 << 22, help="elements per DP all-reduce bucket")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                   help="accumulate and reduce gradients in fp32 (default: in the model's dtype, as the ZeRO "
+                        "paper's memory counts them)")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--tensorboard-log-interval", type=int, default=1)
@@ -252,8 +257,15 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="ds_config.json; keys that cannot be honoured here are refused, naming the key")
     g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                    help="set by the deepspeed launcher; must agree with LOCAL_RANK when both are given")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron-LM's sequence parallelism: outside the TP matmuls (norms, dropout, residuals) "
+                        "each TP rank holds 1/TP of the sequence; --seq-length must divide by TP; a no-op at TP 1")
     g.add_argument("--ds-sequence-parallel-size", type=int, default=1,
-                   help="DeepSpeed-Ulysses sequence parallelism: only 1 (off) is supported here")
+                   help="DeepSpeed-Ulysses: split each sample's sequence over this many ranks; attention "
+                        "all-to-alls sequence shards into head shards (heads must divide by TP x this)")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="ring attention (Megatron-Core's context parallelism): split each sample's sequence "
+                        "over this many ranks in 2x as many chunks, K/V passed around a ring")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="interleaved pipeline: each stage holds num-layers / (PP x this) model chunks of this "
                         "many layers and runs Megatron's interleaved 1F1B schedule; needs PP >= 2 (Megatron: "
@@ -261,6 +273,74 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-pipeline-parallel", action="store_true",
                    help="Megatron-DeepSpeed's non-pipelined model; the same model here, so it needs "
                         "--pipeline-model-parallel-size 1")
+
+
+def _add_moe_args(p: argparse.ArgumentParser) -> None:
+    """Mixture of Experts: Megatron-LM's flags, and Megatron-DeepSpeed's aliases where they overlap."""
+    g = p.add_argument_group("mixture of experts")
+    g.add_argument("--num-experts", type=int, nargs="+", default=None,
+                   help="experts per MoE layer (Megatron-DeepSpeed's list form: one value, or equal values)")
+    g.add_argument("--moe-router-topk", "--topk", dest="moe_router_topk", type=int, default=2)
+    g.add_argument("--expert-model-parallel-size", "--moe-expert-parallel-size", dest="expert_model_parallel_size",
+                   type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=1,
+                   help="split each expert's hidden units over this many ranks (default 1: whole experts)")
+    g.add_argument("--moe-aux-loss-coeff", "--moe-loss-coeff", dest="moe_aux_loss_coeff", type=float, default=0.0)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none"],
+                   default="aux_loss")
+    g.add_argument("--moe-expert-capacity-factor", "--moe-train-capacity-factor", dest="moe_expert_capacity_factor",
+                   type=float, default=None, help="per-sequence expert capacity; default: dropless")
+    g.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default="probs")
+    g.add_argument("--moe-min-capacity", type=int, default=0,
+                   help="least capacity per expert and sequence (Megatron-DeepSpeed's default 4 is not assumed)")
+    g.add_argument("--disable-moe-token-dropping", action="store_true", help="dropless routing (the default)")
+    g.add_argument("--moe-layer-freq", type=int, default=None, help="layer i is an MoE layer when i %% N == 0")
+    g.add_argument("--expert-interval", type=int, default=None,
+                   help="Megatron-DeepSpeed's: layer i is an MoE layer when (i + 1) %% N == 0")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None)
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"], default="alltoall")
+    g.add_argument("--moe-router-pre-softmax", action="store_true",
+                   help="softmax over every expert, then top-k (the default here, as DeepSpeed)")
+    g.add_argument("--moe-router-topk-then-softmax", action="store_true",
+                   help="top-k logits, then softmax over those k (Mixtral)")
+
+
+def _validate_moe(args: argparse.Namespace, world_size: int) -> None:
+    """Refuse MoE flags that contradict each other or the world size; set ``args.moe_layers``."""
+    args.moe_layers = None
+    experts = args.num_experts
+    if experts is None or experts == [1]:
+        if args.expert_model_parallel_size != 1:
+            raise ConfigError(f"--expert-model-parallel-size {args.expert_model_parallel_size} needs "
+                              f"--num-experts > 1")
+        return
+    try:
+        ParallelDims(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                     ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if len(set(experts)) != 1:
+        raise ConfigError(f"--num-experts {experts}: a different number of experts per layer is not "
+                          f"supported; give one value")
+    args.num_experts = experts = experts[0]
+    if experts % args.expert_model_parallel_size:
+        raise ConfigError(f"--num-experts {experts} is not divisible by --expert-model-parallel-size "
+                          f"{args.expert_model_parallel_size}")
+    if args.moe_layer_freq is not None and args.expert_interval is not None:
+        raise ConfigError("--moe-layer-freq (Megatron-LM) and --expert-interval (Megatron-DeepSpeed) both place "
+                          "MoE layers: give one")
+    if args.disable_moe_token_dropping and args.moe_expert_capacity_factor is not None:
+        raise ConfigError("--disable-moe-token-dropping with a capacity factor: drop one of them")
+    if args.moe_router_pre_softmax and args.moe_router_topk_then_softmax:
+        raise ConfigError("--moe-router-pre-softmax and --moe-router-topk-then-softmax are mutually exclusive")
+    n = args.num_layers
+    if args.expert_interval is not None:
+        args.moe_layers = [i for i in range(n) if (i + 1) % args.expert_interval == 0]
+    else:
+        freq = args.moe_layer_freq or 1
+        args.moe_layers = [i for i in range(n) if i % freq == 0]
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -316,6 +396,9 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-save-optim", action="store_true",
                    help="save weights only: no Adam moments, loss scaler or LR schedule")
     g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--async-save", action="store_true",
+                   help="save in the background: the step blocks only to copy the state to host memory; "
+                        "the files are written, fsynced and committed while training goes on")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and start at iteration 0 (no optimizer, schedule, RNG or data position)")
     g.add_argument("--use-checkpoint-args", action="store_true",
@@ -344,7 +427,7 @@ def build_parser(argument_default=None) -> argparse.ArgumentParser:
     p = MegatronArgumentParser(description="Megatron-style GPT pretraining with universal checkpointing",
                                allow_abbrev=False, argument_default=argument_default)
     for add in (_add_model_args, _add_training_args, _add_schedule_args, _add_parallel_args, _add_data_args,
-                _add_checkpoint_args, _add_recompute_args):
+                _add_checkpoint_args, _add_recompute_args, _add_moe_args):
         add(p)
     return p
 
@@ -361,9 +444,6 @@ def explicit_flags(argv: list[str] | None) -> set[str]:
 
 def _check_compatibility_flags(args: argparse.Namespace) -> None:
     """Megatron-DeepSpeed flags accepted only where they mean what they say here."""
-    if args.ds_sequence_parallel_size != 1:
-        raise ConfigError(f"--ds-sequence-parallel-size {args.ds_sequence_parallel_size}: DeepSpeed-Ulysses "
-                          f"sequence parallelism is not implemented here; use 1 (off)")
     if args.no_pipeline_parallel and args.pipeline_model_parallel_size > 1:
         raise ConfigError(f"--no-pipeline-parallel with --pipeline-model-parallel-size "
                           f"{args.pipeline_model_parallel_size}: drop one of them")
@@ -397,10 +477,23 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
     in the others but must agree with these."""
     _check_compatibility_flags(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-                          f"--pipeline-model-parallel-size {pp}")
-    dp = world_size // (tp * pp)
+    cp, sp = args.context_parallel_size, args.ds_sequence_parallel_size
+    sizes = [("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+             ("--context-parallel-size", cp), ("--ds-sequence-parallel-size", sp)]
+    for flag, size in sizes:
+        if size < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {size}")
+    if world_size % (tp * pp * cp * sp):
+        named = " x ".join(f"{flag} {size}" for i, (flag, size) in enumerate(sizes) if i < 2 or size > 1)
+        raise ConfigError(f"world size {world_size} is not divisible by {named}")
+    dp = world_size // (tp * pp * cp * sp)
+    args.sequence_parallel = args.sequence_parallel and tp > 1  # as Megatron: nothing to split at TP 1
+    if args.sequence_parallel and cp * sp > 1:
+        raise ConfigError(f"--sequence-parallel with --context-parallel-size {cp} / --ds-sequence-parallel-size "
+                          f"{sp} is not supported: split the sequence one way (leave one of them out)")
+    if getattr(args, "num_experts", None) and cp * sp > 1:
+        raise ConfigError(f"--num-experts with --context-parallel-size {cp} / --ds-sequence-parallel-size {sp} "
+                          f"is not supported: routing statistics are per whole sequence; leave them at 1")
     if args.deepspeed_config:
         merge_deepspeed_config(args, dp, explicit if explicit is not None else set(vars(args)), ConfigError)
     if args.use_checkpoint_args:
@@ -424,6 +517,10 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
     if args.hidden_size % args.num_attention_heads:
         raise ConfigError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
                           f"{args.num_attention_heads}")
+    try:
+        check_sequence_split(args.seq_length, args.num_attention_heads, tp, sp, cp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _validate_virtual_pipeline(args, pp, dp)
     if args.zero_stage == 3 and pp > 1:
         raise ConfigError("--zero-stage 3 with --pipeline-model-parallel-size > 1 is not supported: "
@@ -452,6 +549,7 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
     if args.universal_checkpoint and not args.load:
         raise ConfigError("--universal-checkpoint needs --load DIR")
     _validate_schedule(args)
+    _validate_moe(args, world_size)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
 

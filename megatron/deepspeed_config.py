@@ -104,10 +104,19 @@ def merge_deepspeed_config(args: argparse.Namespace, dp: int, explicit: set[str]
     if "optimizer" in ds:
         _optimizer(m, ds["optimizer"])
     args.ds_scheduler = _scheduler(m, ds["scheduler"]) if "scheduler" in ds else None
-    grad_accum = ds.get("data_types", {}).get("grad_accum_dtype", "fp32")
     m.only_known(ds.get("data_types", {}), {"grad_accum_dtype"}, "data_types.")
-    if grad_accum not in ("fp32", "float32", None):
-        m.fail(f"data_types.grad_accum_dtype = {grad_accum!r}: gradients accumulate in fp32 here; use \"fp32\"")
+    _grad_accum_dtype(m, ds.get("data_types", {}).get("grad_accum_dtype"))
+
+
+def _grad_accum_dtype(m: _Merger, name: str | None) -> None:
+    """fp32 is Megatron's --accumulate-allreduce-grads-in-fp32; the model's own dtype is the default."""
+    a = m.args
+    model = "bf16" if a.bf16 else "fp16" if a.fp16 else "fp32"
+    if name in ("fp32", "float32"):
+        m.set("accumulate_allreduce_grads_in_fp32", True, "data_types.grad_accum_dtype")
+    elif name is not None and name != model:
+        m.fail(f"data_types.grad_accum_dtype = {name!r}: gradients accumulate in fp32 or in the model's dtype "
+               f"({model}) here; use \"fp32\" or \"{model}\"")
 
 
 def _batch_sizes(m: _Merger, ds: dict, dp: int) -> None:

@@ -47,8 +47,9 @@ def set_random_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def shutdown_distributed() -> None:
-    """Wait for every rank, then destroy the process groups while the interpreter is whole.
+def shutdown_distributed(wait: bool = True) -> None:
+    """Destroy the process groups while the interpreter is whole; with ``wait``, after every
+    rank gets here (a rank leaving on an error may have peers that never will).
 
     A process that exits with live gloo groups destroys their C++ worker threads during
     interpreter finalisation, still joinable or holding work whose tensors need the GIL:
@@ -56,5 +57,6 @@ def shutdown_distributed() -> None:
     thread without a Python frame, now and then (pytorch/pytorch#179291, #190489).
     """
     if dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

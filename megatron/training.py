@@ -18,15 +18,16 @@ import torch
 
 from megatron import checkpointing
 from megatron.core import comm
-from megatron.core.optimizer.distributed_optimizer import AdamConfig, DistributedOptimizer
+from megatron.core.optimizer.distributed_optimizer import AdamConfig, DistributedOptimizer, Precision
 from megatron.core.batch_rampup import BatchRampup
 from megatron.core.optimizer.grad_scaler import loss_scaler_from_args, resume_loss_scaler
 from megatron.core.optimizer.lr_scheduler import (OptimizerParamScheduler, schedule_shape_from_args,
                                                   scheduler_policy)
-from megatron.core.optimizer.zero3 import partition_parameters
+from megatron.core.optimizer.zero3 import partition_parameters, placeholder_parameters
 from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.core.documents import DocumentMasking
 from megatron.core.schedules import forward_backward, loss_denominator, micro_batches
+from megatron.core.tensor_parallel import parameters_on_meta
 from megatron.arguments import planned_train_iters
 from megatron.data.build import build_datasets
 from megatron.data.prefetch import Prefetcher
@@ -37,6 +38,7 @@ from megatron.data.identity import identity_differences, run_identity
 from megatron.initialize import initialize_distributed, set_random_seeds, shutdown_distributed
 from megatron.model.config import ModelConfig
 from megatron.model.gpt import GPTModel
+from megatron.model.moe_config import moe_config_from_args
 from megatron.model.recompute import recompute_from_args
 
 
@@ -49,6 +51,7 @@ class TrainState:
     consumed_tokens: int = 0
     consumed_valid_samples: int = 0  # the validation set is walked forward, as in Megatron
     losses: list[float] = field(default_factory=list)
+    moe_metrics: list[dict[str, float]] = field(default_factory=list)  # per iteration (MoE models)
     stop_reason: str | None = None  # why the loop ended before the last iteration, if it did
 
 
@@ -61,7 +64,8 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
         rotary_base=args.rotary_base, embed_layernorm=args.embed_layernorm, openai_gelu=args.openai_gelu, tie_embeddings=not args.untie_embeddings_and_output_weights,
         add_bias_linear=not args.disable_bias_linear, layernorm_epsilon=args.layernorm_epsilon,
         init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+        attention_dropout=args.attention_dropout, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        moe=moe_config_from_args(args))
 
 
 def build_lr_schedule(args: argparse.Namespace) -> OptimizerParamScheduler | DeepSpeedLRSchedule:
@@ -77,26 +81,38 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
         self.args, self.device, self.rank, self.world = args, device, rank, world
-        self.topo = Topology(ParallelDims(world, args.tensor_model_parallel_size,
-                                          args.pipeline_model_parallel_size), rank)
+        self.topo = Topology(ParallelDims(world, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                          cp=args.context_parallel_size, sp=args.ds_sequence_parallel_size,
+                                          ep=args.expert_model_parallel_size,
+                                          etp=args.expert_tensor_parallel_size), rank)
         set_random_seeds(args.seed + 100 * self.topo.pp_rank)
         self.datasets, vocab_size, eod = build_datasets(args)
         self.documents = DocumentMasking(eod, args.reset_position_ids, args.reset_attention_mask, args.eod_mask_loss)
         self.cfg = model_config_from_args(args, vocab_size)
-        self.model = GPTModel(self.cfg, self.topo, args.seed, args.virtual_pipeline_model_parallel_size).to(device)
-        self.model.set_recompute(recompute_from_args(args, zero3=args.zero_stage == 3))
+        self.moe_metrics: dict[str, float] = {}  # the last step's MoE losses and loads (MoEStats.summary)
+        zero3 = args.zero_stage == 3
+        with parameters_on_meta(zero3):  # ZeRO-3: no rank materialises its whole local model
+            self.model = GPTModel(self.cfg, self.topo, args.seed, args.sequence_parallel,
+                                  args.virtual_pipeline_model_parallel_size)
         self.dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        if zero3:
+            placeholder_parameters(self.model, self.dtype, device)
+        self.model.to(device)
+        self.model.set_recompute(recompute_from_args(args, zero3=zero3))
         self.scaler = loss_scaler_from_args(args)
         adam = AdamConfig(lr=args.lr, weight_decay=args.weight_decay, beta1=args.adam_beta1,
                           beta2=args.adam_beta2, eps=args.adam_eps, clip_grad=args.clip_grad,
                           bucket_numel=args.ddp_bucket_size, optimizer=args.optimizer,
                           sgd_momentum=args.sgd_momentum)
-        # The optimizer copies the fp32 canonical init before the model is cast down.
+        # The optimizer copies the fp32 canonical init before the model is cast down (ZeRO-3:
+        # generates its chunks of it).
+        precision = Precision(self.dtype, torch.float32 if args.accumulate_allreduce_grads_in_fp32 else self.dtype)
         self.optimizer = DistributedOptimizer(list(self.model.named_parameters()), self.topo, args.zero_stage,
-                                              adam, self.scaler)
+                                              adam, self.scaler, precision, device,
+                                              canonical_seed=args.seed if zero3 else None)
         self.model.to(self.dtype)
-        if args.zero_stage == 3:  # keep only this rank's shard of each parameter from here on
-            partition_parameters(self.model, self.topo, self.optimizer.fragments())
+        if zero3:  # the parameters live as the optimizer's shards from here on
+            partition_parameters(self.model, self.topo, self.optimizer)
         self.schedule = build_lr_schedule(args)
         self.rampup = BatchRampup(*args.rampup_batch_size, args.global_batch_size) if args.rampup_batch_size else None
         self.identity = run_identity(args, vocab_size)
@@ -105,6 +121,8 @@ class Trainer:
         self.writer = MetricsWriter(args, rank)
         if args.save:
             self._claim_save_folder()
+        self.async_saver = (checkpointing.AsyncSaver(self.topo, device, self.log)
+                            if args.async_save and args.save else None)
         self.prefetcher = Prefetcher(partial(micro_batches, self.datasets[0], micro=args.micro_batch_size,
                                              topo=self.topo, device=device, masking=self.documents),
                                      self.global_batch_at, enabled=args.num_workers > 0)
@@ -149,9 +167,13 @@ class Trainer:
 
     def save(self) -> None:
         a = self.args
+        if self.async_saver is not None:
+            self.async_saver.save(a.save, self._global_state(), self.model, self.optimizer,
+                                  save_optim=not a.no_save_optim, save_rng=not a.no_save_rng, keep_last_k=a.keep_last_k)
+            return
         path = checkpointing.save_checkpoint(a.save, self._global_state(), self.model, self.optimizer, self.topo,
                                              save_optim=not a.no_save_optim, save_rng=not a.no_save_rng,
-                                             keep_last_k=a.keep_last_k)
+                                             keep_last_k=a.keep_last_k, log=self.log)
         self.log(f"saved checkpoint at iteration {self.state.iteration} to {path}")
 
     def _resume(self) -> None:
@@ -164,7 +186,7 @@ class Trainer:
             loaded = checkpointing.load_checkpoint(
                 a.load, self.model, self.optimizer, self.topo, universal=a.universal_checkpoint, tag=a.load_tag,
                 load_optimizer=load_optim, load_rng=not (a.no_load_rng or a.finetune),
-                validate=self._validate_checkpoint, start_fresh=self._start_fresh_policy(),
+                validate=self._validate_checkpoint, start_fresh=self._start_fresh_policy(), log=self.log,
                 progress=None if self.rank == 0 else False)
         except (OSError, checkpointing.CheckpointError) as e:
             error = checkpointing.as_checkpoint_error(e, f"loading {a.load}")
@@ -190,12 +212,12 @@ class Trainer:
                  f"{'restored exactly (same layout)' if loaded.rng_restored else 're-derived from the seed'}")
 
     def _resume_schedule_and_scaler(self, g: dict) -> None:
+        self.optimizer.step_count = g["optimizer_step"]  # Adam's bias correction continues, imported or not
         if "opt_param_scheduler" not in g:  # imported weights: the schedule and the scaler start afresh
             return
         for difference in self.schedule.load_state_dict(g["opt_param_scheduler"], scheduler_policy(self.args)):
             self.log(f"notice: LR schedule {difference} ({scheduler_policy(self.args)} wins)")
         self.log("loss scaling: " + resume_loss_scaler(self.scaler, g["loss_scaler"], g["precision"], self.args))
-        self.optimizer.step_count = g["optimizer_step"]
 
     def _start_fresh_policy(self) -> str:
         """A missing checkpoint starts a new run only where the user plainly meant one (see ``locate``)."""
@@ -256,7 +278,7 @@ class Trainer:
         """Set this step's weight decay on the decayed group (Megatron's ``wd_mult``); return its LR."""
         wd = self.schedule.weight_decay()
         for g in self.optimizer.groups:
-            g.hyper["weight_decay"] = wd if g.index == 0 else 0.0
+            g.hyper["weight_decay"] = wd if g.decay else 0.0
         return self.schedule.lr()
 
     def train_step(self) -> tuple[float, float, bool]:
@@ -266,8 +288,12 @@ class Trainer:
         self.optimizer.zero_grad()
         self.model.train()
         self.model.dropout_rng.iteration = self.state.iteration
+        moe = self.model.moe_stats
+        if moe is not None:  # the auxiliary losses' share of the global batch, at the loss scale
+            moe.begin_step(self.scaler.scale, gbs // a.micro_batch_size)
         denom = loss_denominator(batches, gbs, a.seq_length, self.topo, self.device)
         loss_sum = forward_backward(self.model, batches, self.topo, self.scaler.scale, denom, self.device)
+        self.moe_metrics = moe.summary(self.cfg.num_layers, self.device) if moe is not None else {}
         ok, grad_norm = self.optimizer.step(self._apply_schedule())
         if ok:  # Megatron steps the schedule by the samples of a successful update only
             self.schedule.step(gbs, self.state.consumed_tokens + gbs * a.seq_length)
@@ -299,7 +325,8 @@ class Trainer:
                  f" | learning rate: {lr:.3E} | global batch size: {gbs:5d}"
                  f" | lm loss: {loss:.6E} | loss scale: {self.scaler.scale:.1f}"
                  f" | grad norm: {grad_norm:.3f} | skipped: {int(not ok)}"
-                 f" | tokens per second: {tokens / seconds:.1f}"
+                 + "".join(f" | {k}: {v:.6E}" for k, v in self.moe_metrics.items())
+                 + f" | tokens per second: {tokens / seconds:.1f}"
                  f" | tokens per second per rank: {tokens / seconds / world:.1f}"
                  f" | TFLOP/s per rank: {flops / seconds / world / 1e12:.3f}")
 
@@ -353,6 +380,8 @@ class Trainer:
             self.state.consumed_samples += gbs
             self.state.consumed_tokens += gbs * a.seq_length
             self.state.losses.append(loss)
+            if self.moe_metrics:
+                self.state.moe_metrics.append(self.moe_metrics)
             window_iters += 1
             it = self.state.iteration
             if it % a.log_interval == 0 or it == planned:
@@ -362,9 +391,11 @@ class Trainer:
             self.writer.training(it, self.state.consumed_samples, self.state.consumed_tokens, {
                 "lm loss": loss, "learning rate": lr, "batch size": gbs,
                 "loss scale": self.scaler.scale, "grad norm": grad_norm, "world size": self.world,
-                "iteration time": time.perf_counter() - step_start})
+                "iteration time": time.perf_counter() - step_start, "moe": self.moe_metrics})
             if a.eval_interval and it % a.eval_interval == 0 and self.datasets[1] is not None:
                 self._report_validation(it)
+            if self.async_saver is not None:
+                self.async_saver.poll()  # commits a finished background save
             if a.save and a.save_interval and it % a.save_interval == 0:
                 self.save()
                 saved_at = it
@@ -374,6 +405,8 @@ class Trainer:
                 break
         if a.save and saved_at != self.state.iteration:
             self.save()
+        if self.async_saver is not None:
+            self.async_saver.close()  # the job ends only once its last save is committed
         if self.state.stop_reason:
             self.log(self.state.stop_reason)
         self._sigterm.restore()
@@ -443,8 +476,18 @@ def main(argv: list[str]) -> int:
     """``pretrain`` for the command line. An error in the configuration (flags, DeepSpeed
     config, layout, data files) found while building the run is one line on stderr, printed
     by rank 0 only (every rank exits 2); so is a checkpoint error (every rank holds the same
-    message, see ``checkpointing.agree``). ``--debug`` shows the traceback instead."""
-    rank = int(os.environ.get("RANK", "0"))
+    message, see ``checkpointing.agree``). ``--debug`` shows the traceback instead. However
+    it ends, the process groups go before the interpreter does (the TP3 SIGABRT, see
+    ``shutdown_distributed``); only a clean finish waits for the other ranks."""
+    code = None
+    try:
+        code = _run(argv, int(os.environ.get("RANK", "0")))
+        return code
+    finally:
+        shutdown_distributed(wait=code == 0)
+
+
+def _run(argv: list[str], rank: int) -> int:
     try:
         trainer = build_trainer(argv)
     except checkpointing.CheckpointError as exc:
@@ -462,5 +505,4 @@ def main(argv: list[str]) -> int:
         trainer.train()
     except checkpointing.CheckpointError as exc:
         return _report_checkpoint_error(exc, argv, rank)
-    shutdown_distributed()  # before interpreter exit: see its docstring (the TP3 SIGABRT)
     return 0

@@ -152,3 +152,11 @@ def test_scheduler_from_config_drives_training_and_resumes(tmp_path) -> None:
     # Steps 1 and 2 run at lr 0 under DeepSpeed's WarmupDecayLR (from warmup_min_lr 0), step 3 does not.
     assert with_section[:3] == frozen[:3] and with_section[3] != frozen[3]
     assert megatron_schedule[1] != frozen[1]
+
+
+@pytest.mark.parametrize("data_types,bf16,fp32", [
+    ({}, True, False), ({"grad_accum_dtype": "fp32"}, True, True), ({"grad_accum_dtype": "bf16"}, True, False),
+    ({"grad_accum_dtype": "fp32"}, False, True)])
+def test_grad_accum_dtype_is_fp32_accumulation_or_the_model_dtype(tmp_path, data_types, bf16, fp32) -> None:
+    config = {"train_micro_batch_size_per_gpu": 2, "data_types": data_types, "bf16": {"enabled": bf16}}
+    assert ds_args(tmp_path, config).accumulate_allreduce_grads_in_fp32 is fp32

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.core.documents import DocumentMasking
+from megatron.core.documents import DocumentMasking, document_causal_mask
 from megatron.core.micro_batches import loss_denominator, micro_batches
 from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.core.schedules import forward_backward
@@ -46,7 +46,7 @@ def test_layout_equals_megatron_masks_and_position_ids() -> None:
     tokens[0, 0], tokens[1, -1], tokens[2, 5:7] = EOD, EOD, EOD  # EOD first, last, twice in a row
     layout = ALL_FLAGS.layout(tokens)
     allowed, positions, loss_mask = _megatron_masks(tokens, EOD)
-    assert torch.equal(layout.attention_mask()[:, 0], allowed)
+    assert torch.equal(document_causal_mask(layout.segment_ids)[:, 0], allowed)
     assert torch.equal(layout.position_ids, positions)
     assert torch.equal(layout.loss_mask, loss_mask)
     assert DocumentMasking(EOD).layout(tokens) is None  # flags off: the plain causal path
@@ -140,3 +140,34 @@ def test_document_flags_loss_curve_same_on_tp_pp_dp_layouts(rope: bool) -> None:
         losses = train_losses(world, base + ["--tensor-model-parallel-size", str(tp), "--zero-stage", str(zero),
                                              "--pipeline-model-parallel-size", str(pp)])
         np.testing.assert_allclose(losses, reference, rtol=1e-5, err_msg=f"tp{tp} pp{pp} world{world} zero{zero}")
+
+
+DROPOUT = "--hidden-dropout 0.1 --attention-dropout 0.1".split()
+POSITIONS = {"learned": [], "rope": ["--position-embedding-type", "rope"],
+             "alibi": ["--position-embedding-type", "alibi"]}
+SPLITS = {  # the sequence split over ranks: Ulysses, ring, both, Megatron-SP (also under the interleaved pipeline)
+    "ulysses2": (2, "--ds-sequence-parallel-size 2"),
+    "ring2": (2, "--context-parallel-size 2"),
+    "ring2_ulysses2": (4, "--context-parallel-size 2 --ds-sequence-parallel-size 2"),
+    "megatron_sp_tp2": (2, "--tensor-model-parallel-size 2 --sequence-parallel"),
+    "interleaved_tp2_sp": (4, "--tensor-model-parallel-size 2 --sequence-parallel --pipeline-model-parallel-size 2 "
+                              "--num-layers-per-virtual-pipeline-stage 1"),
+}
+
+
+@pytest.fixture(scope="module")
+def one_rank_curves() -> dict[str, list[float]]:
+    return {}
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("positions", list(POSITIONS))
+def test_document_flags_compose_with_sequence_splits(one_rank_curves, positions: str, split: str) -> None:
+    """Masks derived from whole samples, then cut as the tokens: each split (with dropout on)
+    trains the one-rank curve; the ring applies the document mask block by block."""
+    base = TINY_GPT + STEPS + FLAGS + DROPOUT + POSITIONS[positions]
+    if positions not in one_rank_curves:
+        one_rank_curves[positions] = train_losses(1, base)
+    world, flags = SPLITS[split]
+    np.testing.assert_allclose(train_losses(world, base + flags.split()), one_rank_curves[positions], rtol=1e-5,
+                               err_msg=f"{positions} {split}")

@@ -50,6 +50,10 @@ LAYOUTS = {
     "tp2_dp2_zero1_untied": (4, ["--untie-embeddings-and-output-weights"],
                              "--tensor-model-parallel-size 2 --zero-stage 1"),
     "pp2_dp2_zero2_tied": (4, [], "--pipeline-model-parallel-size 2 --zero-stage 2"),
+    # Megatron SP: replicated norms / biases / position table hold TP partial sums, counted once
+    "tp2_sequence_parallel": (2, [], "--tensor-model-parallel-size 2 --sequence-parallel"),
+    "tp2_dp2_zero2_sequence_parallel_llama_gqa": (4, LLAMA + ["--num-key-value-heads", "2"],
+                                                  "--tensor-model-parallel-size 2 --zero-stage 2 --sequence-parallel"),
 }
 
 

@@ -128,3 +128,22 @@ def test_resume_between_interleaved_and_plain_pipeline_continues_loss(tmp_path, 
     world = 2 if target else 1
     resumed = train_losses(world, _args(*base, *target, *load))
     np.testing.assert_allclose(resumed, reference[4][0][2:], rtol=RTOL)
+
+
+MOE = "--num-experts 4 --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001 --hidden-dropout 0".split()
+
+
+@pytest.mark.parametrize("extra,world,flags", [
+    (MOE, 4, "--expert-model-parallel-size 2"),
+    (MOE, 4, "--tensor-model-parallel-size 2 --expert-model-parallel-size 2"),
+    (["--hidden-dropout", "0.1"], 4, "--tensor-model-parallel-size 2 --sequence-parallel"),
+    (["--hidden-dropout", "0.1"], 4, "--ds-sequence-parallel-size 2"),
+    (["--hidden-dropout", "0.1"], 4, "--context-parallel-size 2"),
+], ids=["moe_ep2", "moe_tp2_ep2", "tp2_megatron_sp", "ulysses2", "ring2"])
+def test_interleaved_composes_with_moe_and_sequence_splits(extra: list[str], world: int, flags: str) -> None:
+    """PP2 with two chunks per stage, on top of experts or a split sequence: the PP=1 curve."""
+    base = _args("--num-layers", "4", *extra)
+    expected = train_losses(1, base)
+    assert expected[-1] < expected[0], "reference did not train"
+    losses = train_losses(world, base + INTERLEAVED + flags.split())
+    np.testing.assert_allclose(losses, expected, rtol=RTOL, err_msg=flags)

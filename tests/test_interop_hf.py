@@ -1,4 +1,4 @@
-"""Hugging Face interop: export (GPT-2, Llama-GQA, BLOOM) loads in transformers with equal logits;
+"""Hugging Face interop: export (GPT-2, Llama-GQA, BLOOM, Mixtral) loads in transformers with equal logits;
 import of folders written by save_pretrained, HF -> universal -> HF bit-exact, and training
 from the import on other layouts."""
 from __future__ import annotations
@@ -101,6 +101,16 @@ def test_bloom_trained_tp2_exports_to_bloomforcausallm_with_equal_logits(tmp_pat
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
+def test_mixtral_trained_with_ep2_exports_to_mixtralforcausallm_with_equal_logits(tmp_path: Path) -> None:
+    """Experts held two per rank (EP2) leave as one tensor per global expert; routing agrees."""
+    train_and_save(tmp_path / "ckpt", 2, TINY_GPT + HF_MODELS["mixtral"][1].split(), "--expert-model-parallel-size", "2")
+    convert_to_universal(str(tmp_path / "ckpt" / "global_step2"), str(tmp_path / "ckpt" / "global_step2_universal"),
+                         progress=False)
+    cfg, ours, theirs = check_export(tmp_path / "ckpt" / "global_step2_universal", tmp_path / "hf")
+    assert cfg.moe is not None and transformers.AutoConfig.from_pretrained(tmp_path / "hf").model_type == "mixtral"
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
 def test_tokenizer_files_are_copied_into_the_export(tmp_path: Path) -> None:
     train_and_save(tmp_path / "ckpt", 1, TINY_GPT)
     tok = tmp_path / "tok"
@@ -125,6 +135,13 @@ HF_MODELS = {  # family -> (config, flags of the matching pretrain_gpt.py run)
               "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-key-value-heads 2 --ffn-hidden-size 64 "
               "--swiglu --normalization rmsnorm --position-embedding-type rope --untie-embeddings-and-output-weights "
               "--disable-bias-linear --layernorm-epsilon 1e-6"),
+    "mixtral": (transformers.MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2, max_position_embeddings=32),
+                "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-key-value-heads 2 --ffn-hidden-size 48 "
+                "--swiglu --normalization rmsnorm --position-embedding-type rope --untie-embeddings-and-output-weights "
+                "--disable-bias-linear --layernorm-epsilon 1e-5 --num-experts 4 --moe-router-topk 2 "
+                "--moe-router-topk-then-softmax --rotary-base 1000000"),
     "bloom": (transformers.BloomConfig(vocab_size=97, hidden_size=32, n_layer=2, n_head=4),
               "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --position-embedding-type alibi "
               "--embed-layernorm --openai-gelu"),

@@ -48,7 +48,9 @@ def test_no_op_flags_say_so_in_help() -> None:
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--ds-sequence-parallel-size", "2"], "DeepSpeed-Ulysses sequence parallelism is not implemented"),
+    (["--ds-sequence-parallel-size", "2", "--tensor-model-parallel-size", "4"],
+     "world size 2 is not divisible by --tensor-model-parallel-size 4 x --pipeline-model-parallel-size 1 x "
+     "--ds-sequence-parallel-size 2"),
     (["--no-pipeline-parallel", "--pipeline-model-parallel-size", "2"], "--no-pipeline-parallel with"),
     (["--deepspeed-activation-checkpointing"], "does nothing alone"),
     (["--recompute-granularity", "full"], "needs --recompute-method"),

@@ -170,7 +170,7 @@ def _holdings(trainer) -> dict:
         "main_grad": bool(trainer.optimizer.main_grads),
         "grad": any(p.grad is not None for p in params),
         "largest_param": max(p.data.numel() for p in params),
-        "itemsize": params[0].element_size() if params[0].numel() else params[0].zero3_shard.element_size(),
+        "itemsize": params[0].element_size() if params[0].numel() else trainer.optimizer.groups[0].param_shard.element_size(),
     }
 
 

@@ -6,6 +6,8 @@ one into a PyTorch DCP.
     python tools/convert_to_universal.py --input-format dcp   --input_folder DCP_DIR  --output_folder ckpt/global_step0_universal
     python tools/convert_to_universal.py --input-format mcore --input_folder megatron_ckpt/iter_0000100 \
         --output_folder ckpt/global_step100_universal
+    python tools/convert_to_universal.py --input-format deepspeed --input_folder ds_ckpt/global_step100 \
+        --output_folder ckpt/global_step100_universal [--qkv-layout grouped|blocked]
     python tools/convert_to_universal.py --output-format dcp  --input_folder ckpt/global_step100_universal \
         --output_folder DCP_DIR
 
@@ -19,10 +21,12 @@ import json
 import os
 import sys
 import time
+from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.checkpointing import CheckpointError, convert_to_universal  # noqa: E402
+from megatron.checkpointing.convert import CHUNK_BYTES  # noqa: E402
 
 
 def _model_config(path: str | None):
@@ -36,10 +40,12 @@ def _model_config(path: str | None):
 def _convert_native(args: argparse.Namespace, output: str) -> None:
     start = time.perf_counter()
     report = convert_to_universal(args.input_folder, output, args.num_workers, args.replica_policy,
-                                  progress=args.progress, overwrite=args.overwrite)
+                                  progress=args.progress, overwrite=args.overwrite,
+                                  chunk_bytes=int(args.chunk_size_mb * 2**20))
     seconds = time.perf_counter() - start
     print(f"wrote {report.tensors} canonical tensors ({report.bytes_written / 2**20:.1f} MiB in "
-          f"{len(report.files)} files) to {report.output} in {seconds:.2f} s; read "
+          f"{len(report.files)} files) to {report.output} in {seconds:.2f} s "
+          f"({report.bytes_written / 2**20 / max(seconds, 1e-9):.1f} MiB/s); read and verified "
           f"{report.bytes_read / 2**20:.1f} MiB")
     where = f" in {report.max_replica_tensor}" if report.max_replica_tensor else ""
     print(f"replicas: largest disagreement {report.max_replica_diff:.3e}{where} (policy {args.replica_policy})")
@@ -54,6 +60,9 @@ def _convert_interop(args: argparse.Namespace, output: str) -> None:
         return
     if args.input_format == "dcp":
         from megatron.interop.dcp import import_dcp as importer
+    elif args.input_format == "deepspeed":
+        from megatron.interop.deepspeed import import_deepspeed
+        importer = partial(import_deepspeed, qkv_layout=args.qkv_layout)
     else:
         from megatron.interop.mcore import import_mcore as importer
     count = importer(args.input_folder, output, _model_config(args.model_config), args.overwrite)
@@ -66,9 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input_folder", "--input-folder", required=True)
     p.add_argument("--output_folder", "--output-folder", default=None,
                    help="default: INPUT_FOLDER with a _universal suffix")
-    p.add_argument("--input-format", "--input_format", choices=["native", "dcp", "mcore"], default="native",
+    p.add_argument("--input-format", "--input_format", choices=["native", "dcp", "mcore", "deepspeed"],
+                   default="native",
                    help="native: our rank files; dcp: a PyTorch DCP keyed by canonical names; mcore: a "
-                        "Megatron-LM torch_dist checkpoint folder")
+                        "Megatron-LM torch_dist checkpoint folder; deepspeed: a DeepSpeed ZeRO 1-3 save "
+                        "(global_stepN) of a Megatron-DeepSpeed GPT model, any TP")
+    p.add_argument("--qkv-layout", "--qkv_layout", choices=["grouped", "blocked"], default="grouped",
+                   help="--input-format deepspeed: how query_key_value fuses q, k and v on each TP rank: grouped = "
+                        "per KV group [q..., k, v] (Megatron-DeepSpeed before its FPDT change, Megatron-LM); "
+                        "blocked = [q | k | v] (Megatron-DeepSpeed since)")
     p.add_argument("--output-format", "--output_format", choices=["universal", "dcp"], default="universal",
                    help="dcp: write a PyTorch DCP from a native or universal checkpoint")
     p.add_argument("--model-config", "--model_config", default=None,
@@ -77,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                    dest="num_workers", type=int, default=4,
                    help="tensors converted in parallel (ds_to_universal.py's --num_extract_workers: each worker "
                         "reads and merges one canonical tensor at a time)")
+    p.add_argument("--chunk-size-mb", "--chunk_size_mb", type=float, default=CHUNK_BYTES / 2**20,
+                   help="tensor data held in memory at once by all workers together (MiB): tensors larger than "
+                        "this are streamed through in chunks, so peak memory does not grow with the model")
     p.add_argument("--num_merge_workers", "--num-merge-workers", type=int, default=None,
                    help="accepted for ds_to_universal.py command lines; no effect: there is no separate merge "
                         "stage here (extraction and merging are one pass per tensor, see --num_workers)")

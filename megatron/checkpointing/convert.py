@@ -1,9 +1,11 @@
-"""Native -> universal: whole canonical tensors, one at a time, streamed.
+"""Native -> universal: canonical tensors streamed in fixed-size chunks.
 
-Tensors are dealt to a few output files; one worker fills each file in order, so each
-input byte is read once, each output byte written once with its checksum computed on
-the way, and memory stays near (largest tensor) x (workers). Coverage and replica
-agreement are checked for every tensor.
+Tensors are dealt to a few output files; one worker fills each file in order, chunk by
+chunk (a chunk is a row-major run of a canonical tensor, assembled from the input pieces
+it overlaps), so each input byte is read once, each output byte written once with its
+checksum computed on the way, nothing goes through a temporary file, and memory stays
+near the chunk size whatever the largest tensor. Workers are threads: reading, copying
+and sha256 release the GIL. Coverage and replica agreement are checked for every chunk.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from threading import Lock
+from typing import Iterator
 
 import torch
 
@@ -22,10 +25,11 @@ from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, Chec
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
 from megatron.checkpointing.commit import commit_folder, is_checkpoint, write_atomic
 from megatron.checkpointing.locate import POINTERS, checkpoint_folders
-from megatron.core.pieces import box_slices, translate
+from megatron.core.pieces import Box, box_slices, flat_range_boxes, intersect, translate
 from megatron.progress import progress_bar
 
 REPLICA_POLICIES = ("first", "mean", "strict")
+CHUNK_BYTES = 256 << 20  # tensor data held at once by all workers together
 
 
 @dataclass
@@ -39,21 +43,22 @@ class ConversionReport:
     files: list[str] = field(default_factory=list)
 
 
-def assemble(reader: CheckpointReader, name: str, state: str, policy: str) -> tuple[torch.Tensor, float]:
-    """The whole canonical tensor from its owner pieces, checked against every replica.
-    Returns the tensor and the largest |owner - replica| difference."""
-    shape = reader.canonical[name]
-    full = reader.read_region(name, ((0,) * len(shape), shape), state)
+def assemble(reader: CheckpointReader, name: str, box: Box, state: str, policy: str) -> tuple[torch.Tensor, float]:
+    """Region ``box`` of a canonical tensor from its owner pieces, checked against every replica
+    piece that overlaps it. Returns the region and the largest |owner - replica| difference."""
+    full = reader.read_region(name, box, state)
     if not bool(torch.isfinite(full).all()):
         raise CheckpointError(f"{reader.path}: {name} ({state}) holds NaN or Inf values: training had diverged "
                               f"when it was saved; convert an earlier checkpoint")
     max_diff = 0.0
     replicas = reader.replica_pieces(name)
-    total, count = (full.clone(), torch.ones(shape)) if policy == "mean" and replicas else (None, None)
+    total, count = (full.clone(), torch.ones(box[1])) if policy == "mean" and replicas else (None, None)
     for holder, piece in replicas:
-        box = (piece.canonical_offsets, piece.sizes)
-        region = box_slices(box)
-        values = torch.from_numpy(reader.read_local_box(holder, state, translate(box, piece.canonical_offsets,
+        overlap = intersect(box, (piece.canonical_offsets, piece.sizes))
+        if overlap is None:
+            continue
+        region = box_slices(translate(overlap, box[0], (0,) * len(box[0])))
+        values = torch.from_numpy(reader.read_local_box(holder, state, translate(overlap, piece.canonical_offsets,
                                                                                   piece.local_offsets)))
         diff = float((values - full[region]).abs().nan_to_num(nan=math.inf).max()) if values.numel() else 0.0
         if policy == "strict" and diff > 0:  # a NaN replica counts as an infinite disagreement
@@ -66,6 +71,14 @@ def assemble(reader: CheckpointReader, name: str, state: str, policy: str) -> tu
     if total is not None and max_diff > 0:
         full = total / count
     return full, max_diff
+
+
+def chunk_boxes(shape: tuple[int, ...], chunk_elements: int) -> Iterator[Box]:
+    """A canonical tensor as boxes of at most ``chunk_elements`` elements, in row-major order
+    (so that writing them one after the other writes the tensor)."""
+    numel = math.prod(shape)
+    for start in range(0, numel, max(1, chunk_elements)):
+        yield from flat_range_boxes(shape, start, min(numel, start + max(1, chunk_elements)))
 
 
 def _plan_files(reader: CheckpointReader, num_files: int) -> list[list[str]]:
@@ -118,11 +131,14 @@ def _kind(folder: str) -> str:
 
 def convert_to_universal(input_folder: str, output_folder: str, num_workers: int = 4,
                          replica_policy: str = "first", progress: bool | None = None,
-                         overwrite: bool = False) -> ConversionReport:
+                         overwrite: bool = False, chunk_bytes: int = CHUNK_BYTES) -> ConversionReport:
     """Write ``output_folder`` (a universal checkpoint) and ``latest_universal`` beside it.
-    ``progress``: a bar per tensor (None: when stderr is a terminal)."""
+    ``progress``: a bar per tensor (None: when stderr is a terminal). ``chunk_bytes`` bounds the
+    tensor data all workers hold at once, whatever the tensors' sizes."""
     if replica_policy not in REPLICA_POLICIES:
         raise ValueError(f"--replica-policy must be one of {REPLICA_POLICIES}, got {replica_policy!r}")
+    if chunk_bytes < 4:
+        raise ValueError(f"--chunk-size-mb must hold at least one fp32 element, got {chunk_bytes} bytes")
     reader = CheckpointReader(input_folder)
     if reader.kind != "native":
         raise CheckpointError(f"{input_folder} is already a {reader.kind} checkpoint")
@@ -132,6 +148,7 @@ def convert_to_universal(input_folder: str, output_folder: str, num_workers: int
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     plan = _plan_files(reader, max(1, num_workers))
+    chunk_elements = max(1, chunk_bytes // 4 // len(plan))  # each worker holds one chunk (two for 'mean')
     report = ConversionReport(output_folder)
     lock = Lock()
     states = saved_states(reader.manifest)
@@ -144,11 +161,14 @@ def convert_to_universal(input_folder: str, output_folder: str, num_workers: int
         params = {}
         for n in names:
             for s in states:
-                tensor, diff = assemble(reader, n, s, replica_policy)
-                writer.write(f"{n}/{s}", tensor.reshape(-1))
-                with lock:
-                    if diff > report.max_replica_diff:
-                        report.max_replica_diff, report.max_replica_tensor = diff, f"{n} ({s})"
+                writer.begin(f"{n}/{s}")
+                for box in chunk_boxes(reader.canonical[n], chunk_elements):
+                    chunk, diff = assemble(reader, n, box, s, replica_policy)
+                    writer.write_chunk(chunk)
+                    with lock:
+                        if diff > report.max_replica_diff:
+                            report.max_replica_diff, report.max_replica_tensor = diff, f"{n} ({s})"
+                writer.end()
             shape = list(reader.canonical[n])
             params[n] = {"local_shape": shape, "group": reader.manifest["canonical"][n]["group"],
                          "pieces": [{"canonical": n, "local_offsets": [0] * len(shape),

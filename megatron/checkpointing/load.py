@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
+from megatron.checkpointing.async_save import wait_for_async_saves
+from megatron.checkpointing.iolog import MIB, IoStats, describe_io, gather_to_rank0
 from megatron.checkpointing.locate import NEVER, resolve_checkpoint
 from megatron.checkpointing.reader import STATES, WEIGHTS_ONLY, CheckpointReader, saved_states
 from megatron.checkpointing.safetensors_io import CheckpointError
@@ -37,6 +40,7 @@ class Loaded:
     bytes_read: int
     total_bytes: int
     json_bytes_parsed: int = 0  # manifest and rank tables this rank parsed
+    seconds: float = 0.0  # this rank's time in the load, collectives included
 
 
 def fill_fragment(reader: CheckpointReader, param: nn.Parameter, start: int, end: int, state: str,
@@ -60,15 +64,19 @@ def fill_fragment(reader: CheckpointReader, param: nn.Parameter, start: int, end
 def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
                     universal: bool = False, tag: str | None = None, load_optimizer: bool = True,
                     load_rng: bool = True, validate: Callable[[dict], None] | None = None,
-                    start_fresh: str = NEVER, progress: bool | None = None) -> Loaded | None:
+                    start_fresh: str = NEVER, log: Callable[[str], None] | None = None,
+                    progress: bool | None = None) -> Loaded | None:
     """Collective (ZeRO gathers the loaded weights): each rank reads only what its fragments need.
     Returns None if there is nothing to resume from and ``start_fresh`` allows that (see
     ``locate``). ``validate(state)`` may refuse the checkpoint before any tensor is read. A
-    failure on any rank raises the same CheckpointError on every rank. ``progress``: a bar over
-    this rank's fragments (None: when stderr is a terminal; the caller passes False off rank 0)."""
+    failure on any rank raises the same CheckpointError on every rank. ``log`` (rank 0's) gets
+    the bytes each rank read, seconds and throughput. ``progress``: a bar over this rank's
+    fragments (None: when stderr is a terminal; the caller passes False off rank 0)."""
+    wait_for_async_saves()  # a checkpoint still being written in the background is committed first
     path = resolve_checkpoint(load_dir, universal, tag, start_fresh)  # the same answer on every rank
     if path is None:
         return None
+    start = time.perf_counter()
     reader, error = None, None
     try:
         reader = _read_into_fragments(path, model, optimizer, topo, universal, load_optimizer, validate, progress)
@@ -90,8 +98,13 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
         if rng is not None:
             set_rng_state(rng)
             rng_restored = True
+    seconds = time.perf_counter() - start
+    stats = gather_to_rank0(IoStats(topo.rank, reader.bytes_read, seconds), topo)
+    if log is not None:
+        log(f"loaded checkpoint {path}: " + describe_io("read", stats, seconds)
+            + f"; the checkpoint holds {reader.total_bytes / MIB:.1f} MiB")
     return Loaded(path, reader.kind, reader.manifest["state"], rng_restored, reader.bytes_read,
-                  reader.total_bytes, reader.json_bytes_parsed)
+                  reader.total_bytes, reader.json_bytes_parsed, seconds)
 
 
 def _read_into_fragments(path: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,

@@ -21,7 +21,7 @@ import torch
 
 from megatron.checkpointing.manifest import STATES, validate, validate_rank_table
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader
-from megatron.core.pieces import Box, Piece, box_flat_span, box_slices, intersect, translate
+from megatron.core.pieces import Box, Piece, box_flat_span, box_runs, box_slices, intersect, translate
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron-ucp"
@@ -201,12 +201,28 @@ class CheckpointReader:
         return sum(info["size"] for info in self.manifest["files"].values())
 
     def read_local_box(self, holder: Holder, state: str, box: Box, out: np.ndarray | None = None) -> np.ndarray:
-        """A box of a saved local tensor, copied from the fragments that hold its elements into
-        ``out`` (a float32 array of the box's shape; allocated if None)."""
-        itemsize = np.dtype(np.float32).itemsize
-        strides = tuple(itemsize * math.prod(holder.local_shape[d + 1:]) for d in range(len(holder.local_shape)))
+        """A box of a saved local tensor, copied into ``out`` (a float32 array of the box's shape;
+        allocated if None) run by contiguous run: a column slice reads its rows' spans, never
+        the whole tensor."""
         out = np.empty(box[1], dtype=np.float32) if out is None else out
-        lo, hi = box_flat_span(holder.local_shape, box)
+        run, starts = box_runs(holder.local_shape, box)
+        if not starts:
+            return out
+        self._check_fragment_sizes(holder, state, *box_flat_span(holder.local_shape, box))
+        for start, index in starts:
+            self._copy_flat(holder, state, start, start + run, out[index])
+        return out
+
+    def _check_fragment_sizes(self, holder: Holder, state: str, lo: int, hi: int) -> None:
+        for f in holder.fragments:
+            if f.start < hi and f.end > lo and self.file(f.file).numel(f"{f.key}/{state}") != f.end - f.start:
+                raise CheckpointError(f"{self.path}: {f.file} holds {self.file(f.file).numel(f'{f.key}/{state}')} "
+                                      f"elements of {f.key}/{state}, the {MANIFEST} says [{f.start}, {f.end}): the "
+                                      f"manifest and the file disagree")
+
+    def _copy_flat(self, holder: Holder, state: str, lo: int, hi: int, target: np.ndarray) -> None:
+        """Copy flat elements [lo, hi) of a saved local tensor into ``target`` (any array of that
+        many elements) from the fragments that hold them, and unmap what was copied."""
         parts = [(f, max(lo, f.start), min(hi, f.end)) for f in holder.fragments]
         parts = [(f, a, b) for f, a, b in parts if a < b]
         missing = (hi - lo) - sum(b - a for _, a, b in parts)
@@ -215,20 +231,18 @@ class CheckpointReader:
                                   f"{holder.pieces[0].canonical if holder.pieces else '?'} are missing "
                                   f"({missing} not found in any rank file): a rank file is missing "
                                   f"or {MANIFEST} is inconsistent")
-        for f, _, _ in parts:
-            stored = self.file(f.file).numel(f"{f.key}/{state}")
-            if stored != f.end - f.start:
-                raise CheckpointError(f"{self.path}: {f.file} holds {stored} elements of {f.key}/{state}, the "
-                                      f"{MANIFEST} says [{f.start}, {f.end}): the manifest and the file disagree")
-        if len(parts) == 1:  # one fragment holds the box: copy straight from the mapped file
-            f = parts[0][0]
-            span = self.file(f.file).read(f"{f.key}/{state}", lo - f.start, hi - f.start)
-        else:
-            span = np.empty(hi - lo, dtype=np.float32)
-            for f, a, b in parts:
-                span[a - lo:b - lo] = self.file(f.file).read(f"{f.key}/{state}", a - f.start, b - f.start)
-        np.copyto(out, np.lib.stride_tricks.as_strided(span, shape=box[1], strides=strides, writeable=False))
-        return out
+        flat = target.reshape(-1) if len(parts) > 1 and target.flags.c_contiguous else None
+        span = np.empty(hi - lo, dtype=np.float32) if len(parts) > 1 and flat is None else flat
+        for f, a, b in parts:
+            key, file = f"{f.key}/{state}", self.file(f.file)
+            values = file.read(key, a - f.start, b - f.start)
+            if span is None:  # one fragment: straight from the mapped file
+                np.copyto(target, values.reshape(target.shape))
+            else:
+                span[a - lo:b - lo] = values
+            file.release(key, a - f.start, b - f.start)
+        if span is not None and flat is None:
+            np.copyto(target, span.reshape(target.shape))
 
     def read_region(self, name: str, box: Box, state: str) -> torch.Tensor:
         """Region ``box`` of canonical tensor ``name`` (fp32), from its owner pieces."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +57,7 @@ class SafetensorsWriter:
         self.in_block = 0
         self.size = 0
         self.next = 0
+        self.pending = 0  # bytes of the current tensor written so far
         self._write(struct.pack("<Q", len(raw)) + raw)
 
     def _write(self, data: bytes | memoryview) -> None:
@@ -71,11 +74,30 @@ class SafetensorsWriter:
                 self.block, self.in_block = hashlib.sha256(), 0
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        expected, nbytes = self.order[self.next]
-        if key != expected or tensor.numel() * 4 != nbytes or tensor.dtype != torch.float32:
-            raise ValueError(f"{self.path}: expected {expected} ({nbytes} bytes), got {key} "
-                             f"({tensor.numel() * tensor.element_size()} bytes, {tensor.dtype})")
+        """The whole of the next tensor, ``key``."""
+        self.begin(key)
+        self.write_chunk(tensor)
+        self.end()
+
+    def begin(self, key: str) -> None:
+        """Start the next tensor, ``key``; its bytes follow in ``write_chunk`` calls, in order."""
+        expected, _ = self.order[self.next] if self.next < len(self.order) else ("nothing more", 0)
+        if key != expected:
+            raise ValueError(f"{self.path}: expected {expected}, got {key}")
+        self.pending = 0
+
+    def write_chunk(self, tensor: torch.Tensor) -> None:
+        key, nbytes = self.order[self.next]
+        if tensor.dtype != torch.float32 or self.pending + tensor.numel() * 4 > nbytes:
+            raise ValueError(f"{self.path}: {key} takes {nbytes} bytes of F32, got {self.pending} bytes and then "
+                             f"{tensor.numel() * tensor.element_size()} bytes of {tensor.dtype}")
         self._write(tensor.detach().contiguous().cpu().numpy().data)
+        self.pending += tensor.numel() * 4
+
+    def end(self) -> None:
+        key, nbytes = self.order[self.next]
+        if self.pending != nbytes:
+            raise ValueError(f"{self.path}: {key} takes {nbytes} bytes, {self.pending} were written")
         self.next += 1
 
     def close(self) -> FileInfo:
@@ -158,10 +180,16 @@ class SafetensorsReader:
             raise CheckpointError(f"{path} is {size} bytes, the manifest says {info['size']}: the file is "
                                   f"{'truncated' if size < info['size'] else 'larger than written'}; re-copy it "
                                   f"or load an earlier checkpoint")
-        self.mm = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, dtype=np.uint8)
+        self._map = None
+        if size:
+            with open(path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.mm = np.frombuffer(self._map, dtype=np.uint8) if size else np.zeros(0, dtype=np.uint8)
         self.header: dict = {}
         self.data_start = 0
         self.verified: set[int] = set()
+        self._hashing: dict[int, threading.Event] = {}  # blocks being hashed by some thread now
+        self._verify_lock = threading.Lock()
         self.bytes_read = 0
         header_len = read_header_length(path, self.mm)
         self._verify(0, 8 + header_len)
@@ -169,22 +197,42 @@ class SafetensorsReader:
         self.data_start = 8 + header_len
 
     def _verify(self, lo: int, hi: int) -> None:
+        """Hash every block of [lo, hi) not yet verified, each exactly once whatever the number of
+        threads reading: a block is claimed under the lock, hashed outside it (hashlib releases the
+        GIL), and a thread that needs a block another is hashing waits for that hash."""
         blocks = self.info["block_sha256"]
         bs = self.info.get("block_size", BLOCK_SIZE)
         if len(blocks) != -(-len(self.mm) // bs):
             raise CheckpointError(f"{self.path}: the manifest lists {len(blocks)} checksum blocks of {bs} bytes "
                                   f"for a file of {len(self.mm)} bytes: the manifest is corrupted")
-        for b in range(lo // bs, (hi - 1) // bs + 1):
-            if b in self.verified:
-                continue
-            chunk = self.mm[b * bs:min((b + 1) * bs, len(self.mm))]
-            if hashlib.sha256(chunk).hexdigest() != blocks[b]:
-                names = [k for k, v in self.header.items()
-                         if self.data_start + v["data_offsets"][0] < (b + 1) * bs
-                         and self.data_start + v["data_offsets"][1] > b * bs]
-                raise CheckpointError(f"checksum mismatch in {self.path}, bytes [{b * bs}, {(b + 1) * bs}) "
-                                      f"(tensors: {', '.join(names) or 'header'}): the file is corrupted; "
-                                      f"re-copy it or load an earlier checkpoint")
+        wanted = range(lo // bs, (hi - 1) // bs + 1)
+        with self._verify_lock:
+            mine = [b for b in wanted if b not in self.verified and b not in self._hashing]
+            for b in mine:
+                self._hashing[b] = threading.Event()
+            theirs = [self._hashing[b] for b in wanted if b in self._hashing and b not in mine]
+        try:
+            for b in mine:
+                self._hash_block(b, bs, blocks[b])
+        finally:
+            with self._verify_lock:
+                for b in mine:
+                    self._hashing.pop(b).set()
+        for event in theirs:
+            event.wait()
+        if any(b not in self.verified for b in wanted):  # another thread found a block corrupted
+            self._verify(lo, hi)  # hash it here too, to raise the same error in this thread
+
+    def _hash_block(self, b: int, bs: int, expected: str) -> None:
+        chunk = self.mm[b * bs:min((b + 1) * bs, len(self.mm))]
+        if hashlib.sha256(chunk).hexdigest() != expected:
+            names = [k for k, v in self.header.items()
+                     if self.data_start + v["data_offsets"][0] < (b + 1) * bs
+                     and self.data_start + v["data_offsets"][1] > b * bs]
+            raise CheckpointError(f"checksum mismatch in {self.path}, bytes [{b * bs}, {(b + 1) * bs}) "
+                                  f"(tensors: {', '.join(names) or 'header'}): the file is corrupted; "
+                                  f"re-copy it or load an earlier checkpoint")
+        with self._verify_lock:
             self.verified.add(b)
             self.bytes_read += len(chunk)
 
@@ -211,6 +259,16 @@ class SafetensorsReader:
         if len(span) != end - start:  # parse_header makes this impossible; never hand out a short span
             raise CheckpointError(f"{self.path}: tensor {key} runs past the end of the file")
         return span
+
+    def release(self, key: str, start: int, end: int) -> None:
+        """Unmap the whole pages of elements [start, end) of ``key`` once they are copied out, so
+        that a reader streaming through a file keeps only what it still needs mapped (the page
+        cache keeps the data; a later read maps it again)."""
+        base = self.data_start + self.entry(key)["data_offsets"][0]
+        lo = -(-(base + 4 * start) // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = (base + 4 * end) // mmap.PAGESIZE * mmap.PAGESIZE
+        if self._map is not None and hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def verify_all(self) -> None:
         if len(self.mm):

@@ -6,17 +6,22 @@ A crash at any point leaves the previous checkpoint and the ``latest`` files int
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
-import torch.distributed as dist
+import torch
 from torch import nn
 
 from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
 from megatron.checkpointing.commit import commit_folder, remove_old_checkpoints, tidy_folder, write_atomic, \
     write_pointers
+from megatron.checkpointing.iolog import IoStats, describe_io, gather_to_rank0
 from megatron.checkpointing.lock import acquire_folder_lock
 from megatron.checkpointing.manifest import seal
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES, WEIGHTS_ONLY
@@ -39,14 +44,27 @@ def check_save_folder(save_dir: str) -> None:
                               f"permissions)")
 
 
-def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
-                    states: tuple[str, ...] = STATES, save_rng: bool = True) -> dict:
-    """Write this rank's fragments (the ``states`` of each) and its own table (pieces, fragments,
-    RNG) as JSON; return the rank's small manifest entry and the canonical tensors it holds
-    (for rank 0 to merge)."""
-    stem = f"rank_{topo.rank:05d}"
-    file, table_file = f"{stem}.safetensors", f"{stem}.json"
-    params, entries, canonical = {}, [], {}
+@dataclass
+class RankState:
+    """What one rank writes at a save, taken when the save starts: its fragments' tensors (views
+    of the live state for a synchronous save, host copies for an asynchronous one), its table,
+    and the canonical tensors it holds (for rank 0's manifest)."""
+
+    rank: int
+    coords: dict
+    entries: list[tuple[str, tuple[int, ...]]]
+    tensors: list[torch.Tensor]
+    params: dict
+    canonical: dict
+    rng: dict | None
+
+
+def capture_rank_state(model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
+                       states: tuple[str, ...] = STATES, save_rng: bool = True,
+                       copy: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> RankState:
+    """This rank's part of a save; ``copy`` (if given) replaces the views by copies that later
+    training steps do not change."""
+    params, entries, canonical, tensors = {}, [], {}, []
     model_params = dict(model.named_parameters())
     for f in optimizer.fragments():
         name, record, group = f.name, sharding_of(model_params[f.name]), optimizer.groups[f.group]
@@ -61,79 +79,140 @@ def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimiz
                         "group": f.group, "fragments": fragments}
         if fragments:
             entries += [(f"{name}/{s}", (f.end - f.start,)) for s in states]
-    writer = SafetensorsWriter(os.path.join(folder, file), entries, {"rank": str(topo.rank)})
-    for f in optimizer.fragments():
-        if params[f.name]["fragments"]:
             views = optimizer.fragment_state(f)
-            for s in states:
-                writer.write(f"{f.name}/{s}", views[s])
+            tensors += [views[s] for s in states]
+    return RankState(topo.rank, topo.rank_key(), entries, copy(tensors) if copy else tensors, params, canonical,
+                     rng_state() if save_rng else None)
+
+
+def write_rank_state(folder: str, rs: RankState) -> tuple[dict, int]:
+    """Write the rank's fragments and its own table (pieces, fragments, RNG) as JSON; return its
+    small manifest entry and the bytes written."""
+    stem = f"rank_{rs.rank:05d}"
+    file, table_file = f"{stem}.safetensors", f"{stem}.json"
+    writer = SafetensorsWriter(os.path.join(folder, file), rs.entries, {"rank": str(rs.rank)})
+    for (key, _), tensor in zip(rs.entries, rs.tensors):
+        writer.write(key, tensor)
     info = writer.close()
-    table = json.dumps({"rank": topo.rank, "coords": topo.rank_key(), "params": params,
-                        "rng": rng_state() if save_rng else None}, indent=1)
+    table = json.dumps({"rank": rs.rank, "coords": rs.coords, "params": rs.params, "rng": rs.rng}, indent=1)
     write_atomic(os.path.join(folder, table_file), table)
-    return {"file": file, "file_info": info.to_json(), "rank": topo.rank, "coords": topo.rank_key(),
-            "table": table_file, "table_sha256": hashlib.sha256(table.encode()).hexdigest(),
-            "canonical": canonical}
+    return ({"file": file, "file_info": info.to_json(), "rank": rs.rank, "coords": rs.coords,
+             "table": table_file, "table_sha256": hashlib.sha256(table.encode()).hexdigest(),
+             "canonical": rs.canonical}, info.size + len(table))
 
 
-def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: DistributedOptimizer,
-                    topo: Topology, save_optim: bool = True, save_rng: bool = True,
-                    keep_last_k: int | None = None) -> str:
-    """Collective: every rank calls it. Returns the committed checkpoint folder.
-    ``save_optim=False`` (``--no-save-optim``) writes the fp32 weights only. With ``keep_last_k``,
-    older native checkpoints beyond the newest k are removed after the commit. A failure on any
-    rank (disk full, ...) raises the same CheckpointError on every rank and leaves the previous
-    checkpoint and the ``latest`` files as they were."""
-    states = STATES if save_optim else WEIGHTS_ONLY
-    tag = f"global_step{state['iteration']}"
-    final = os.path.join(save_dir, tag)
-    tmp = os.path.join(save_dir, f".{tag}.tmp")
+def write_rank_file(folder: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
+                    states: tuple[str, ...] = STATES, save_rng: bool = True) -> dict:
+    """Write this rank's fragments and table now; return its manifest entry."""
+    return write_rank_state(folder, capture_rank_state(model, optimizer, topo, states, save_rng))[0]
+
+
+@dataclass
+class PendingSave:
+    """A save whose folder is prepared and whose rank state is taken, not yet committed. The
+    manifest's global parts are fixed when the save starts: training goes on meanwhile."""
+
+    save_dir: str
+    tag: str
+    state: dict
+    topology: dict
+    zero_stage: int
+    param_groups: list[dict]
+    states: tuple[str, ...]
+    keep_last_k: int | None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def final(self) -> str:
+        return os.path.join(self.save_dir, self.tag)
+
+    @property
+    def tmp(self) -> str:
+        return os.path.join(self.save_dir, f".{self.tag}.tmp")
+
+
+def begin_save(save_dir: str, state: dict, optimizer: DistributedOptimizer, topo: Topology,
+               save_optim: bool = True, keep_last_k: int | None = None) -> PendingSave:
+    """Collective: rank 0 takes the folder's lock and makes the empty temporary folder."""
+    pending = PendingSave(save_dir, f"global_step{state['iteration']}", copy.deepcopy(state), topo.describe(),
+                          optimizer.stage, optimizer.hyperparameters(), STATES if save_optim else WEIGHTS_ONLY,
+                          keep_last_k)
     error = None
     if topo.rank == 0:
         try:
             acquire_folder_lock(save_dir)  # from here on, every temporary entry in the folder is ours
             tidy_folder(save_dir)
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a save of this folder's job that crashed
-            os.makedirs(tmp)
+            shutil.rmtree(pending.tmp, ignore_errors=True)  # left by a save of this folder's job that crashed
+            os.makedirs(pending.tmp)
         except (OSError, CheckpointError) as e:
-            error = as_checkpoint_error(e, f"saving {final}")
+            error = as_checkpoint_error(e, f"saving {pending.final}")
     raise_if_any_failed(error)
-    entry = None
+    return pending
+
+
+def write_rank_part(pending: PendingSave, rs: RankState) -> tuple[dict | None, IoStats, CheckpointError | None]:
+    """This rank's files of the save (from any thread: no collectives): entry, I/O, error."""
+    start = time.perf_counter()
     try:
-        entry = write_rank_file(tmp, model, optimizer, topo, states, save_rng)
-    except (OSError, CheckpointError) as e:
-        error = as_checkpoint_error(e, f"saving {final} (rank {topo.rank})")
+        entry, nbytes = write_rank_state(pending.tmp, rs)
+    except Exception as e:  # noqa: BLE001 -- any failure of the writer is this save's error, agreed later
+        return None, IoStats(rs.rank, 0, time.perf_counter() - start), \
+            as_checkpoint_error(e, f"saving {pending.final} (rank {rs.rank})")
+    return entry, IoStats(rs.rank, nbytes, time.perf_counter() - start), None
+
+
+def finish_save(pending: PendingSave, entry: dict | None, stats: IoStats, error: CheckpointError | None,
+                topo: Topology) -> list[IoStats]:
+    """Collective: agree that every rank wrote its part, then rank 0 commits. Returns every
+    rank's I/O (on rank 0; others get their own). Raises the same error on every rank."""
     try:
         raise_if_any_failed(error)
     except CheckpointError:
         if topo.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # our own unfinished save: give the space back
+            shutil.rmtree(pending.tmp, ignore_errors=True)  # our own unfinished save: give the space back
         raise
-    entries = [None] * topo.world_size if topo.rank == 0 else None
-    if dist.is_initialized() and topo.world_size > 1:
-        dist.gather_object(entry, entries, dst=0)
-    else:
-        entries = [entry]
+    gathered = gather_to_rank0((entry, stats), topo)
     if topo.rank == 0:
         try:
-            _commit(save_dir, tmp, final, tag, state, topo, optimizer, entries, states, keep_last_k)
+            _commit(pending, [e for e, _ in gathered])
         except (OSError, CheckpointError) as e:
-            error = as_checkpoint_error(e, f"saving {final}")
-            shutil.rmtree(tmp, ignore_errors=True)  # our own unfinished save: give the space back
+            error = as_checkpoint_error(e, f"saving {pending.final}")
+            shutil.rmtree(pending.tmp, ignore_errors=True)  # our own unfinished save: give the space back
     raise_if_any_failed(error)
-    return final
+    return [s for _, s in gathered] if topo.rank == 0 else [stats]
+
+
+def save_checkpoint(save_dir: str, state: dict, model: nn.Module, optimizer: DistributedOptimizer,
+                    topo: Topology, save_optim: bool = True, save_rng: bool = True,
+                    keep_last_k: int | None = None, log: Callable[[str], None] | None = None) -> str:
+    """Collective: every rank calls it. Returns the committed checkpoint folder.
+    ``save_optim=False`` (``--no-save-optim``) writes the fp32 weights only. With ``keep_last_k``,
+    older native checkpoints beyond the newest k are removed after the commit. A failure on any
+    rank (disk full, ...) raises the same CheckpointError on every rank and leaves the previous
+    checkpoint and the ``latest`` files as they were. ``log`` (rank 0's) gets the I/O summary."""
+    pending = begin_save(save_dir, state, optimizer, topo, save_optim, keep_last_k)
+    rs = capture_rank_state(model, optimizer, topo, pending.states, save_rng)
+    stats = finish_save(pending, *write_rank_part(pending, rs), topo)
+    if log is not None:
+        log(f"committed checkpoint {pending.final}: " + describe_io("wrote", stats, time.perf_counter() - pending.started))
+    return pending.final
 
 
 def write_manifest(folder: str, entries: list[dict], state: dict, optimizer: DistributedOptimizer,
                    topo: Topology, states: tuple[str, ...] = STATES) -> None:
     """Rank 0: the global state plus one small entry per rank (its files, checksums, coordinates)."""
+    _write_manifest(folder, entries, state, topo.describe(), optimizer.stage, optimizer.hyperparameters(), states)
+
+
+def _write_manifest(folder: str, entries: list[dict], state: dict, topology: dict, zero_stage: int,
+                    param_groups: list[dict], states: tuple[str, ...]) -> None:
     canonical = {}
     for e in entries:
         canonical.update(e.pop("canonical"))
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "native", "state": state,
-        "topology": topo.describe(), "zero_stage": optimizer.stage,
-        "param_groups": optimizer.hyperparameters(), "canonical": dict(sorted(canonical.items())),
+        "topology": topology, "zero_stage": zero_stage,
+        "param_groups": param_groups, "canonical": dict(sorted(canonical.items())),
         "saved_states": list(states),
         "files": {e["file"]: e.pop("file_info") for e in entries},
         "sources": entries,
@@ -141,12 +220,10 @@ def write_manifest(folder: str, entries: list[dict], state: dict, optimizer: Dis
     write_atomic(os.path.join(folder, MANIFEST), seal(manifest))
 
 
-def _commit(save_dir: str, tmp: str, final: str, tag: str, state: dict, topo: Topology,
-            optimizer: DistributedOptimizer, entries: list[dict], states: tuple[str, ...],
-            keep_last_k: int | None) -> None:
+def _commit(p: PendingSave, entries: list[dict]) -> None:
     """Rank 0: manifest last into the temporary folder, then the folder, then the pointers."""
-    write_manifest(tmp, entries, state, optimizer, topo, states)
-    commit_folder(tmp, final)
-    write_pointers(save_dir, tag, state["iteration"])
-    if keep_last_k:
-        remove_old_checkpoints(save_dir, keep_last_k)
+    _write_manifest(p.tmp, entries, p.state, p.topology, p.zero_stage, p.param_groups, p.states)
+    commit_folder(p.tmp, p.final)
+    write_pointers(p.save_dir, p.tag, p.state["iteration"])
+    if p.keep_last_k:
+        remove_old_checkpoints(p.save_dir, p.keep_last_k)

@@ -19,7 +19,6 @@ from megatron.checkpointing.manifest import seal
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, STATES
 from megatron.checkpointing.safetensors_io import SafetensorsWriter
 from megatron.checkpointing.commit import commit_folder, write_atomic
-from megatron.checkpointing.manifest import seal
 
 FILE_BYTES = 1 << 30  # tensors are dealt to files of about this size
 

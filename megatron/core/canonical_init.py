@@ -11,7 +11,8 @@ import itertools
 
 import torch
 
-from megatron.core.pieces import Box, CanonicalSpec, PieceMap, box_slices, intersect, translate
+from megatron.core.pieces import (Box, CanonicalSpec, PieceMap, box_slices, flat_range_boxes, intersect, strided_view,
+                                  translate)
 
 TILE_1D = 1 << 16
 TILE_2D = 256
@@ -59,4 +60,19 @@ def init_local(piece_map: PieceMap, specs: dict[str, CanonicalSpec], seed: int) 
     for p in piece_map.pieces:
         values = init_region(specs[p.canonical], seed, (p.canonical_offsets, p.sizes))
         out[box_slices((p.local_offsets, p.sizes))] = values
+    return out
+
+
+def init_flat_range(piece_map: PieceMap, specs: dict[str, CanonicalSpec], seed: int, start: int,
+                    end: int) -> torch.Tensor:
+    """Flat elements ``[start, end)`` of ``init_local``'s value, generating only the tiles they
+    overlap: a ZeRO-3 rank initialises its chunk without the rest of the local tensor."""
+    out = torch.zeros(end - start)
+    for box in flat_range_boxes(piece_map.local_shape, start, end):
+        for p in piece_map.pieces:
+            overlap = intersect(box, (p.local_offsets, p.sizes))
+            if overlap is not None:
+                region = translate(overlap, p.local_offsets, p.canonical_offsets)
+                strided_view(out, piece_map.local_shape, start, overlap).copy_(
+                    init_region(specs[p.canonical], seed, region))
     return out

@@ -55,13 +55,26 @@ def reduce_scatter_flat(out: torch.Tensor, full: torch.Tensor, group) -> torch.T
     return out
 
 
-def all_gather_last_dim(t: torch.Tensor, group) -> torch.Tensor:
+def all_gather_dim(t: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
+    """Concatenate every rank's ``t`` along ``dim``, in group-rank order."""
     n = group_size(group)
     if n == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(n)]
     dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=dim)
+
+
+def reduce_scatter_dim(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Sum ``t`` over ``group`` and keep this rank's equal slice along ``dim`` (slices in
+    group-rank order; the size along ``dim`` must divide by the group size)."""
+    n = group_size(group)
+    if n == 1:
+        return t
+    full = t.movedim(dim, 0).contiguous()  # the collective cuts the leading dimension
+    out = full.new_empty((full.shape[0] // n, *full.shape[1:]))
+    dist.reduce_scatter_tensor(out, full, group=group)
+    return out.movedim(0, dim)
 
 
 def barrier() -> None:

@@ -2,10 +2,11 @@
 
 The global batch at ``consumed_samples`` is samples ``[consumed, consumed + global)``
 of the dataset whatever the layout; DP rank ``d`` takes micro-batch ``m`` as samples
-``consumed + (m * dp + d) * micro + [0, micro)``. Each token's loss is divided by the
-number of tokens in the global batch (with ``--eod-mask-loss``: of loss-bearing tokens),
-so summing gradients over micro-batches and DP ranks gives the gradient of the global mean
-on every layout.
+``consumed + (m * dp + d) * micro + [0, micro)``; its Ulysses and context-parallel ranks
+keep their tokens of those samples (``SequenceLayout``). Each token's loss is divided by the
+number of tokens in the global batch (with ``--eod-mask-loss``: of loss-bearing tokens), so
+summing gradients over micro-batches and DP ranks gives the gradient of the global mean on
+every layout.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import nn
 from megatron.core import comm
 from megatron.core.documents import DocumentLayout, DocumentMasking
 from megatron.core.parallel_state import Topology
+from megatron.core.sequence_layout import SequenceLayout
 
 
 class MicroBatch(NamedTuple):
@@ -31,26 +33,25 @@ def micro_batches(dataset, consumed: int, global_batch: int, micro: int, topo: T
                   device: torch.device, masking: DocumentMasking | None = None) -> list[MicroBatch]:
     """This DP rank's micro-batches of the global batch at ``consumed``."""
     count = global_batch // (micro * topo.dp)
+    layout = SequenceLayout.of(topo)  # Ulysses / ring ranks of a replica read the same samples, keep their tokens
     out = []
     for m in range(count):
         first = consumed + (m * topo.dp + topo.dp_rank) * micro
         samples = np.stack([dataset[(first + j) % len(dataset)] for j in range(micro)])
         t = torch.from_numpy(samples).to(device)
-        tokens = t[:, :-1].contiguous()
-        out.append(MicroBatch(tokens, t[:, 1:].contiguous(), first,
-                              masking.layout(tokens) if masking is not None else None))
+        documents = masking.layout(t[:, :-1]) if masking is not None else None  # of the whole samples
+        out.append(MicroBatch(layout.shard(t[:, :-1]), layout.shard(t[:, 1:]), first,
+                              None if documents is None else documents.sharded(layout.shard)))
     return out
 
 
 def loss_denominator(batches: list[MicroBatch], global_batch: int, seq_length: int, topo: Topology,
                      device: torch.device) -> int:
     """Tokens whose loss counts in the global batch: all of them, or with a loss mask the
-    unmasked ones summed over the data-parallel ranks (at least 1)."""
+    unmasked ones of the whole samples summed over the data-parallel ranks (at least 1)."""
     if not batches or batches[0].documents is None or batches[0].documents.loss_mask is None:
         return global_batch * seq_length
-    local = torch.zeros(1, dtype=torch.float64, device=device)
-    for b in batches:
-        local += b.documents.loss_mask.sum(dtype=torch.float64)
+    local = torch.tensor([sum(b.documents.loss_tokens for b in batches)], dtype=torch.float64, device=device)
     return max(1, int(comm.all_reduce(local, topo.dp_group).item()))
 
 

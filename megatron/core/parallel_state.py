@@ -189,7 +189,7 @@ class Topology:
                     self._groups["embedding"] = g
         if dist.get_backend() == "nccl":
             # NCCL creates communicators lazily; a first p2p batch must not be the first call on a group.
-            for name in ("pp", "embedding"):
+            for name in ("pp", "embedding", "cp"):
                 if self._groups[name] is not None:
                     dist.barrier(group=self._groups[name], device_ids=[torch.cuda.current_device()])
 

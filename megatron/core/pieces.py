@@ -7,9 +7,13 @@ This module is pure: no torch.distributed, no files.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
@@ -137,9 +141,36 @@ def box_slices(box: Box) -> tuple[slice, ...]:
     return tuple(slice(o, o + s) for o, s in zip(box[0], box[1]))
 
 
+def box_runs(shape: Sequence[int], box: Box) -> tuple[int, list[tuple[int, tuple[int, ...]]]]:
+    """A box of a row-major tensor as contiguous runs: (run length, [(flat start, index of the run
+    in the box's leading dims)]). Trailing dims the box spans whole are folded into each run, so a
+    column slice of a matrix is one run per row and a block of whole rows is a single run."""
+    shape, (offsets, sizes) = tuple(shape), box
+    if math.prod(sizes) == 0:
+        return 0, []
+    if not shape:
+        return 1, [(0, ())]
+    k = len(shape) - 1
+    while k > 0 and sizes[k] == shape[k]:
+        k -= 1
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    base = sum(o * s for o, s in zip(offsets, strides))
+    runs = [(base + sum(i * s for i, s in zip(index, strides)), index)
+            for index in itertools.product(*(range(n) for n in sizes[:k]))]
+    return sizes[k] * strides[k], runs
+
+
 def box_flat_span(shape: Sequence[int], box: Box) -> tuple[int, int]:
     """The smallest flat range [lo, hi) of a row-major tensor that contains ``box``."""
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
     lo = sum(o * s for o, s in zip(box[0], strides))
     hi = sum((o + n - 1) * s for o, n, s in zip(box[0], box[1], strides)) + 1
     return lo, hi
+
+
+def strided_view(flat: torch.Tensor, shape: tuple[int, ...], start: int, box: Box) -> torch.Tensor:
+    """The elements of ``box`` of a row-major tensor of ``shape`` whose flat elements from
+    ``start`` on are stored in ``flat``."""
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    origin = sum(o * s for o, s in zip(box[0], strides)) - start
+    return flat.as_strided(box[1], strides, flat.storage_offset() + origin)

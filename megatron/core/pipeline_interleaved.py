@@ -135,7 +135,7 @@ def forward_backward_interleaved(model: nn.Module, batches: list[MicroBatch], to
     pp, chunks = topo.pp, len(model.chunks)
     check_interleaving(len(batches), pp)
     micro, seq = batches[0].tokens.shape
-    links = RingLinks(topo, (micro, seq, model.cfg.hidden_size), next(model.parameters()).dtype, device)
+    links = RingLinks(topo, model.stage_output_shape(micro, seq), next(model.parameters()).dtype, device)
     runner = StageRunner(model, topo, batches, loss_scale, denom, local_loss)
     steps = plan(pp, chunks, len(batches), backward)
     me, before, after = topo.pp_rank, (topo.pp_rank - 1) % pp, (topo.pp_rank + 1) % pp

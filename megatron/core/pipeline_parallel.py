@@ -7,8 +7,8 @@ micro-batches ``M``: peak activation memory grows with P, not with M.
 
 Activations and their gradients move between neighbouring stages with point-to-point
 ``torch.distributed.batch_isend_irecv`` over the pipeline group (gloo or NCCL). Their
-shape, ``[micro, seq, hidden]`` in the model's dtype, is known in advance, so no shapes
-are exchanged. The sends and receives of one step are posted as one batch and then
+shape, ``[micro, seq, hidden]`` in the model's dtype (``seq / TP`` under sequence
+parallelism), is known in advance, so no shapes are exchanged. The sends and receives of one step are posted as one batch and then
 awaited, so neighbours that both send and receive in the same step cannot deadlock even
 when a send only completes once its receive has been posted.
 """
@@ -126,7 +126,7 @@ def forward_backward_pipelined(model: nn.Module, batches: list[MicroBatch], topo
         return local_loss
     dtype = next(model.parameters()).dtype
     micro, seq = batches[0][0].shape
-    links = StageLinks(topo, (micro, seq, model.cfg.hidden_size), dtype, device)
+    links = StageLinks(topo, model.stage_output_shape(micro, seq), dtype, device)
     runner = StageRunner(model, topo, batches, loss_scale, denom, local_loss)
     if not backward:
         for m in range(len(batches)):

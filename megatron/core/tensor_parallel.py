@@ -6,7 +6,10 @@ replicate, reduce and partition it. This is the one place where partition semant
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +20,32 @@ from megatron.core.canonical_init import init_local
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import CanonicalSpec, Piece, PieceMap, slice_piece, whole_piece
 from megatron.core.sharding import DENSE_REDUCE_GROUP, PartialSum, ShardingRecord
+from megatron.core.tp_sequence_parallel import SequenceParallel
+
+
+_ON_META = ContextVar("parameters_on_meta", default=False)
+
+
+@contextmanager
+def parameters_on_meta(enabled: bool = True) -> Iterator[None]:
+    """Make parameters on the meta device (shape, dtype and record, no values) while
+    ``enabled``: ZeRO-3 then initialises only the chunks a rank owns from the canonical init."""
+    token = _ON_META.set(enabled)
+    try:
+        yield
+    finally:
+        _ON_META.reset(token)
 
 
 def make_param(local_shape: tuple[int, ...], pieces: list[Piece], specs: list[CanonicalSpec],
                seed: int, replicated_over: tuple[str, ...] = ()) -> nn.Parameter:
-    """A dense parameter initialised from the canonical tensors it holds pieces of;
-    ``replicated_over`` names the model-parallel groups that hold copies of it (a norm: tp)."""
+    """A dense parameter initialised from the canonical tensors it holds pieces of (on the
+    meta device under ``parameters_on_meta``); ``replicated_over`` names the model-parallel
+    groups that hold copies of it (a norm: tp)."""
     piece_map = PieceMap(tuple(local_shape), pieces)
     by_name = {s.name: s for s in specs}
-    p = nn.Parameter(init_local(piece_map, by_name, seed))
+    value = torch.empty(piece_map.local_shape, device="meta") if _ON_META.get() else init_local(piece_map, by_name, seed)
+    p = nn.Parameter(value)
     p.sharding = ShardingRecord(piece_map, by_name, (DENSE_REDUCE_GROUP, *replicated_over))
     return p
 
@@ -63,7 +83,7 @@ class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group, ctx.n = group, x.shape[-1]
-        return comm.all_gather_last_dim(x, group)
+        return comm.all_gather_dim(x, group)
 
     @staticmethod
     def backward(ctx, g):
@@ -83,6 +103,20 @@ def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     return x if comm.group_size(group) == 1 else _GatherFromTP.apply(x, group)
 
 
+def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group,
+                           sp: SequenceParallel) -> torch.Tensor:
+    """A matmul with output features split over TP, of the whole sequence (gathered from the
+    sequence slices under SP); the input gradient is summed over TP."""
+    if sp.enabled:
+        return sp.gathered_linear(x, weight, bias)
+    return F.linear(copy_to_tp(x, group), weight, bias)
+
+
+def leave_tp(y: torch.Tensor, group, sp: SequenceParallel) -> torch.Tensor:
+    """The sum over TP of partial outputs: whole, or this rank's sequence slice under SP."""
+    return sp.reduce_scatter(y) if sp.enabled else reduce_from_tp(y, group)
+
+
 # --- linear layers -----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -98,11 +132,13 @@ class OutputSegment:
 
 
 class ColumnParallelLinear(nn.Module):
-    """Output features split over TP; several canonical outputs may be fused (QKV, gate/up)."""
+    """Output features split over TP; several canonical outputs may be fused (QKV, gate/up).
+    Under sequence parallelism the input arrives as sequence slices and is gathered first."""
 
-    def __init__(self, in_features: int, segments: list[OutputSegment], topo: Topology, seed: int) -> None:
+    def __init__(self, in_features: int, segments: list[OutputSegment], topo: Topology, seed: int,
+                 sp: SequenceParallel = SequenceParallel()) -> None:
         super().__init__()
-        self.group = topo.tp_group
+        self.group, self.sp = topo.tp_group, sp
         out = sum(s.length for s in segments)
         w_pieces, b_pieces, offset = [], [], 0
         for s in segments:
@@ -123,15 +159,17 @@ class ColumnParallelLinear(nn.Module):
             offset += s.length
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        return column_parallel_linear(x, self.weight, self.bias, self.group, self.sp)
 
 
 class RowParallelLinear(nn.Module):
-    """Input features split over TP; the partial outputs are summed over TP."""
+    """Input features split over TP; the partial outputs are summed over TP (reduce-scattered
+    along the sequence under sequence parallelism, where the bias then sees one slice)."""
 
-    def __init__(self, weight: CanonicalSpec, bias: CanonicalSpec | None, topo: Topology, seed: int) -> None:
+    def __init__(self, weight: CanonicalSpec, bias: CanonicalSpec | None, topo: Topology, seed: int,
+                 sp: SequenceParallel = SequenceParallel()) -> None:
         super().__init__()
-        self.group = topo.tp_group
+        self.group, self.sp = topo.tp_group, sp
         out_f, in_f = weight.shape
         start, length = shard_or_raise(in_f, topo, weight.name)
         self.weight = make_param((out_f, length), [slice_piece(weight, 1, start, length)], [weight], seed)
@@ -139,9 +177,10 @@ class RowParallelLinear(nn.Module):
         if bias is not None:
             self.bias = make_param((out_f,), [whole_piece(bias, owner=topo.tp_rank == 0)], [bias], seed,
                                    replicated_over=("tp",))
+            sp.mark_partial_sum(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        y = leave_tp(F.linear(x, self.weight), self.group, self.sp)
         return y if self.bias is None else y + self.bias
 
 
@@ -164,11 +203,13 @@ def vocab_piece(spec: CanonicalSpec, padded_vocab: int, topo: Topology, owner: b
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows of the (padded) vocabulary split over TP; lookups outside the shard give zero."""
+    """Rows of the (padded) vocabulary split over TP; lookups outside the shard give zero.
+    Under sequence parallelism the sum over TP is reduce-scattered into sequence slices."""
 
-    def __init__(self, spec: CanonicalSpec, padded_vocab: int, topo: Topology, seed: int, owner: bool = True) -> None:
+    def __init__(self, spec: CanonicalSpec, padded_vocab: int, topo: Topology, seed: int, owner: bool = True,
+                 sp: SequenceParallel = SequenceParallel()) -> None:
         super().__init__()
-        self.group = topo.tp_group
+        self.group, self.sp = topo.tp_group, sp
         self.start, self.per_rank, pieces = vocab_piece(spec, padded_vocab, topo, owner)
         self.weight = make_param((self.per_rank, spec.shape[1]), pieces, [spec], seed)
 
@@ -177,7 +218,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.per_rank)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp(out, self.group)
+        return leave_tp(out, self.group, self.sp)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

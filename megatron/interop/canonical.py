@@ -12,19 +12,22 @@ from megatron.checkpointing import CheckpointReader, resolve_checkpoint
 from megatron.checkpointing.reader import STATES
 from megatron.checkpointing.safetensors_io import CheckpointError
 from megatron.checkpointing.universal_writer import CanonicalEntry, write_universal
+from megatron.core.optimizer.distributed_optimizer import optimizer_group_index, zero_group_order
 from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.model.config import ModelConfig
 from megatron.model.gpt import GPTModel
 
 
 def template(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], int]]:
-    """canonical name -> (shape, optimizer group: 0 decays, 1 does not), as the model declares."""
+    """canonical name -> (shape, optimizer group: 0 decays, 1 does not; experts 2 and 3), as the
+    model declares."""
     with torch.device("meta"):
         model = GPTModel(cfg, Topology(ParallelDims(1), 0), seed=0)
+    order = zero_group_order(p.sharding for p in model.parameters())
     out = {}
     for p in model.parameters():
         for spec in p.sharding.specs.values():
-            out[spec.name] = (spec.shape, 0 if spec.weight_decay else 1)
+            out[spec.name] = (spec.shape, optimizer_group_index(p.sharding, order))
     return out
 
 
@@ -87,5 +90,6 @@ def write_imported(output_folder: str, cfg: ModelConfig, tensors: dict[str, dict
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name} ({s}) has shape {tuple(t.shape)}, the model expects {tuple(shape)}")
         entries[name] = CanonicalEntry(group, *(None if given.get(s) is None else given[s].float() for s in STATES))
-    return write_universal(output_folder, entries, state or imported_state(cfg), param_groups or [{}, {}], source,
+    groups = param_groups or [{} for _ in range(1 + max(g for _, g in expected.values()))]
+    return write_universal(output_folder, entries, state or imported_state(cfg), groups, source,
                            input_folder, overwrite)

@@ -1,6 +1,6 @@
 """Hugging Face transformers model folders <-> canonical tensors.
 
-A *family* maps one transformers architecture (GPT-2, Llama with GQA, BLOOM) to our config
+A *family* maps one transformers architecture (GPT-2, Llama with GQA, BLOOM, Mixtral) to our config
 and canonical tensors both ways. A folder is written as transformers writes one: config.json,
 safetensors shards with ``model.safetensors.index.json`` when there are several, and the
 tokenizer files when a tokenizer folder is given.
@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron.interop import hf_bloom, hf_gpt2
+from megatron.interop import hf_bloom, hf_gpt2, hf_mixtral
 from megatron.model import hf_llama
 from megatron.model.config import ModelConfig
 
@@ -49,6 +49,8 @@ FAMILIES = {
                     lambda t, cfg: hf_llama.canonical_to_hf(t), hf_llama.hf_to_canonical),
     "bloom": Family("bloom", hf_bloom.check, hf_bloom.hf_config, hf_bloom.config_from_hf, hf_bloom.to_hf,
                     hf_bloom.from_hf),
+    "mixtral": Family("mixtral", hf_mixtral.check, hf_mixtral.hf_config, hf_mixtral.config_from_hf,
+                      hf_mixtral.to_hf, hf_mixtral.from_hf),
 }
 
 

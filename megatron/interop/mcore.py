@@ -39,24 +39,29 @@ def read_common(folder: str) -> dict:
 
 
 def config_from_megatron_args(args: argparse.Namespace) -> ModelConfig:
+    """The model's shape from Megatron-LM's or Megatron-DeepSpeed's saved args (their names differ:
+    num_query_groups / num_key_value_heads, norm_epsilon / layernorm_epsilon, RMSNorm / rmsnorm)."""
     a = vars(args)
     heads = a["num_attention_heads"]
+    kv = a.get("num_query_groups") if a.get("group_query_attention") else a.get("num_key_value_heads") or heads
+    rope = a.get("position_embedding_type") == "rope" or a.get("use_rotary_position_embeddings")
     return ModelConfig(
-        num_layers=a["num_layers"], hidden_size=a["hidden_size"], num_attention_heads=heads,
-        num_key_value_heads=a.get("num_query_groups") if a.get("group_query_attention") else heads,
+        num_layers=a["num_layers"], hidden_size=a["hidden_size"], num_attention_heads=heads, num_key_value_heads=kv,
         vocab_size=a.get("vocab_size") or a["padded_vocab_size"], seq_length=a["seq_length"],
         max_position_embeddings=a.get("max_position_embeddings"), ffn_hidden_size=a.get("ffn_hidden_size"),
-        normalization="rmsnorm" if a.get("normalization") == "RMSNorm" else "layernorm", swiglu=bool(a.get("swiglu")),
-        position_embedding_type=a.get("position_embedding_type", "learned_absolute"),
+        normalization="rmsnorm" if str(a.get("normalization")).lower() == "rmsnorm" else "layernorm",
+        swiglu=bool(a.get("swiglu")), position_embedding_type="rope" if rope else "learned_absolute",
         rotary_base=float(a.get("rotary_base", 10000)), tie_embeddings=not a.get("untie_embeddings_and_output_weights"),
-        add_bias_linear=a.get("add_bias_linear", True), layernorm_epsilon=a.get("norm_epsilon", 1e-5),
+        add_bias_linear=a.get("add_bias_linear", True),
+        layernorm_epsilon=a.get("norm_epsilon", a.get("layernorm_epsilon", 1e-5)),
         init_method_std=a.get("init_method_std", 0.02), openai_gelu=bool(a.get("openai_gelu")))
 
 
-def _split_qkv(fused: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[groups x (q_per_group + 2) x head_dim, ...] -> canonical q, k, v (rows head-major)."""
-    groups, hd = cfg.num_key_value_heads, cfg.head_dim
-    per = cfg.num_attention_heads // groups
+def split_grouped_qkv(fused: torch.Tensor, cfg: ModelConfig, tp: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[groups x (q_per_group + 2) x head_dim, ...] -> canonical q, k, v (rows head-major); with
+    ``tp`` > 1, one TP rank's slice (its 1/tp of the KV groups) -> that rank's rows of each."""
+    groups, hd = cfg.num_key_value_heads // tp, cfg.head_dim
+    per = cfg.num_attention_heads // cfg.num_key_value_heads
     x = fused.reshape(groups, per + 2, hd, *fused.shape[1:])
     rest = fused.shape[1:]
     return (x[:, :per].reshape(-1, *rest), x[:, per].reshape(-1, *rest), x[:, per + 1].reshape(-1, *rest))
@@ -72,7 +77,7 @@ def _layer_tensors(get, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
             out[f"{ours}.{canonical}.{kind}"] = t if t is not None else get(f"{local_key}.{kind}")
     linear_kinds = ("weight", "bias") if cfg.add_bias_linear else ("weight",)
     for kind in linear_kinds:
-        q, k, v = _split_qkv(get(f"self_attention.linear_qkv.{kind}"), cfg)
+        q, k, v = split_grouped_qkv(get(f"self_attention.linear_qkv.{kind}"), cfg)
         out.update({f"{ours}.attention.q.{kind}": q, f"{ours}.attention.k.{kind}": k, f"{ours}.attention.v.{kind}": v})
         out[f"{ours}.attention.dense.{kind}"] = get(f"self_attention.linear_proj.{kind}")
         fc1 = get(f"mlp.linear_fc1.{kind}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from megatron.model.moe_config import MoEConfig
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -28,8 +30,13 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     make_vocab_size_divisible_by: int = 128
+    moe: MoEConfig | None = None  # Mixture-of-Experts layers, if any
 
     def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):  # from a checkpoint's JSON
+            object.__setattr__(self, "moe", MoEConfig.from_json(self.moe))
+        if self.moe is not None and any(not 0 <= i < self.num_layers for i in self.moe.layers):
+            raise ValueError(f"MoE layers {list(self.moe.layers)} outside the {self.num_layers} layers of the model")
         if self.ffn_hidden_size is None:  # Megatron's defaults; SwiGLU keeps the MLP's parameter count
             ffn = max(64, int(8 * self.hidden_size / 3 / 64) * 64) if self.swiglu else 4 * self.hidden_size
             object.__setattr__(self, "ffn_hidden_size", ffn)
@@ -105,7 +112,9 @@ class ModelConfig:
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 return f"{name}: checkpoint has {b!r}, this run has {a!r}"
-        return None
+        if self.moe is None:
+            return None if other.moe is None else "num_experts: checkpoint has experts, this run is a dense model"
+        return self.moe.first_shape_difference(other.moe)
 
 
 def require_features(need: list[tuple[bool, str]], architecture: str) -> None:

@@ -40,7 +40,8 @@ def check_llama(cfg: ModelConfig) -> None:
     """Refuse configs that LlamaForCausalLM cannot express, naming the flag to add."""
     require_features([(cfg.normalization == "rmsnorm", "--normalization rmsnorm"),
                       (cfg.position_embedding_type == "rope", "--position-embedding-type rope"),
-                      (cfg.swiglu, "--swiglu")], "LlamaForCausalLM")
+                      (cfg.swiglu, "--swiglu"), (cfg.moe is None, "no --num-experts (MoE: MixtralForCausalLM)")],
+                     "LlamaForCausalLM")
 
 
 def hf_llama_config(cfg: ModelConfig) -> dict:
@@ -148,7 +149,7 @@ def load_canonical_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
 def config_from_hf_llama(hf: dict, seq_length: int | None = None) -> ModelConfig:
     """Our model config from a LlamaForCausalLM config.json."""
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-    if hf.get("head_dim", hidden // heads) != hidden // heads:
+    if (hf.get("head_dim") or hidden // heads) != hidden // heads:  # Mixtral writes head_dim: null
         raise ValueError(f"head_dim {hf['head_dim']} is not hidden_size / num_attention_heads: not supported")
     rope = hf.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):

@@ -3,9 +3,12 @@
 Autograd keeps alive exactly the tensors that its saved-tensor hooks see packed and
 not yet released, so tracking those (deduplicated by storage, parameters excluded)
 gives the live activation bytes at every moment, and their peak, on any device. Used
-by ``benchmarks/pipeline_activation_memory.py`` and the pipeline tests.
+by ``benchmarks/pipeline_activation_memory.py``, the sequence-split memory benchmarks and the
+pipeline tests.
 """
 from __future__ import annotations
+
+import argparse
 
 import torch
 from torch import nn
@@ -78,3 +81,22 @@ def stage_activation_peak(rank: int, world: int, cfg: ModelConfig, micro: int, n
         forward_backward_pipelined(model, batches, topo, 1.0, num_micro * micro * cfg.seq_length,
                                    torch.device("cpu"), all_forward_first=all_forward_first)
     return {"stage": topo.pp_rank, "peak": meter.peak, "live_after": meter.live}
+
+
+def add_sequence_model_args(p: argparse.ArgumentParser) -> None:
+    """The model flags of the sequence-split memory benchmarks: one long sequence, a tiny model."""
+    for flag, default in (("--seq", 2048), ("--layers", 2), ("--hidden", 128), ("--heads", 8), ("--vocab", 128)):
+        p.add_argument(flag, type=int, default=default)
+
+
+def sequence_model_config(a: argparse.Namespace, **overrides) -> ModelConfig:
+    return ModelConfig(num_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads, vocab_size=a.vocab,
+                       seq_length=a.seq, make_vocab_size_divisible_by=32, **overrides)
+
+
+def peak_over_ranks(results: list[dict]) -> int:
+    """The largest of the ranks' peaks (``peak``), refusing a run whose meter saw saved tensors
+    outlive backward (``live_after``)."""
+    if any(r["live_after"] for r in results):
+        raise RuntimeError("saved activations still alive after backward: the meter missed a release")
+    return max(r["peak"] for r in results)

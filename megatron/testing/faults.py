@@ -45,7 +45,7 @@ def arm(phase: str, call: int) -> None:
         setattr(owner, name, patched)
 
     if phase == "tensor-write":
-        wrap(safetensors_io.SafetensorsWriter, "write")
+        wrap(safetensors_io.SafetensorsWriter, "write_chunk")  # whole tensors (saves) and chunks (converter)
     elif phase == "fsync":
         wrap(os, "fsync")
     elif phase == "manifest":

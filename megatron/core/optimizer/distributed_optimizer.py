@@ -5,32 +5,40 @@ ZeRO >= 1 data-parallel rank ``r`` owns chunk ``r`` of every parameter (stage 0 
 the whole parameter); the ZeRO group is the one each parameter's ``ShardingRecord`` names
 (dp-cp-sp for dense parameters). A group's *partition* concatenates the owned chunks, padded to
 the chunk size, so every rank's partition has the same size and one collective moves
-a whole group. The fp32 master weights, ``exp_avg``, ``exp_avg_sq`` and the reduced
-gradients live in partitions; the fragment table says which element is which.
+a whole group. The fp32 master weights, ``exp_avg`` and ``exp_avg_sq`` live in partitions;
+the fragment table says which element is which.
 
-Gradients: stages 0-1 accumulate into a full fp32 accumulator per parameter and
-all-reduce it in buckets after the last micro-batch (with one shard, ``main_grad`` is
-the partition itself); stages 2-3 reduce-scatter each parameter's gradient into the
-partition as soon as autograd produces it (gathered in buckets of ``bucket_numel``
-elements), so no rank keeps the full reduced gradient and no accumulator exists.
+Gradients are kept in ``grad_dtype`` (the model's dtype, as the ZeRO paper counts them, or
+fp32 with Megatron's ``--accumulate-allreduce-grads-in-fp32``). Stages 0-1 accumulate into
+one full buffer per group and all-reduce it in buckets after the last micro-batch; stages
+2-3 reduce-scatter each parameter's gradient into the partition as soon as autograd
+produces it (gathered in buckets of ``bucket_numel`` elements), so no rank keeps the full
+reduced gradient. The step works on an fp32 copy of this rank's reduced partition
+(``ParamGroup.grad``, or the buffer itself where it already is one) and drops it afterwards,
+so between steps a rank holds the ZeRO paper's model states and nothing more.
 Partial sums the records name (repeated KV rows, tied embeddings) are added in
 ``grad_sync``; the global norm counts each canonical element once, from the records' pieces.
-Stage 3 also keeps only this rank's chunk of each parameter (``p.zero3_shard``, see
-``zero3.py``); the step writes the new master values straight into those shards.
+Stage 3 also keeps the parameters only as this partition in the model dtype
+(``ParamGroup.param_shard``, gathered per unit by ``zero3.py``); the step writes the new master
+values straight into it. Its masters can be generated from the canonical init
+(``canonical_seed``), so the model can be built on the meta device.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from megatron.core import comm
+from megatron.core.canonical_init import init_flat_range
 from megatron.core.optimizer.grad_scaler import LossScaler
-from megatron.core.optimizer.grad_sync import counted_boxes, strided_view, sum_row_partials, sum_whole_partials
+from megatron.core.optimizer.grad_sync import counted_boxes, sum_row_partials, sum_whole_partials
 from megatron.core.parallel_state import Topology
-from megatron.core.sharding import sharding_of
+from megatron.core.pieces import strided_view
+from megatron.core.sharding import ShardingRecord, sharding_of
 
 STATE_NAMES = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -62,28 +70,47 @@ class Fragment:
     chunk: int
 
 
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes a group keeps: ``param`` for the model's parameters (and ZeRO-3 shards),
+    ``grad`` for gradient accumulation and reduction; master and moments are always fp32."""
+
+    param: torch.dtype = torch.float32
+    grad: torch.dtype = torch.float32
+
+
 class ParamGroup:
     """One set of hyperparameters (decay or no decay) over one ZeRO group, and its partition
-    buffers. ``counted`` lists, per fragment, the boxes this rank adds to the gradient norm."""
+    buffers. ``counted`` lists, per fragment, the boxes this rank adds to the gradient norm.
+    ``main_grad_flat`` (stages 0-1: the full local gradients) or ``grad_shard`` (stages 2-3:
+    this rank's reduced partition) accumulates in ``precision.grad``; ``param_shard`` (stage 3)
+    is the partition of the parameters in ``precision.param``; ``grad`` is the step's fp32
+    partition of reduced gradients, None between steps."""
 
     def __init__(self, index: int, hyper: dict, named: list[tuple[str, nn.Parameter]], zero_group: str,
-                 shards: int, shard_rank: int, device: torch.device, count_replicas: bool) -> None:
+                 shards: int, shard_rank: int, device: torch.device, count_replicas: bool, stage: int,
+                 precision: Precision) -> None:
         self.index, self.hyper, self.zero_group = index, hyper, zero_group
         self.shards, self.shard_rank = shards, shard_rank
         self.params = [p for _, p in named]
         self.records = [sharding_of(p) for p in self.params]
         self.fragments: list[Fragment] = []
         offset = 0
-        for name, p in named:
-            n = p.numel()
+        for (name, p), r in zip(named, self.records):  # sizes from the records: ZeRO-3 parameters are empty
+            n = math.prod(r.local_shape)
             chunk = math.ceil(n / shards)
             start, end = min(n, shard_rank * chunk), min(n, (shard_rank + 1) * chunk)
-            self.fragments.append(Fragment(name, tuple(p.shape), index, start, end, offset, chunk))
+            self.fragments.append(Fragment(name, r.local_shape, index, start, end, offset, chunk))
             offset += chunk
         self.size = offset
         self.device = device
         self.master = torch.zeros(offset, device=self.device)
-        self.grad = torch.zeros(offset, device=self.device)
+        full = stage <= 1
+        self.main_grad_flat = (torch.zeros(sum(p.numel() for p in self.params), dtype=precision.grad, device=device)
+                               if full else None)
+        self.grad_shard = None if full else torch.zeros(offset, dtype=precision.grad, device=device)
+        self.param_shard = torch.zeros(offset, dtype=precision.param, device=device) if stage == 3 else None
+        self.grad: torch.Tensor | None = None
         self.exp_avg = torch.zeros(offset, device=self.device)
         self.exp_avg_sq = torch.zeros(offset, device=self.device)
         self.counted = [counted_boxes(r, f.start, f.end) if count_replicas else []
@@ -102,19 +129,33 @@ class ParamGroup:
             yield f, p, buf[f.offset:f.offset + f.end - f.start]
 
 
+def zero_group_order(records: Iterable[ShardingRecord]) -> list[str]:
+    """The ZeRO groups of these parameters in optimizer order: the dense one first (its decay and
+    no-decay groups keep indices 0 and 1), then the others (experts) by name."""
+    return sorted({r.zero_group for r in records} | {"dp-cp-sp"}, key=lambda name: (name != "dp-cp-sp", name))
+
+
+def optimizer_group_index(record: ShardingRecord, zero_groups: list[str]) -> int:
+    """The index of the optimizer group that holds a parameter: per ZeRO group, decay then no decay."""
+    return 2 * zero_groups.index(record.zero_group) + (0 if record.weight_decay else 1)
+
+
 class DistributedOptimizer:
     """AdamW over partitions; ``stage`` is the ZeRO stage (0-3)."""
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], topo: Topology, stage: int,
-                 cfg: AdamConfig, scaler: LossScaler) -> None:
+                 cfg: AdamConfig, scaler: LossScaler, precision: Precision = Precision(),
+                 device: torch.device | None = None, canonical_seed: int | None = None) -> None:
+        """``device``: where the partitions live (default: the parameters'). ``canonical_seed``:
+        generate the masters from the canonical init with this seed instead of copying the
+        parameters' values (which may then be on the meta device)."""
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"--zero-stage must be 0, 1, 2 or 3, got {stage}")
         self.topo, self.stage, self.cfg, self.scaler = topo, stage, cfg, scaler
         adam = {"beta1": cfg.beta1, "beta2": cfg.beta2, "eps": cfg.eps}
-        zero_groups = sorted({sharding_of(p).zero_group for _, p in named_params} | {"dp-cp-sp"},
-                             key=lambda name: (name != "dp-cp-sp", name))  # dense groups keep indices 0 and 1
+        zero_groups = zero_group_order(sharding_of(p) for _, p in named_params)
         # The parameters' device (a single GPU process has no NCCL backend to tell it).
-        device = next((p.device for _, p in named_params), topo.device)
+        device = device or next((p.device for _, p in named_params), topo.device)
         self.groups = []
         for zero_group in zero_groups:
             shards = topo.group_size(zero_group) if stage >= 1 else 1
@@ -126,11 +167,17 @@ class DistributedOptimizer:
                          if sharding_of(p).zero_group == zero_group and sharding_of(p).weight_decay == decay]
                 hyper = {"weight_decay": cfg.weight_decay if decay else 0.0, **adam}
                 self.groups.append(ParamGroup(len(self.groups), hyper, named, zero_group, shards, shard_rank,
-                                              device, count))
+                                              device, count, stage, precision))
+                self.groups[-1].decay = decay  # the schedule's weight decay applies here
         self.step_count = 0
         for g in self.groups:
-            for f, p, master in g.views(g.master):
-                master.copy_(p.detach().reshape(-1)[f.start:f.end].float())
+            for (f, p, master), r in zip(g.views(g.master), g.records):
+                if canonical_seed is None:
+                    master.copy_(p.detach().reshape(-1)[f.start:f.end].float())
+                else:
+                    master.copy_(init_flat_range(r.piece_map, r.specs, canonical_seed, f.start, f.end))
+            if g.param_shard is not None:
+                g.param_shard.copy_(g.master)
         self._install_grad_hooks()
 
     # --- gradients -------------------------------------------------------------------
@@ -139,14 +186,12 @@ class DistributedOptimizer:
         # Stages 2-3: gradients waiting for one bucketed reduce-scatter, per ParamGroup.
         self._pending: dict[int, list[tuple[Fragment, torch.Tensor]]] = {g.index: [] for g in self.groups}
         self._pending_numel = dict.fromkeys(self._pending, 0)
-        self.main_grads: dict[int, torch.Tensor] = {}  # stages 0-1: id(param) -> its fp32 accumulator
+        self.main_grads: dict[int, torch.Tensor] = {}  # stages 0-1: id(param) -> its accumulator
         for g in self.groups:
-            if self.stage <= 1:
-                # One shard: the partition has the accumulators' layout, so share the buffer.
-                flat = g.grad if g.shards == 1 else torch.zeros(sum(p.numel() for p in g.params), device=g.device)
-                g.main_grad_flat, offset = flat, 0
+            if g.main_grad_flat is not None:
+                offset = 0
                 for p in g.params:
-                    self.main_grads[id(p)] = flat[offset:offset + p.numel()].view(p.shape)
+                    self.main_grads[id(p)] = g.main_grad_flat[offset:offset + p.numel()].view(p.shape)
                     offset += p.numel()
             for f, p, r in zip(g.fragments, g.params, g.records):
                 p.register_post_accumulate_grad_hook(self._make_hook(g, f, r))
@@ -156,7 +201,7 @@ class DistributedOptimizer:
             if self.stage <= 1:
                 self.main_grads[id(p)].add_(p.grad)
             else:
-                grad = p.grad.float()
+                grad = p.grad.to(g.grad_shard.dtype)
                 sum_row_partials(record, grad, self.topo)  # needs the full local rows: before the scatter
                 self._pending[g.index].append((f, grad))
                 self._pending_numel[g.index] += grad.numel()
@@ -172,40 +217,44 @@ class DistributedOptimizer:
         pending = self._pending[g.index]
         if not pending:
             return
-        width = sum(f.chunk for f, _ in pending)
-        send, column = torch.empty(g.shards, width, device=g.device), 0
+        width, dtype = sum(f.chunk for f, _ in pending), g.grad_shard.dtype
+        send, column = torch.empty(g.shards, width, dtype=dtype, device=g.device), 0
         for f, grad in pending:  # column block of each gradient: its chunk r in row r
             padded = torch.nn.functional.pad(grad.reshape(-1), (0, f.chunk * g.shards - grad.numel()))
             send[:, column:column + f.chunk] = padded.view(g.shards, f.chunk)
             column += f.chunk
-        mine = torch.empty(width, device=g.device)
+        mine = torch.empty(width, dtype=dtype, device=g.device)
         comm.reduce_scatter_flat(mine, send.view(-1), self.topo.group(g.zero_group))
         column = 0
         for f, _ in pending:
-            g.grad[f.offset:f.offset + f.end - f.start] += mine[column:column + f.end - f.start]
+            g.grad_shard[f.offset:f.offset + f.end - f.start] += mine[column:column + f.end - f.start]
             column += f.chunk
         self._pending[g.index], self._pending_numel[g.index] = [], 0
 
     def zero_grad(self) -> None:
         for g in self.groups:
-            g.grad.zero_()
-            if self.stage <= 1:
-                g.main_grad_flat.zero_()
+            (g.main_grad_flat if g.main_grad_flat is not None else g.grad_shard).zero_()
 
     def _finish_gradient_reduction(self) -> None:
         """After the last micro-batch: sum partial rows, reduce over the ZeRO group, keep this
-        rank's chunks, then sum whole-tensor partials (tied embeddings) on those chunks."""
+        rank's chunks as the step's fp32 ``g.grad``, then sum whole-tensor partials (tied
+        embeddings) on those chunks."""
         for g in self.groups:
             self._reduce_scatter_pending(g)
-            if self.stage <= 1:
+            flat = g.main_grad_flat
+            if flat is not None:
                 for p, r in zip(g.params, g.records):
                     sum_row_partials(r, self.main_grads[id(p)], self.topo)
-                flat = g.main_grad_flat
                 for s in range(0, flat.numel(), self.cfg.bucket_numel):
                     comm.all_reduce(flat[s:s + self.cfg.bucket_numel], self.topo.group(g.zero_group))
-                if flat is not g.grad:
+                if g.shards == 1 and flat.dtype == torch.float32:  # already the partition's layout
+                    g.grad = flat
+                else:
+                    g.grad = torch.zeros(g.size, device=g.device)
                     for f, p, grad in g.views(g.grad):
                         grad.copy_(self.main_grads[id(p)].reshape(-1)[f.start:f.end])
+            else:
+                g.grad = g.grad_shard.float()  # the buffer itself when it is fp32
             # After the DP sum: the tied copies sit at different bucket offsets on the first and
             # last stage, so their DP sums may round differently; adding the two DP-reduced
             # values afterwards gives both stages the same bits.
@@ -218,6 +267,13 @@ class DistributedOptimizer:
         """Reduce gradients, unscale, check for overflow, clip, update, refresh the model.
         Returns (whether the update was applied, the global gradient norm)."""
         self._finish_gradient_reduction()
+        try:
+            return self._step(lr)
+        finally:
+            for g in self.groups:
+                g.grad = None  # the fp32 copy lives only during the step
+
+    def _step(self, lr: float) -> tuple[bool, float]:
         inv_scale = 1.0 / self.scaler.scale
         stats = torch.zeros(2, dtype=torch.float64, device=self.groups[0].device)
         for g in self.groups:
@@ -265,13 +321,7 @@ class DistributedOptimizer:
         (under ZeRO-3 into this rank's parameter shards: nothing is gathered)."""
         if self.stage == 3:
             for g in self.groups:
-                for f, p, master in g.views(g.master):
-                    shard = getattr(p, "zero3_shard", None)
-                    if shard is None or shard.numel() != f.chunk:
-                        raise RuntimeError(f"--zero-stage 3: parameter {f.name} is not partitioned; call "
-                                           f"megatron.core.optimizer.zero3.partition_parameters(model, topo, "
-                                           f"optimizer.fragments()) after casting the model to its dtype")
-                    shard[:master.numel()].copy_(master)
+                g.param_shard.copy_(g.master)
             return
         for g in self.groups:
             if g.shards == 1:
@@ -290,6 +340,15 @@ class DistributedOptimizer:
 
     def fragments(self) -> list[Fragment]:
         return [f for g in self.groups for f in g.fragments]
+
+    def param_shard(self, f: Fragment) -> torch.Tensor:
+        """ZeRO-3: this rank's chunk of fragment ``f``'s parameter in the model dtype (zero padded
+        to ``f.chunk``), a view of the group's ``param_shard``."""
+        shard = self.groups[f.group].param_shard
+        if shard is None:
+            raise RuntimeError(f"parameter {f.name}: only --zero-stage 3 keeps parameter shards (this is stage "
+                               f"{self.stage})")
+        return shard[f.offset:f.offset + f.chunk]
 
     def fragment_state(self, f: Fragment) -> dict[str, torch.Tensor]:
         """Views of one fragment's fp32 master, exp_avg and exp_avg_sq."""

@@ -1,8 +1,9 @@
 """Bytes of training state a rank holds between steps, by kind: what ZeRO partitions.
 
 Counted from the tensors that stay alive: model parameters (or their ZeRO-3 shards),
-gradient buffers (the fp32 accumulators of stages 0-1, the reduced gradient partitions, any ``.grad``),
-and the optimizer's fp32 master weights and Adam moments. Views of one storage are
+gradient buffers (the full accumulators of stages 0-1, the reduced gradient partitions of
+stages 2-3, any ``.grad`` or step copy left), and the optimizer's fp32 master weights and
+Adam moments. Views of one storage are
 counted once, so a buffer shared by two roles is not double counted.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
 @dataclass(frozen=True)
 class Footprint:
     params: int  # model-dtype parameters, or this rank's ZeRO-3 shards of them
-    grads: int  # fp32 gradient accumulation and reduced-gradient partitions
+    grads: int  # gradient accumulation and reduced-gradient partitions
     optimizer: int  # fp32 master weights, exp_avg, exp_avg_sq
 
     def to_json(self) -> dict:
@@ -44,9 +45,9 @@ def resident_bytes(model: nn.Module, optimizer: DistributedOptimizer) -> Footpri
     """What this rank holds now; call it between steps."""
     seen: set[int] = set()
     params = list(model.parameters())
-    param_bytes = _storage_bytes([t for p in params for t in (p.data, getattr(p, "zero3_shard", None))], seen)
+    param_bytes = _storage_bytes([p.data for p in params] + [g.param_shard for g in optimizer.groups], seen)
     grad_tensors = [p.grad for p in params] + list(optimizer.main_grads.values())
-    grad_tensors += [t for g in optimizer.groups for t in (getattr(g, "main_grad_flat", None), g.grad)]
+    grad_tensors += [t for g in optimizer.groups for t in (g.main_grad_flat, g.grad_shard, g.grad)]
     grad_bytes = _storage_bytes(grad_tensors, seen)
     state_bytes = _storage_bytes([t for g in optimizer.groups for t in (g.master, g.exp_avg, g.exp_avg_sq)], seen)
     return Footprint(param_bytes, grad_bytes, state_bytes)

@@ -5,8 +5,6 @@ new case here.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from megatron.core import comm
@@ -51,11 +49,3 @@ def counted_boxes(record: ShardingRecord, start: int, end: int) -> list[Box]:
                 if overlap is not None:
                     out.append(overlap)
     return out
-
-
-def strided_view(flat: torch.Tensor, shape: tuple[int, ...], start: int, box: Box) -> torch.Tensor:
-    """The elements of ``box`` of a row-major tensor of ``shape`` whose flat elements from
-    ``start`` on are stored in ``flat``."""
-    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-    origin = sum(o * s for o, s in zip(box[0], strides)) - start
-    return flat.as_strided(box[1], strides, flat.storage_offset() + origin)

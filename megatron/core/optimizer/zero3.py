@@ -1,8 +1,9 @@
 """ZeRO stage 3: parameters live as 1/DP shards and are gathered one unit at a time.
 
 Each local parameter keeps only its chunk of the flattened, padded value (the chunk its
-optimizer fragment covers, in the model dtype) as ``p.zero3_shard``; ``p.data`` is empty
-between uses. A *unit* -- a step of the model's forward that names the parameters it
+optimizer fragment covers, in the model dtype): a view of the optimizer's
+``ParamGroup.param_shard``, which the step updates in place; ``p.data`` is empty between
+uses (and the model may have been built on the meta device: nothing reads its values). A *unit* -- a step of the model's forward that names the parameters it
 reads (``GPTModel.units``: the embedding, each transformer layer, the final norm and
 output layer) -- all-gathers its parameters over the DP group just before it runs and
 frees them afterwards. Its forward runs without autograd; its backward re-gathers,
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from megatron.core import comm
-from megatron.core.optimizer.distributed_optimizer import Fragment
+from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import Topology
 from megatron.core.sharding import sharding_of
 
@@ -31,22 +32,22 @@ from megatron.core.sharding import sharding_of
 class Unit:
     """The parameters one step of the forward reads; gathers and frees them together."""
 
-    def __init__(self, name: str, params: list[nn.Parameter], topo: Topology) -> None:
+    def __init__(self, name: str, params: list[nn.Parameter], shards: list[torch.Tensor], topo: Topology) -> None:
         zero_groups = {sharding_of(p).zero_group for p in params} or {"dp-cp-sp"}
         if len(zero_groups) > 1:
             raise ValueError(f"ZeRO-3 unit {name} mixes parameters partitioned over {sorted(zero_groups)}; "
                              f"split it so each unit gathers over one group")
         zero_group = zero_groups.pop()
-        self.name, self.params = name, params
+        self.name, self.params, self.shards = name, params, shards
         self.group, self.dp = topo.group(zero_group), topo.group_size(zero_group)
-        dtypes = {p.zero3_shard.dtype for p in params}
+        dtypes = {shard.dtype for shard in shards}
         if len(dtypes) > 1:
             raise ValueError(f"ZeRO-3 unit {name} mixes parameter dtypes {sorted(map(str, dtypes))}; "
                              f"cast the whole model to one dtype before partitioning")
         self.offsets, offset = [], 0
-        for p in params:
+        for shard in shards:
             self.offsets.append(offset)
-            offset += p.zero3_shard.numel()
+            offset += shard.numel()
         self.shard_numel = offset
         # A leaf that needs a gradient, so autograd calls the backward even when no input does.
         self.anchor = torch.empty(0, requires_grad=True)
@@ -55,18 +56,18 @@ class Unit:
         """One all-gather of the unit's concatenated shards; then every parameter is whole."""
         if not self.params:
             return
-        send = torch.cat([p.zero3_shard for p in self.params])
+        send = torch.cat(self.shards)
         table = torch.empty(self.dp * self.shard_numel, dtype=send.dtype, device=send.device)
         comm.all_gather_flat(table, send, self.group)
         table = table.view(self.dp, self.shard_numel)
-        for p, offset in zip(self.params, self.offsets):
-            chunk = p.zero3_shard.numel()
+        for p, shard, offset in zip(self.params, self.shards, self.offsets):
+            chunk = shard.numel()
             shape = sharding_of(p).local_shape
             p.data = table[:, offset:offset + chunk].reshape(-1)[:math.prod(shape)].view(shape)
 
     def release(self) -> None:
-        for p in self.params:
-            p.data = p.zero3_shard.new_empty(0)
+        for p, shard in zip(self.params, self.shards):
+            p.data = shard.new_empty(0)
 
     @contextmanager
     def gathered(self) -> Iterator[None]:
@@ -132,34 +133,43 @@ def _wrap(unit: Unit, fn: Callable) -> Callable:
     return call
 
 
-def _shard(p: nn.Parameter, f: Fragment, dp: int) -> None:
-    """Keep this rank's chunk of ``p`` (zero padded to the fragment's chunk size); free the rest."""
-    if f.chunk * dp < p.numel():
-        raise ValueError(f"ZeRO-3: fragment of {f.name} has chunk {f.chunk}, too small for {p.numel()} elements "
-                         f"over {dp} data-parallel ranks")
-    shard = p.detach().new_zeros(f.chunk)
-    shard[:f.end - f.start] = p.detach().reshape(-1)[f.start:f.end]
-    p.zero3_shard = shard
-    p.data = shard.new_empty(0)
+def placeholder_parameters(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Replace every meta-device parameter of ``model`` by an empty one of ``dtype`` on ``device``
+    that keeps its ``ShardingRecord`` (a tied parameter stays one object), so units can point
+    it at gathered values. Call it before the optimizer sees the parameters."""
+    replaced: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in replaced:
+                q = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=p.requires_grad)
+                q.sharding = sharding_of(p)
+                replaced[id(p)] = q
+            module._parameters[name] = replaced[id(p)]
 
 
-def partition_parameters(model: nn.Module, topo: Topology, fragments: list[Fragment]) -> list[Unit]:
-    """Shard every parameter of ``model`` over DP as the optimizer's ``fragments`` cut it, and
+def partition_parameters(model: nn.Module, topo: Topology, optimizer: DistributedOptimizer) -> list[Unit]:
+    """Free every parameter of ``model`` (its values live in ``optimizer``'s ZeRO-3 shards) and
     make each of ``model.units()`` gather its parameters around its call. Call it once, after
-    the model is cast to its training dtype and the optimizer has copied the fp32 values."""
+    the model is cast to its training dtype (the shards' dtype)."""
     named = dict(model.named_parameters())
-    by_id = {id(named[f.name]): f for f in fragments}
+    by_id = {id(named[f.name]): f for f in optimizer.fragments()}
     if len(by_id) != len(named):
         missing = sorted(n for n, p in named.items() if id(p) not in by_id)
         raise ValueError(f"ZeRO-3: parameters without an optimizer fragment: {missing}")
     names = {id(p): n for n, p in named.items()}
     units, covered = [], set()
     for index, (owner, method, params) in enumerate(model.units()):
-        for p in params:
+        shards = [optimizer.param_shard(by_id[id(p)]) for p in params]
+        for p, shard in zip(params, shards):
+            if p.dtype != shard.dtype:
+                raise ValueError(f"ZeRO-3: parameter {names[id(p)]} is {p.dtype}, its shard {shard.dtype}; give the "
+                                 f"optimizer the model's dtype (Precision.param) and cast the model before partitioning")
             if id(p) not in covered:
-                _shard(p, by_id[id(p)], topo.group_size(sharding_of(p).zero_group))
+                p.data = shard.new_empty(0)
                 covered.add(id(p))
-        unit = Unit(f"{index} ({type(owner).__name__}.{method})", params, topo)
+        unit = Unit(f"{index} ({type(owner).__name__}.{method})", params, shards, topo)
         setattr(owner, method, _wrap(unit, getattr(owner, method)))
         units.append(unit)
     unused = sorted(names[i] for i in by_id if i not in covered)

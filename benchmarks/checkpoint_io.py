@@ -1,0 +1,210 @@
+"""Checkpoint I/O side by side: the copy limit, the converter, loads on other layouts, saves.
+
+    python benchmarks/checkpoint_io.py [--params 20M] [--workdir /tmp/ckpt_io_bench] [--workers 1,2,4]
+    python benchmarks/checkpoint_io.py --params 250M        # the issue's size (fp32 master + Adam)
+
+1. trains one step of a GPT of about --params parameters and saves it at TP2 DP2 ZeRO-1
+   (4 ranks) and at TP1 DP2 ZeRO-1 (2 ranks);
+2. times `cat` of the TP2 DP2 checkpoint's files and `cp -r` + sync of its folder (the limit);
+3. converts it to universal with 1, 2, 4 workers (streaming, peak RSS of the converter
+   process); DeepSpeed's ds_to_universal only where deepspeed is installed;
+4. loads TP2 DP2 -> TP2 DP2 (same layout), -> TP1 DP4, TP1 DP2 -> TP1 DP2 (same),
+   -> TP4, -> DP1, -> ZeRO-3 DP2, and reports seconds, bytes read per rank against the
+   bytes the rank needs, and peak RSS;
+5. times a synchronous save and an --async-save of the TP2 DP2 state: blocking and total.
+
+Before every timed read the checkpoint files' pages are dropped from the page cache with
+posix_fadvise(DONTNEED) (only those files: the machine is shared, so the global cache is
+left alone). Peak RSS of a rank includes torch and the model (the same in every row).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.testing.distributed import run_distributed  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIB = float(1 << 20)
+
+
+def model_args(params: float) -> list[str]:
+    """A GPT shape of about ``params`` parameters (tied embeddings): 12 L h^2 + V h."""
+    layers, vocab = (4, 8192) if params < 100e6 else (12, 50257)
+    hidden = (-vocab + math.sqrt(vocab ** 2 + 48 * layers * params)) / (24 * layers)
+    hidden = max(256, int(round(hidden / 256)) * 256)  # heads of 64: a multiple of 4, for the TP4 load
+    return (f"--num-layers {layers} --hidden-size {hidden} --num-attention-heads {hidden // 64} --seq-length 32 "
+            f"--micro-batch-size 1 --global-batch-size 4 --mock-data --vocab-size {vocab} --hidden-dropout 0 "
+            f"--attention-dropout 0 --log-interval 1 --zero-stage 1").split()
+
+
+def parse_params(text: str) -> float:
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(text[-1].upper(), 1)
+    return float(text[:-1] if scale != 1 else text) * scale
+
+
+def drop_cache(folder: str) -> None:
+    """Evict the folder's files from the page cache (they are clean after the save's fsync)."""
+    for path in glob.glob(os.path.join(folder, "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(p) for p in glob.glob(os.path.join(folder, "*")) if os.path.isfile(p))
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _train_and_save(rank: int, world: int, argv: list[str]) -> None:
+    from megatron.training import pretrain
+    pretrain(argv)
+
+
+def _load(rank: int, world: int, argv: list[str]) -> dict:
+    """Build the target layout, which loads the checkpoint: seconds, bytes read and needed."""
+    from megatron.checkpointing.reader import STATES
+    from megatron.training import build_trainer
+
+    trainer = build_trainer(argv)
+    needed = sum(f.end - f.start for f in trainer.optimizer.fragments()) * len(STATES) * 4
+    return {"seconds": trainer.loaded.seconds, "read": trainer.loaded.bytes_read, "needed": needed,
+            "rss": _peak_rss_mib()}
+
+
+def _save(rank: int, world: int, argv: list[str]) -> dict:
+    """A synchronous save, then an asynchronous one of the same state: blocking and total seconds."""
+    import torch.distributed as dist
+
+    from megatron.checkpointing import AsyncSaver
+    from megatron.training import build_trainer
+
+    trainer = build_trainer(argv)
+    out = {}
+    dist.barrier()
+    start = time.perf_counter()
+    trainer.save()
+    dist.barrier()
+    out["sync"] = time.perf_counter() - start
+    out["sync_rss"] = _peak_rss_mib()
+    trainer.state.iteration = 1
+    trainer.async_saver = AsyncSaver(trainer.topo, trainer.device, trainer.log)
+    dist.barrier()
+    start = time.perf_counter()
+    out["async_blocked"] = trainer.async_saver.save(trainer.args.save, trainer._global_state(), trainer.model,
+                                                    trainer.optimizer)
+    trainer.async_saver.close()
+    dist.barrier()
+    out["async_total"] = time.perf_counter() - start
+    out["async_rss"] = _peak_rss_mib()
+    return out
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Seconds and peak RSS (MiB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="20M", help="model size, e.g. 20M (default, ~2 min here) or 250M")
+    p.add_argument("--workdir", default="/tmp/ckpt_io_bench")
+    p.add_argument("--workers", default="1,2,4", help="converter worker counts to time")
+    a = p.parse_args()
+    model = model_args(parse_params(a.params))
+    shutil.rmtree(a.workdir, ignore_errors=True)
+    tp2dp2, tp1dp2 = os.path.join(a.workdir, "tp2dp2"), os.path.join(a.workdir, "tp1dp2")
+    one_step = ["--train-iters", "1"]
+    run_distributed(_train_and_save, 4, model + one_step + ["--tensor-model-parallel-size", "2", "--save", tp2dp2],
+                    timeout=3600)
+    run_distributed(_train_and_save, 2, model + one_step + ["--save", tp1dp2], timeout=3600)
+    native = os.path.join(tp2dp2, "global_step1")
+    size = folder_bytes(native)
+    rows: list[tuple[str, str, str, str]] = []  # operation, seconds, ratio to cp, memory / bytes
+
+    drop_cache(native)
+    cat_s, cat_rss = timed(["cat", *sorted(glob.glob(os.path.join(native, "*")))])
+    drop_cache(native)
+    start = time.perf_counter()
+    subprocess.run(["cp", "-r", native, native + "_copy"], check=True)
+    subprocess.run(["sync"], check=True)
+    cp_s = time.perf_counter() - start
+    shutil.rmtree(native + "_copy")
+    rows.append(("cat TP2 DP2 files > /dev/null", f"{cat_s:.2f}", f"{cat_s / cp_s:.2f}", f"RSS {cat_rss:.0f} MiB"))
+    rows.append(("cp -r + sync", f"{cp_s:.2f}", "1.00", ""))
+    for workers in [int(w) for w in a.workers.split(",")]:
+        output = native + f"_universal_w{workers}"
+        drop_cache(native)
+        seconds, rss = timed([sys.executable, os.path.join(REPO, "tools", "convert_to_universal.py"),
+                              "--input_folder", native, "--output_folder", output, "--num_workers", str(workers),
+                              "--no-progress"])
+        subprocess.run(["sync"], check=True)
+        rows.append((f"convert_to_universal, {workers} workers", f"{seconds:.2f}", f"{seconds / cp_s:.2f}",
+                     f"peak RSS {rss:.0f} MiB"))
+        if workers != 1:
+            shutil.rmtree(output)
+    if importlib.util.find_spec("deepspeed") is None:
+        rows.append(("ds_to_universal (DeepSpeed)", "-", "-", "deepspeed is not installed: not run"))
+
+    loads = [("TP2 DP2 -> TP2 DP2 (same layout)", tp2dp2, 4, ["--tensor-model-parallel-size", "2"]),
+             ("TP2 DP2 -> TP1 DP4", tp2dp2, 4, ["--tensor-model-parallel-size", "1"]),
+             ("TP1 DP2 -> TP1 DP2 (same layout)", tp1dp2, 2, []),
+             ("TP1 DP2 -> TP4", tp1dp2, 4, ["--tensor-model-parallel-size", "4"]),
+             ("TP1 DP2 -> DP1", tp1dp2, 1, []),
+             ("TP1 DP2 ZeRO-1 -> ZeRO-3 DP2", tp1dp2, 2, ["--zero-stage", "3"])]
+    same = {}
+    for name, folder, world, flags in loads:
+        drop_cache(os.path.join(folder, "global_step1"))
+        stats = run_distributed(_load, world, model + flags + one_step + ["--load", folder], timeout=3600)
+        seconds = max(s["seconds"] for s in stats)
+        source = folder
+        same.setdefault(source, seconds)
+        ratios = [s["read"] / s["needed"] for s in stats]
+        rows.append((f"load {name}", f"{seconds:.2f}", f"{seconds / same[source]:.2f} x same layout",
+                     f"read {sum(s['read'] for s in stats) / MIB:.0f} MiB for {sum(s['needed'] for s in stats) / MIB:.0f}"
+                     f" MiB needed ({sum(s['read'] for s in stats) / sum(s['needed'] for s in stats):.2f}x); per rank "
+                     f"{', '.join(f'{r:.2f}x' for r in ratios)}; RSS {max(s['rss'] for s in stats):.0f} MiB"))
+
+    save_dir = os.path.join(a.workdir, "saves")
+    saves = run_distributed(_save, 4, model + ["--tensor-model-parallel-size", "2", "--train-iters", "1",
+                                               "--save", save_dir], timeout=3600)
+    sync_s = max(s["sync"] for s in saves)
+    blocked = max(s["async_blocked"] for s in saves)
+    total = max(s["async_total"] for s in saves)
+    rows.append(("save TP2 DP2, synchronous (blocks)", f"{sync_s:.2f}", "", f"RSS {max(s['sync_rss'] for s in saves):.0f} MiB"))
+    rows.append(("save TP2 DP2, --async-save: blocks", f"{blocked:.3f}", f"{blocked / sync_s:.3f} x sync", ""))
+    rows.append(("save TP2 DP2, --async-save: until committed", f"{total:.2f}", f"{total / sync_s:.2f} x sync",
+                 f"RSS {max(s['async_rss'] for s in saves):.0f} MiB (host copy of the state)"))
+
+    print(f"\n{a.params} parameters ({' '.join(model[:6])}), fp32 master + Adam; TP2 DP2 ZeRO-1 checkpoint "
+          f"{size / MIB:.0f} MiB; cache of the checkpoint's files dropped before each read\n")
+    print("| operation | seconds | ratio | memory / bytes |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

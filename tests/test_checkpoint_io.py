@@ -1,0 +1,100 @@
+"""Checkpoint I/O: strided reads of column slices, each checksum block hashed once whatever
+the threads, and the streaming converter (chunks smaller than a tensor, same bytes out)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from megatron.checkpointing import CheckpointReader, convert_to_universal, safetensors_io
+from megatron.checkpointing.reader import STATES
+from megatron.checkpointing.safetensors_io import BLOCK_SIZE, SafetensorsReader, SafetensorsWriter
+from megatron.checkpointing.universal_writer import CanonicalEntry, write_universal
+from megatron.testing.training import TINY_GPT, train_losses
+
+ROW = 8 * BLOCK_SIZE // 4  # elements of one row: 8 checksum blocks
+
+
+def test_column_slice_is_read_as_strided_runs(tmp_path) -> None:
+    weight = torch.arange(4 * ROW, dtype=torch.float32).reshape(4, ROW)
+    folder = str(tmp_path / "U")
+    write_universal(folder, {"w": CanonicalEntry(0, weight)}, {"iteration": 0}, [{}], {}, str(tmp_path / "in"))
+    reader = CheckpointReader(folder)
+    width = ROW // 8  # a TP8 rank's column slice: one checksum block's worth of each row
+    part = reader.read_region("w", ((0, 3 * width), (4, width)), "fp32")
+    assert torch.equal(part, weight[:, 3 * width:4 * width])
+    # The header's block, then at most the two checksum blocks each row's run touches: not the
+    # whole tensor, nor the span from the first row's run to the last (3/8 of the tensor and more).
+    assert 0 < reader.bytes_read <= (1 + 4 * 2) * BLOCK_SIZE < weight.numel() * 4 // 3
+
+
+def test_each_block_is_hashed_once_by_concurrent_readers(tmp_path, monkeypatch) -> None:
+    path = str(tmp_path / "f.safetensors")
+    values = torch.randn(6 * BLOCK_SIZE // 4)
+    writer = SafetensorsWriter(path, [("x", tuple(values.shape))])
+    writer.write("x", values)
+    info = writer.close().to_json()
+    hashed: list[int] = []
+    sha256 = hashlib.sha256
+
+    class SlowSha256:  # long enough that every thread asks for every block while it is hashed
+        def __init__(self, data):
+            hashed.append(len(data))
+            time.sleep(0.02)
+            self.h = sha256(data)
+
+        def hexdigest(self) -> str:
+            return self.h.hexdigest()
+
+    reader = SafetensorsReader(path, info)
+    monkeypatch.setattr(safetensors_io.hashlib, "sha256", SlowSha256)
+    results = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, np.array(reader.read("x", 0, len(values)))))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(r, values.numpy()) for r in results)
+    assert len(hashed) == len(info["block_sha256"]) - 1  # each data block once (the header's was done)
+    assert reader.bytes_read == info["size"]
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory) -> str:
+    """TP2 ZeRO-1 on two ranks, hidden 64, a 32000-word vocabulary: the embedding (8 MiB per
+    state) is far larger than the chunks below and than the converter's other data (tables, RNG)."""
+    folder = str(tmp_path_factory.mktemp("W") / "W")
+    argv = [{"97": "32000", "32": "64"}.get(a, a) for a in TINY_GPT]
+    train_losses(2, argv + ["--tensor-model-parallel-size", "2", "--train-iters", "1", "--save", folder])
+    return os.path.join(folder, "global_step1")
+
+
+def _files(folder: str) -> dict[str, bytes]:
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+
+
+def test_streaming_converter_writes_the_whole_tensor_bytes_in_bounded_memory(wide_checkpoint, tmp_path) -> None:
+    whole = convert_to_universal(wide_checkpoint, str(tmp_path / "whole"), num_workers=2, progress=False,
+                                 chunk_bytes=1 << 40)  # one chunk per tensor: whole tensors at once
+    tracemalloc.start()
+    chunked = convert_to_universal(wide_checkpoint, str(tmp_path / "chunked"), num_workers=2, progress=False,
+                                   chunk_bytes=64 << 10)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert _files(whole.output) == _files(chunked.output)  # bit for bit, manifest included
+    source, out = CheckpointReader(wide_checkpoint), CheckpointReader(chunked.output)
+    largest = max(source.canonical.values(), key=lambda s: np.prod(s))
+    assert np.prod(largest) * 4 >= 64 * (64 << 10)  # the largest tensor is 64 chunks or more
+    for name, shape in source.canonical.items():
+        for s in STATES:
+            box = ((0,) * len(shape), shape)
+            assert torch.equal(out.read_region(name, box, s), source.read_region(name, box, s)), (name, s)
+    assert peak < np.prod(largest) * 4 // 2, f"peak traced memory {peak} bytes"
+    assert chunked.bytes_read <= source.total_bytes  # each input block verified once
