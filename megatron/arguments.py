@@ -271,6 +271,10 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context-parallel-size", type=int, default=1,
                    help="ring attention (Megatron-Core's context parallelism): split each sample's sequence "
                         "over this many ranks in 2x as many chunks, K/V passed around a ring")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved pipeline: each stage holds num-layers / (PP x this) model chunks of this "
+                        "many layers and runs Megatron's interleaved 1F1B schedule; needs PP >= 2 (Megatron: "
+                        "> 2) and micro-batches per step divisible by PP")
     g.add_argument("--no-pipeline-parallel", action="store_true",
                    help="Megatron-DeepSpeed's non-pipelined model; the same model here, so it needs "
                         "--pipeline-model-parallel-size 1")
@@ -357,6 +361,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=2,
                    help="> 0: the next global batch is read in a background thread while the current one "
                         "trains (the batches do not change); 0: read in the training thread")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="positions restart at 0 after every end-of-document token of a sample")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="a token attends only to earlier tokens of its own document within a sample")
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="leave out of the loss the positions whose input is an end-of-document token "
+                        "(the loss is the mean over the other tokens of the global batch); "
+                        "with --mock-data the end-of-document id is --vocab-size - 1")
     g.add_argument("--data-impl", choices=["mmap", "infer"], default="infer",
                    help="no-op: the memory-mapped .bin/.idx format is the only one (as upstream's mmap)")
     g.add_argument("--tokenizer-type", default=None,
@@ -514,6 +526,7 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
         check_sequence_split(args.seq_length, args.num_attention_heads, tp, sp, cp)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _validate_virtual_pipeline(args, pp, dp)
     if args.zero_stage == 3 and pp > 1:
         raise ConfigError("--zero-stage 3 with --pipeline-model-parallel-size > 1 is not supported: "
                           "use ZeRO stage 0-2 with pipeline parallelism, or PP=1 with ZeRO-3")
@@ -544,6 +557,27 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
     _validate_moe(args, world_size)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
+
+
+def _validate_virtual_pipeline(args: argparse.Namespace, pp: int, dp: int) -> None:
+    """Megatron's rules for --num-layers-per-virtual-pipeline-stage; sets
+    ``virtual_pipeline_model_parallel_size`` (model chunks per stage, 1 without interleaving)."""
+    per = args.num_layers_per_virtual_pipeline_stage
+    args.virtual_pipeline_model_parallel_size = 1
+    if per is None:
+        return
+    if pp < 2:
+        raise ConfigError(f"--num-layers-per-virtual-pipeline-stage {per} needs --pipeline-model-parallel-size "
+                          f">= 2, got {pp}")
+    if per < 1 or args.num_layers % (per * pp):
+        raise ConfigError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp} "
+                          f"x --num-layers-per-virtual-pipeline-stage {per}")
+    micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
+    if args.rampup_batch_size is None and micro_batches % pp:
+        raise ConfigError(f"the interleaved pipeline needs the micro-batches per step (--global-batch-size "
+                          f"{args.global_batch_size} / (--micro-batch-size {args.micro_batch_size} x data-parallel "
+                          f"size {dp}) = {micro_batches}) divisible by --pipeline-model-parallel-size {pp}")
+    args.virtual_pipeline_model_parallel_size = args.num_layers // (per * pp)
 
 
 def parse_args(argv: list[str] | None, world_size: int) -> argparse.Namespace:

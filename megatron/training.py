@@ -25,7 +25,8 @@ from megatron.core.optimizer.lr_scheduler import (OptimizerParamScheduler, sched
                                                   scheduler_policy)
 from megatron.core.optimizer.zero3 import partition_parameters, placeholder_parameters
 from megatron.core.parallel_state import ParallelDims, Topology
-from megatron.core.schedules import forward_backward, micro_batches
+from megatron.core.documents import DocumentMasking
+from megatron.core.schedules import forward_backward, loss_denominator, micro_batches
 from megatron.core.tensor_parallel import parameters_on_meta
 from megatron.arguments import planned_train_iters
 from megatron.data.build import build_datasets
@@ -85,12 +86,14 @@ class Trainer:
                                           ep=args.expert_model_parallel_size,
                                           etp=args.expert_tensor_parallel_size), rank)
         set_random_seeds(args.seed + 100 * self.topo.pp_rank)
-        self.datasets, vocab_size = build_datasets(args)
+        self.datasets, vocab_size, eod = build_datasets(args)
+        self.documents = DocumentMasking(eod, args.reset_position_ids, args.reset_attention_mask, args.eod_mask_loss)
         self.cfg = model_config_from_args(args, vocab_size)
         self.moe_metrics: dict[str, float] = {}  # the last step's MoE losses and loads (MoEStats.summary)
         zero3 = args.zero_stage == 3
         with parameters_on_meta(zero3):  # ZeRO-3: no rank materialises its whole local model
-            self.model = GPTModel(self.cfg, self.topo, args.seed, args.sequence_parallel)
+            self.model = GPTModel(self.cfg, self.topo, args.seed, args.sequence_parallel,
+                                  args.virtual_pipeline_model_parallel_size)
         self.dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         if zero3:
             placeholder_parameters(self.model, self.dtype, device)
@@ -121,7 +124,7 @@ class Trainer:
         self.async_saver = (checkpointing.AsyncSaver(self.topo, device, self.log)
                             if args.async_save and args.save else None)
         self.prefetcher = Prefetcher(partial(micro_batches, self.datasets[0], micro=args.micro_batch_size,
-                                             topo=self.topo, device=device),
+                                             topo=self.topo, device=device, masking=self.documents),
                                      self.global_batch_at, enabled=args.num_workers > 0)
         self.flops_per_iteration = training_flops_per_iteration(self.cfg, args.global_batch_size,
                                                                 self.model.padded_vocab)
@@ -183,7 +186,8 @@ class Trainer:
             loaded = checkpointing.load_checkpoint(
                 a.load, self.model, self.optimizer, self.topo, universal=a.universal_checkpoint, tag=a.load_tag,
                 load_optimizer=load_optim, load_rng=not (a.no_load_rng or a.finetune),
-                validate=self._validate_checkpoint, start_fresh=self._start_fresh_policy(), log=self.log)
+                validate=self._validate_checkpoint, start_fresh=self._start_fresh_policy(), log=self.log,
+                progress=None if self.rank == 0 else False)
         except (OSError, checkpointing.CheckpointError) as e:
             error = checkpointing.as_checkpoint_error(e, f"loading {a.load}")
         checkpointing.raise_if_any_failed(error)  # every rank stops with the same one-line message
@@ -288,8 +292,8 @@ class Trainer:
         moe = self.model.moe_stats
         if moe is not None:  # the auxiliary losses' share of the global batch, at the loss scale
             moe.begin_step(self.scaler.scale, gbs // a.micro_batch_size)
-        loss_sum = forward_backward(self.model, batches, self.topo, self.scaler.scale, gbs * a.seq_length,
-                                    self.device)
+        denom = loss_denominator(batches, gbs, a.seq_length, self.topo, self.device)
+        loss_sum = forward_backward(self.model, batches, self.topo, self.scaler.scale, denom, self.device)
         self.moe_metrics = moe.summary(self.cfg.num_layers, self.device) if moe is not None else {}
         ok, grad_norm = self.optimizer.step(self._apply_schedule())
         if ok:  # Megatron steps the schedule by the samples of a successful update only
@@ -305,9 +309,9 @@ class Trainer:
         total = torch.zeros(1, device=self.device)
         for _ in range(a.eval_iters):
             batches = micro_batches(valid, self.state.consumed_valid_samples, a.global_batch_size,
-                                    a.micro_batch_size, self.topo, self.device)
-            total += forward_backward(self.model, batches, self.topo, 1.0, a.global_batch_size * a.seq_length,
-                                      self.device, backward=False)
+                                    a.micro_batch_size, self.topo, self.device, self.documents)
+            denom = loss_denominator(batches, a.global_batch_size, a.seq_length, self.topo, self.device)
+            total += forward_backward(self.model, batches, self.topo, 1.0, denom, self.device, backward=False)
             self.state.consumed_valid_samples += a.global_batch_size
         return float(total) / a.eval_iters
 

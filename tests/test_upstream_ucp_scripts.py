@@ -162,4 +162,4 @@ def test_upstream_ucp_scripts_train_convert_resume_and_continue(tmp_path: Path, 
                            str(tb["save"]), "--resumed", str(tb["resume"]), "--precision", dtype,
                            "--resume-iteration", str(SAVE)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"PASS" in proc.stdout and f"over {EXIT_INTERVAL - SAVE} iterations" in proc.stdout
+    assert "PASS" in proc.stdout and f"over {EXIT_INTERVAL - SAVE} iterations" in proc.stdout

@@ -52,7 +52,7 @@ def _rank0() -> bool:
 def _convert_native(args: argparse.Namespace, output: str) -> None:
     start = time.perf_counter()
     report = convert_to_universal(args.input_folder, output, args.num_workers, args.replica_policy,
-                                  progress=not args.no_progress, overwrite=args.overwrite,
+                                  progress=args.progress, overwrite=args.overwrite,
                                   chunk_bytes=int(args.chunk_size_mb * 2**20))
     seconds = time.perf_counter() - start
     if not _rank0():
@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                         "first = take the owner's copy, mean = average, strict = refuse any disagreement")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing universal checkpoint in OUTPUT_FOLDER (never a native one)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="show a progress bar even when stderr is not a terminal (default: only on a terminal)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
     args = p.parse_args(argv)
     if args.output_format == "dcp" and args.input_format != "native":
         p.error("--output-format dcp reads our own checkpoints (native or universal); leave --input-format out")

@@ -72,7 +72,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="accepted for upstream command lines; the output is the same for any value: "
                             "the --workers pool already reads one stream in order, so nothing is split "
                             "into partition files and merged")
-    group.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    group.add_argument("--progress", dest="progress", action="store_true", default=None,
+                       help="tqdm progress bar even when stderr is not a terminal (default: only on a terminal)")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
     group.add_argument("--log-interval", type=int, default=10000,
                        help="report progress every this many documents (0: never)")
     args = parser.parse_args(argv)
@@ -187,13 +189,13 @@ def _encoded_documents(encoder: Encoder, path: str,
 def _write_documents(encoder: Encoder, args: argparse.Namespace,
                      builders: dict[str, IndexedDatasetBuilder]) -> int:
     """Feed every encoded document to its builder; returns the document count."""
-    from tqdm import tqdm
+    from megatron.progress import progress_bar
 
     start = time.time()
     total_bytes = 0
     count = 0
-    bar = tqdm(total=os.path.getsize(args.input), unit="B", unit_scale=True, desc="tokenizing",
-               disable=args.no_progress, mininterval=1.0)
+    bar = progress_bar(os.path.getsize(args.input), "tokenizing", "B", args.progress, unit_scale=True,
+                       mininterval=1.0)
     for count, (docs, num_bytes) in enumerate(
             _encoded_documents(encoder, args.input, args.workers), start=1):
         total_bytes += num_bytes

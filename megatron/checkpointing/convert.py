@@ -19,7 +19,6 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
 from megatron.checkpointing.manifest import seal
@@ -28,6 +27,7 @@ from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWr
 from megatron.checkpointing.commit import commit_folder, is_checkpoint, write_atomic
 from megatron.checkpointing.locate import POINTERS, checkpoint_folders
 from megatron.core.pieces import Box, box_slices, flat_range_boxes, intersect, translate
+from megatron.progress import progress_bar
 
 REPLICA_POLICIES = ("first", "mean", "strict")
 CHUNK_BYTES = 256 << 20  # tensor data held at once by all workers together
@@ -153,7 +153,7 @@ def _ranks_files(plan: list[list[str]], sizes: list[int], world: int) -> list[li
 
 
 def _write_file(reader: CheckpointReader, tmp: str, index: int, names: list[str], states: tuple[str, ...],
-                chunk_elements: int, policy: str, bar: tqdm) -> _FileResult:
+                chunk_elements: int, policy: str, bar) -> _FileResult:
     """Stream the canonical tensors ``names`` into ``universal_{index:03d}.safetensors``."""
     file = f"universal_{index:03d}.safetensors"
     entries = [(f"{n}/{s}", reader.canonical[n]) for n in names for s in states]
@@ -217,7 +217,7 @@ def _gather(obj):
 
 
 def convert_to_universal(input_folder: str, output_folder: str, num_workers: int = 4,
-                         replica_policy: str = "first", progress: bool = True,
+                         replica_policy: str = "first", progress: bool | None = None,
                          overwrite: bool = False, chunk_bytes: int = CHUNK_BYTES) -> ConversionReport:
     """Write ``output_folder`` (a universal checkpoint) and ``latest_universal`` beside it.
     ``chunk_bytes`` bounds the tensor data each process holds at once, whatever the tensors' sizes.
@@ -258,15 +258,14 @@ def convert_to_universal(input_folder: str, output_folder: str, num_workers: int
 
 
 def _convert(reader: CheckpointReader, tmp: str, output_folder: str, num_workers: int, policy: str,
-             progress: bool, chunk_bytes: int) -> ConversionReport:
+             progress: bool | None, chunk_bytes: int) -> ConversionReport:
     rank, world = _world()
     states = saved_states(reader.manifest)
     plan = _plan_files(reader, max(num_workers, world))
     sizes = [sum(math.prod(reader.canonical[n]) for n in f) for f in plan]
     mine = _ranks_files(plan, sizes, world)[rank]
     chunk_elements = max(1, chunk_bytes // 4 // max(1, len(mine)))  # each thread holds one chunk (two for 'mean')
-    bar = tqdm(total=sum(len(plan[i]) for i in mine), desc="converting", unit="tensor",
-               disable=not progress or rank != 0)
+    bar = progress_bar(sum(len(plan[i]) for i in mine), "converting", "tensor", progress if rank == 0 else False)
     results, error = [], None
     try:
         with ThreadPoolExecutor(max_workers=max(1, len(mine))) as pool:

@@ -28,6 +28,7 @@ from megatron.core.parallel_state import Topology
 from megatron.core.pieces import flat_range_boxes, intersect, translate
 from megatron.core.rng import set_rng_state
 from megatron.core.sharding import sharding_of
+from megatron.progress import progress_bar
 
 
 @dataclass
@@ -63,12 +64,14 @@ def fill_fragment(reader: CheckpointReader, param: nn.Parameter, start: int, end
 def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
                     universal: bool = False, tag: str | None = None, load_optimizer: bool = True,
                     load_rng: bool = True, validate: Callable[[dict], None] | None = None,
-                    start_fresh: str = NEVER, log: Callable[[str], None] | None = None) -> Loaded | None:
+                    start_fresh: str = NEVER, log: Callable[[str], None] | None = None,
+                    progress: bool | None = None) -> Loaded | None:
     """Collective (ZeRO gathers the loaded weights): each rank reads only what its fragments need.
     Returns None if there is nothing to resume from and ``start_fresh`` allows that (see
     ``locate``). ``validate(state)`` may refuse the checkpoint before any tensor is read. A
     failure on any rank raises the same CheckpointError on every rank. ``log`` (rank 0's) gets
-    the bytes each rank read, seconds and throughput."""
+    the bytes each rank read, seconds and throughput. ``progress``: a bar over this rank's
+    fragments (None: when stderr is a terminal; the caller passes False off rank 0)."""
     wait_for_async_saves()  # a checkpoint still being written in the background is committed first
     path = resolve_checkpoint(load_dir, universal, tag, start_fresh)  # the same answer on every rank
     if path is None:
@@ -76,7 +79,7 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
     start = time.perf_counter()
     reader, error = None, None
     try:
-        reader = _read_into_fragments(path, model, optimizer, topo, universal, load_optimizer, validate)
+        reader = _read_into_fragments(path, model, optimizer, topo, universal, load_optimizer, validate, progress)
     except (OSError, CheckpointError) as e:
         error = as_checkpoint_error(e, f"loading {path}")
         if tag is None and os.path.realpath(path) != os.path.realpath(load_dir):  # found through a pointer
@@ -106,7 +109,7 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
 
 def _read_into_fragments(path: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
                          universal: bool, load_optimizer: bool,
-                         validate: Callable[[dict], None] | None) -> CheckpointReader:
+                         validate: Callable[[dict], None] | None, progress: bool | None) -> CheckpointReader:
     """This rank's part of a load: checks, then every fragment's states from the checkpoint."""
     reader = CheckpointReader(path)
     if universal and reader.kind != "universal":
@@ -127,7 +130,10 @@ def _read_into_fragments(path: str, model: nn.Module, optimizer: DistributedOpti
     # Same layout: copy this rank's fragments straight from the file that stored them, parsing
     # only that rank's table. Otherwise go through the canonical tensors (all tables).
     stored = reader.rank_table(topo.rank)["params"] if same_files else {}
-    for f in optimizer.fragments():
+    fragments = optimizer.fragments()
+    bar = progress_bar(len(fragments), f"loading {os.path.basename(path)}", "tensor", progress)
+    for f in fragments:
+        bar.update(1)
         views = optimizer.fragment_state(f)
         for s in states:
             if f.name in stored and f.end > f.start:
@@ -138,6 +144,7 @@ def _read_into_fragments(path: str, model: nn.Module, optimizer: DistributedOpti
             if not bool(torch.isfinite(views[s]).all()):
                 raise CheckpointError(f"{path}: {f.name} ({s}) holds NaN or Inf values in the checkpoint: "
                                       f"training had diverged when it was saved; load an earlier checkpoint")
+    bar.close()
     return reader
 
 

@@ -22,9 +22,7 @@ from torch import nn
 
 from megatron.core.parallel_state import Topology
 from megatron.core.dropout import begin_micro_batch
-from megatron.core.micro_batches import micro_batch_loss
-
-Batch = tuple[torch.Tensor, torch.Tensor, int]  # tokens, labels, global index of the first sample
+from megatron.core.micro_batches import MicroBatch, micro_batch_loss
 
 
 class StageLinks:
@@ -63,32 +61,42 @@ class StageLinks:
 
 
 class StageRunner:
-    """Forward and backward of one micro-batch on this stage; the last stage adds the loss."""
+    """Forward and backward of one micro-batch on one model chunk of this stage (the only one
+    without interleaving); the last virtual stage adds the loss."""
 
-    def __init__(self, model: nn.Module, topo: Topology, batches: list[Batch], loss_scale: float, denom: int,
+    def __init__(self, model: nn.Module, topo: Topology, batches: list[MicroBatch], loss_scale: float, denom: int,
                  local_loss: torch.Tensor) -> None:
         self.model, self.topo, self.batches = model, topo, batches
         self.loss_scale, self.denom, self.local_loss = loss_scale, denom, local_loss
+        self.num_chunks = len(getattr(model, "chunks", [None]))
 
-    def forward(self, m: int, received: torch.Tensor | None, grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Returns (this stage's input if it needs a gradient, the output: hidden states, or the
-        micro-batch's loss share on the last stage)."""
-        tokens, labels, first_sample = self.batches[m]
-        begin_micro_batch(self.model, first_sample)
-        x = tokens
-        if not self.topo.is_first_stage:
+    def is_first(self, chunk: int) -> bool:
+        return self.topo.is_first_stage and chunk == 0
+
+    def is_last(self, chunk: int) -> bool:
+        return self.topo.is_last_stage and chunk == self.num_chunks - 1
+
+    def forward(self, m: int, received: torch.Tensor | None, grad: bool,
+                chunk: int = 0) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Returns (this chunk's input if it needs a gradient, the output: hidden states, or the
+        micro-batch's loss share on the last virtual stage)."""
+        batch = self.batches[m]
+        begin_micro_batch(self.model, batch.first_sample)
+        x = batch.tokens
+        if not self.is_first(chunk):
             x = received.requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            if self.topo.is_last_stage:
-                out = micro_batch_loss(self.model, x, labels, self.denom)
+            if self.is_last(chunk):
+                out = micro_batch_loss(self.model, batch, x, self.denom, chunk)
                 self.local_loss += out.detach()
             else:
-                out = self.model(x)
-        return (x if grad and not self.topo.is_first_stage else None), out
+                out = self.model(x, None, batch.documents, chunk)
+        return (x if grad and not self.is_first(chunk) else None), out
 
-    def backward(self, x: torch.Tensor | None, out: torch.Tensor, out_grad: torch.Tensor | None) -> torch.Tensor | None:
+    def backward(self, x: torch.Tensor | None, out: torch.Tensor, out_grad: torch.Tensor | None,
+                 chunk: int = 0) -> torch.Tensor | None:
         """Backpropagate one micro-batch; returns the gradient to send to the previous stage."""
-        if self.topo.is_last_stage:
+        if self.is_last(chunk):
             (out * self.loss_scale).backward()
         else:
             torch.autograd.backward(out, grad_tensors=out_grad)
@@ -103,7 +111,7 @@ def num_warmup_forwards(topo: Topology, num_micro: int, all_forward_first: bool 
     return min(topo.pp - topo.pp_rank - 1, num_micro)
 
 
-def forward_backward_pipelined(model: nn.Module, batches: list[Batch], topo: Topology, loss_scale: float,
+def forward_backward_pipelined(model: nn.Module, batches: list[MicroBatch], topo: Topology, loss_scale: float,
                                denom: int, device: torch.device, backward: bool = True,
                                all_forward_first: bool = False) -> torch.Tensor:
     """Run this stage's part of every micro-batch in the 1F1B order.

@@ -7,24 +7,27 @@ from torch import nn
 
 from megatron.core import comm
 from megatron.core.dropout import begin_micro_batch
-from megatron.core.micro_batches import micro_batch_loss, micro_batches
+from megatron.core.micro_batches import MicroBatch, loss_denominator, micro_batch_loss, micro_batches
 from megatron.core.parallel_state import Topology
+from megatron.core.pipeline_interleaved import forward_backward_interleaved
 from megatron.core.pipeline_parallel import forward_backward_pipelined
 
-__all__ = ["forward_backward", "micro_batch_loss", "micro_batches"]
+__all__ = ["MicroBatch", "forward_backward", "loss_denominator", "micro_batch_loss", "micro_batches"]
 
 
-def forward_backward(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, int]], topo: Topology,
+def forward_backward(model: nn.Module, batches: list[MicroBatch], topo: Topology,
                      loss_scale: float, denom: int, device: torch.device, backward: bool = True) -> torch.Tensor:
     """Run every micro-batch; returns the global batch's mean loss (the same on every rank)."""
-    if topo.pp > 1:
+    if len(getattr(model, "chunks", ())) > 1:
+        local = forward_backward_interleaved(model, batches, topo, loss_scale, denom, device, backward)
+    elif topo.pp > 1:
         local = forward_backward_pipelined(model, batches, topo, loss_scale, denom, device, backward)
     else:
         local = torch.zeros(1, device=device)
-        for tokens, labels, first_sample in batches:
-            begin_micro_batch(model, first_sample)
+        for batch in batches:
+            begin_micro_batch(model, batch.first_sample)
             with torch.set_grad_enabled(backward):
-                loss = micro_batch_loss(model, tokens, labels, denom)
+                loss = micro_batch_loss(model, batch, batch.tokens, denom)
             if backward:
                 (loss * loss_scale).backward()
             local += loss.detach()

@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megatron.core.documents import DocumentLayout
 from megatron.core.dropout import DropoutRNG
 from megatron.core.parallel_state import Topology
 from megatron.core.sequence_layout import SequenceLayout, check_sequence_split
-from megatron.core.pieces import CanonicalSpec, shard_range, whole_piece
+from megatron.core.pieces import CanonicalSpec, whole_piece
 from megatron.core.sharding import PartialSum
 from megatron.core.tensor_parallel import (VocabParallelEmbedding, column_parallel_linear, gather_from_tp,
                                            make_param, vocab_parallel_cross_entropy)
@@ -25,11 +26,28 @@ from megatron.model.transformer import Norm, TransformerLayer, rope_cos_sin
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 
 
+def stage_layer_chunks(num_layers: int, pp_rank: int, pp: int, virtual_chunks: int = 1) -> list[range]:
+    """Global layer indices of each model chunk of stage ``pp_rank``. Without interleaving the
+    stage holds one contiguous block; with ``virtual_chunks`` V > 1 the layers form ``pp * V``
+    virtual stages of equal size and chunk ``c`` of stage ``s`` is virtual stage ``c * pp + s``
+    (Megatron's interleaved placement), so canonical names stay global on every layout."""
+    stages = pp * virtual_chunks
+    if num_layers % stages:
+        raise ValueError(f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size {pp} "
+                         f"x {virtual_chunks} model chunks per stage")
+    per = num_layers // stages
+    return [range((c * pp + pp_rank) * per, (c * pp + pp_rank + 1) * per) for c in range(virtual_chunks)]
+
+
 class GPTModel(nn.Module):
     """``sequence_parallel``: Megatron's ``--sequence-parallel`` (meaningful with TP > 1): the
-    hidden states between stages and layers are this TP rank's slice of the sequence."""
+    hidden states between stages and layers are this TP rank's slice of the sequence.
+    ``virtual_chunks`` > 1: the interleaved pipeline's model chunks of this stage (see
+    ``stage_layer_chunks``); the first stage's chunk 0 embeds, the last stage's last chunk
+    holds the head."""
 
-    def __init__(self, cfg: ModelConfig, topo: Topology, seed: int, sequence_parallel: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, topo: Topology, seed: int, sequence_parallel: bool = False,
+                 virtual_chunks: int = 1) -> None:
         super().__init__()
         cfg.check_parallel(topo.tp, topo.pp)
         self.sp = sp = SequenceParallel.of(topo, sequence_parallel)
@@ -57,10 +75,10 @@ class GPTModel(nn.Module):
                 sp.mark_partial_sum(self.embedding.position_embeddings.weight)
             if cfg.embed_layernorm:
                 self.embedding.layernorm = Norm("embedding.layernorm", cfg, topo, seed, sp)
-        start, count = shard_range(cfg.num_layers, topo.pp_rank, topo.pp, "--num-layers")
+        self.chunks = stage_layer_chunks(cfg.num_layers, topo.pp_rank, topo.pp, virtual_chunks)
         self.moe_stats = MoEStats(cfg.moe) if cfg.moe is not None else None  # shared by the MoE layers
         self.layers = nn.ModuleDict({str(i): TransformerLayer(i, cfg, topo, seed, self.dropout_rng, self.moe_stats, sp)
-                                     for i in range(start, start + count)})
+                                     for chunk in self.chunks for i in chunk})
         self.final_norm = self.output_layer = None
         if self.post_process:
             self.final_norm = Norm("final_norm", cfg, topo, seed, sp)
@@ -101,36 +119,52 @@ class GPTModel(nn.Module):
         """The hidden states one stage sends the next: this TP rank's sequence slice under SP."""
         return micro, seq // self.sp.size, self.cfg.hidden_size
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``position_ids`` (``--reset-position-ids``): ``[b, s]`` aligned with ``tokens``."""
         x = self.embedding.word_embeddings(tokens)  # this rank's sequence slice under SP
         local = x.shape[1]
         start = self.sp.seq_start(local)
         if self.cfg.position_embedding_type == "learned_absolute":
-            positions = torch.arange(start, start + local, device=x.device) if self.sp.enabled \
-                else self.layout.positions(local, x.device)  # Megatron-SP slice, or Ulysses / ring share
+            if position_ids is not None:
+                positions = position_ids[:, start:start + local] if self.sp.enabled else position_ids
+            elif self.sp.enabled:
+                positions = torch.arange(start, start + local, device=x.device)  # Megatron-SP slice
+            else:
+                positions = self.layout.positions(local, x.device)  # Ulysses / ring share
             x = x + self.embedding.position_embeddings.weight[positions]
         if self.cfg.embed_layernorm:
             x = self.embedding.layernorm(x)
         return self.dropout_rng.hidden(x, self.cfg.hidden_dropout if self.training else 0.0, -1, "embedding",
                                        *self.sp.dropout_window(local))
 
-    def rope(self, seq: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The rotary tables, made once per (length, dtype, device) rather than every step."""
+    def rope(self, seq: int, x: torch.Tensor, position_ids: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary tables: made once per (length, dtype, device) for the fixed positions, per
+        batch for per-sample ``position_ids`` (``--reset-position-ids``)."""
         if self.cfg.position_embedding_type != "rope":
             return None
+        if position_ids is not None:
+            return rope_cos_sin(seq, self.cfg.head_dim, self.cfg.rotary_base, x.dtype, x.device, position_ids)
         key = (seq, x.dtype, x.device)
         if key not in self._rope_tables:
             self._rope_tables[key] = rope_cos_sin(seq, self.cfg.head_dim, self.cfg.rotary_base, x.dtype, x.device,
                                                   self.layout.positions(seq, x.device))
         return self._rope_tables[key]
 
-    def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """First stage takes token ids, later stages hidden states. The last stage returns the
-        per-token loss when ``labels`` are given, else the full (unpadded) logits."""
-        x = self.embed(tokens_or_hidden) if self.pre_process else tokens_or_hidden
-        rope = self.rope(self.sp.seq_length(x.shape[1]), x)
-        x = run_layers(list(self.layers.values()), x, rope, self.recompute)
-        if not self.post_process:
+    def forward(self, tokens_or_hidden: torch.Tensor, labels: torch.Tensor | None = None,
+                documents: DocumentLayout | None = None, chunk: int = 0) -> torch.Tensor:
+        """Model chunk ``chunk`` of this stage (the only one without interleaving). The first
+        virtual stage takes token ids, later ones hidden states. The last returns the per-token
+        loss when ``labels`` are given, else the full (unpadded) logits. ``documents``
+        (``--reset-position-ids`` / ``--reset-attention-mask``) restarts positions and blocks
+        attention at document ends; ALiBi, as in Megatron, has no positions to reset."""
+        positions = documents.position_ids if documents is not None else None
+        segments = documents.segment_ids if documents is not None else None
+        first, last = self.pre_process and chunk == 0, self.post_process and chunk == len(self.chunks) - 1
+        x = self.embed(tokens_or_hidden, positions) if first else tokens_or_hidden
+        rope = self.rope(self.sp.seq_length(x.shape[1]), x, positions)
+        x = run_layers([self.layers[str(i)] for i in self.chunks[chunk]], x, rope, self.recompute, segments)
+        if not last:
             return x
         return self.head(x, labels)
 

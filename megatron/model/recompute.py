@@ -40,24 +40,27 @@ def recompute_from_args(args: argparse.Namespace, zero3: bool) -> RecomputeConfi
     return RecomputeConfig()
 
 
-def _chain(layers: Sequence[torch.nn.Module], rope) -> Callable[[torch.Tensor], torch.Tensor]:
+def _chain(layers: Sequence[torch.nn.Module], rope, segments) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(x: torch.Tensor) -> torch.Tensor:
         for layer in layers:
-            x = layer(x, rope)
+            x = layer(x, rope, segments)
         return x
     return run
 
 
-def run_layers(layers: Sequence[torch.nn.Module], x: torch.Tensor, rope, cfg: RecomputeConfig) -> torch.Tensor:
-    """Apply ``layers`` in order, recomputing as ``cfg`` says when gradients are being recorded."""
+def run_layers(layers: Sequence[torch.nn.Module], x: torch.Tensor, rope, cfg: RecomputeConfig,
+               segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply ``layers`` in order, recomputing as ``cfg`` says when gradients are being recorded.
+    ``rope`` and ``segments`` (document ids for the attention mask, or None) are passed to every layer."""
     if cfg.granularity != "full" or not torch.is_grad_enabled():
-        return _chain(layers, rope)(x)
+        return _chain(layers, rope, segments)(x)
     if cfg.method == "uniform":
         for start in range(0, len(layers), cfg.num_layers):
-            x = checkpoint(_chain(layers[start:start + cfg.num_layers], rope), x, use_reentrant=False)
+            x = checkpoint(_chain(layers[start:start + cfg.num_layers], rope, segments), x, use_reentrant=False)
         return x
     for i, layer in enumerate(layers):
-        x = checkpoint(_chain([layer], rope), x, use_reentrant=False) if i < cfg.num_layers else layer(x, rope)
+        x = checkpoint(_chain([layer], rope, segments), x, use_reentrant=False) if i < cfg.num_layers \
+            else layer(x, rope, segments)
     return x
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core.documents import document_causal_mask, same_document
 from megatron.core.dropout import DropoutRNG
 from megatron.core.parallel_state import Topology
 from megatron.core.pieces import CanonicalSpec, whole_piece
@@ -54,10 +55,14 @@ class Norm(nn.Module):
 
 def rope_cos_sin(seq: int, dim: int, base: float, dtype: torch.dtype, device,
                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary angles for positions ``0..seq-1``, or for the given global ``positions``."""
+    """cos and sin ``[seq, dim]`` for positions ``0..seq-1`` or the given global ``positions
+    [seq]``; ``[b, 1, seq, dim]`` (to broadcast over heads) for per-sample ``positions [b, seq]``
+    (``--reset-position-ids``)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
     pos = torch.arange(seq, device=device) if positions is None else positions
-    angles = torch.outer(pos.to(device=device, dtype=torch.float32), inv_freq)
+    angles = pos.to(device=device, dtype=torch.float32)[..., None] * inv_freq
+    if angles.dim() == 3:
+        angles = angles[:, None]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -131,7 +136,10 @@ class Attention(nn.Module):
         self.dense = RowParallelLinear(d_w, d_b, topo, seed, sp)
         self.recompute_core = False  # selective recomputation: softmax(QK^T)V again in backward
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """``segments``: ``[b, S]`` document ids of the whole samples (``--reset-attention-mask``):
+        a query attends only to keys of its own document; None for plain causal attention."""
         hd = self.cfg.head_dim
         qkv = self.qkv(x)  # the whole sequence, also when x is a sequence-parallel slice
         b, s, _ = qkv.shape
@@ -145,7 +153,7 @@ class Attention(nn.Module):
             k, v = self._repeat_kv(k, self.local_heads), self._repeat_kv(v, self.local_heads)
         q, k, v = (seq_to_heads(t, self.sp_group) for t in (q, k, v))
         k, v = self._repeat_kv(k, self.core_heads), self._repeat_kv(v, self.core_heads)
-        out = self._core(q, k, v)
+        out = self._core(q, k, v, segments)
         out = heads_to_seq(out, self.sp_group)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * hd))
 
@@ -154,14 +162,18 @@ class Attention(nn.Module):
         """GQA: repeat each of ``t``'s KV heads for the query heads of its group (``heads`` in all)."""
         return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              segments: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention of this rank's heads over the sequence of its cp rank (the ring adds the rest)."""
         p = self.cfg.attention_dropout if self.training else 0.0
         alibi = self.cfg.position_embedding_type == "alibi"
         if self.layout.cp > 1:
-            return ring_attention(q, k, v, self._ring(q, p, alibi))
-        s = q.shape[-2]
+            return ring_attention(q, k, v, self._ring(q, p, alibi, segments))
+        s = q.shape[-2]  # the whole sample: Ulysses and Megatron-SP gather it before attention
         bias = self._alibi(s, q.dtype, q.device) if alibi else None
+        if segments is not None:  # the additive form holds the causal and document masks as -inf
+            allowed = document_causal_mask(segments)
+            bias = (bias if bias is not None else q.new_zeros(s, s)).masked_fill(~allowed, float("-inf"))
         if p > 0:
             core = partial(self._dropout_attention, p=p, bias=bias)
         elif bias is not None:
@@ -170,15 +182,23 @@ class Attention(nn.Module):
             core = partial(F.scaled_dot_product_attention, is_causal=True)
         return maybe_recompute(self.recompute_core, core, q, k, v)
 
-    def _ring(self, q: torch.Tensor, p: float, alibi: bool) -> Ring:
+    def _ring(self, q: torch.Tensor, p: float, alibi: bool, segments: torch.Tensor | None) -> Ring:
         b, heads, s, _ = q.shape
         seq = s * self.layout.cp
         rng = dataclasses.replace(self.dropout_rng)  # backward may run after the next micro-batch's forward
         slopes = self.alibi_slopes.to(q.device)[:, None, None] if alibi else None
+
+        def bias(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
+            """ALiBi's ``[heads, q, k]`` and the document mask's ``[b, 1, q, k]`` (0 or -inf)."""
+            out = slopes * (kp[None, :] - qp[:, None]).float() if alibi else torch.zeros((), device=q.device)
+            if segments is not None:
+                out = out.masked_fill(~same_document(segments, qp, kp), float("-inf"))
+            return out
+
         return Ring(
             self.cp_group, self.cp_ranks, self.layout.cp_rank,
             [self.layout.cp_positions(seq, r, q.device) for r in range(self.layout.cp)],
-            bias=(lambda qp, kp: slopes * (kp[None, :] - qp[:, None]).float()) if alibi else None,
+            bias=bias if alibi or segments is not None else None,
             keep=(lambda qp, kp: rng.attention_keep(b, heads, qp, kp, seq, p, self.index, self.head_offset,
                                                     self.cfg.num_attention_heads)) if p > 0 else None,
             dropout=p)
@@ -193,7 +213,7 @@ class Attention(nn.Module):
     def _dropout_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention whose probability dropout is keyed by global head (see core.dropout).
-        ``bias`` (ALiBi) already holds the causal mask as -inf."""
+        ``bias`` (ALiBi, document masks) already holds the causal mask as -inf."""
         s = q.shape[-2]
         scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
         if bias is None:
@@ -262,10 +282,11 @@ class TransformerLayer(nn.Module):
         apart = {id(p) for _, _, params in inner for p in params}
         return [(self, "forward", [p for p in self.parameters() if id(p) not in apart]), *inner]
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         local = x.shape[1]
         where = self.sp.dropout_window(local)  # global positions for the masks
-        x = x + self.dropout_rng.hidden(self.attention(self.input_norm(x), rope), p, self.index, "attention_out",
-                                        *where)
+        x = x + self.dropout_rng.hidden(self.attention(self.input_norm(x), rope, segments), p, self.index,
+                                        "attention_out", *where)
         return x + self.dropout_rng.hidden(self.mlp(self.post_attention_norm(x)), p, self.index, "mlp_out", *where)

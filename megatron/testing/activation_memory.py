@@ -13,6 +13,7 @@ import argparse
 import torch
 from torch import nn
 
+from megatron.core.micro_batches import MicroBatch
 from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.core.pipeline_parallel import forward_backward_pipelined
 from megatron.model.config import ModelConfig
@@ -74,7 +75,7 @@ def stage_activation_peak(rank: int, world: int, cfg: ModelConfig, micro: int, n
     model = GPTModel(cfg, topo, seed=1234)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (num_micro, micro, cfg.seq_length + 1), generator=gen)
-    batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous(), m * micro) for m, t in enumerate(tokens)]
+    batches = [MicroBatch(t[:, :-1].contiguous(), t[:, 1:].contiguous(), m * micro) for m, t in enumerate(tokens)]
     meter = SavedTensorMeter(model)
     with meter.hooks():
         forward_backward_pipelined(model, batches, topo, 1.0, num_micro * micro * cfg.seq_length,
