@@ -28,7 +28,6 @@ UNBUILT_FLAGS = {
                     "mixture-of-students / knowledge distillation is not built here"),
     **dict.fromkeys(("--curriculum-learning-legacy", "--curriculum-seqlen", "--data-efficiency-curriculum-learning"),
                     "curriculum learning is not built here"),
-    "--log-optimizer-states-to-tensorboard": "optimizer-state norms are not logged here; drop the flag",
 }
 
 
@@ -134,6 +133,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-log-loss-scale-to-tensorboard", dest="log_loss_scale_to_tensorboard",
                    action="store_false")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true")
+    g.add_argument("--log-optimizer-states-to-tensorboard", action="store_true",
+                   help="optimizer/{variance,variance_sqrt,momentum,weight}_{l2,l1,abs_max}: Adam's state and "
+                        "the fp32 weights over the whole model")
     g.add_argument("--log-memory-to-tensorboard", action="store_true", help="CUDA allocator statistics (GPUs only)")
     g.add_argument("--log-world-size-to-tensorboard", action="store_true")
     g.add_argument("--wandb-project", default="", help="also log to Weights & Biases (needs the wandb package)")
