@@ -20,6 +20,17 @@ class ConfigError(ValueError):
     """A command line or configuration the run cannot honour; printed as one line by rank 0."""
 
 
+# Upstream Megatron-DeepSpeed flags of features not built here: refused by name, not as unknown.
+UNBUILT_FLAGS = {
+    **dict.fromkeys(("--mos", "--kd", "--kd-alpha-ce", "--kd-beta-ce", "--kd-temp", "--load-teacher",
+                     "--num-layers-teacher", "--hidden-size-teacher", "--num-attention-heads-teacher",
+                     "--reset-iteration"),
+                    "mixture-of-students / knowledge distillation is not built here"),
+    **dict.fromkeys(("--curriculum-learning-legacy", "--curriculum-seqlen", "--data-efficiency-curriculum-learning"),
+                    "curriculum learning is not built here"),
+}
+
+
 class MegatronArgumentParser(argparse.ArgumentParser):
     """argparse that raises ``ConfigError`` (so rank 0 alone reports it, in one line) and
     suggests the closest known flag for an unknown one."""
@@ -36,6 +47,9 @@ class MegatronArgumentParser(argparse.ArgumentParser):
             if not flag.startswith("-"):
                 continue
             name = flag.split("=", 1)[0]
+            if name in UNBUILT_FLAGS:
+                parts.append(f"{name} ({UNBUILT_FLAGS[name]})")
+                continue
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
         return "unrecognized arguments: " + (", ".join(parts) or " ".join(unknown))
@@ -119,6 +133,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-log-loss-scale-to-tensorboard", dest="log_loss_scale_to_tensorboard",
                    action="store_false")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true")
+    g.add_argument("--log-optimizer-states-to-tensorboard", action="store_true",
+                   help="optimizer/{variance,variance_sqrt,momentum,weight}_{l2,l1,abs_max}: Adam's state and "
+                        "the fp32 weights over the whole model")
     g.add_argument("--log-memory-to-tensorboard", action="store_true", help="CUDA allocator statistics (GPUs only)")
     g.add_argument("--log-world-size-to-tensorboard", action="store_true")
     g.add_argument("--wandb-project", default="", help="also log to Weights & Biases (needs the wandb package)")
@@ -265,6 +282,12 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sequence-parallel", action="store_true",
                    help="Megatron-LM's sequence parallelism: outside the TP matmuls (norms, dropout, residuals) "
                         "each TP rank holds 1/TP of the sequence; --seq-length must divide by TP; a no-op at TP 1")
+    g.add_argument("--no-async-tensor-model-parallel-allreduce", action="store_true",
+                   help="no-op: the TP all-reduce of the input gradient is not overlapped with the weight "
+                        "gradient here, which is what this flag asks for upstream; the numbers are the same")
+    g.add_argument("--use-flash-attn-triton", action="store_true",
+                   help="no-op: attention here is one exact softmax(QK^T/sqrt(d))V (PyTorch's SDPA kernel where "
+                        "it applies); a flash kernel changes only speed and memory, not the math")
     g.add_argument("--ds-sequence-parallel-size", type=int, default=1,
                    help="DeepSpeed-Ulysses: split each sample's sequence over this many ranks; attention "
                         "all-to-alls sequence shards into head shards (heads must divide by TP x this)")
@@ -296,6 +319,13 @@ def _add_moe_args(p: argparse.ArgumentParser) -> None:
                    default="aux_loss")
     g.add_argument("--moe-expert-capacity-factor", "--moe-train-capacity-factor", dest="moe_expert_capacity_factor",
                    type=float, default=None, help="per-sequence expert capacity; default: dropless")
+    g.add_argument("--moe-eval-capacity-factor", type=float, default=None,
+                   help="per-sequence expert capacity in evaluation; default: the training one")
+    g.add_argument("--create-moe-param-group", action="store_true",
+                   help="no-op: expert parameters always sit in optimizer groups of their own here (one per "
+                        "expert-data-parallel group, decay and no-decay), which is what this flag creates upstream")
+    g.add_argument("--mlp-type", choices=["standard", "residual"], default="standard",
+                   help="standard only: PR-MoE's residual MLP (--mlp-type residual) is not built here")
     g.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default="probs")
     g.add_argument("--moe-min-capacity", type=int, default=0,
                    help="least capacity per expert and sequence (Megatron-DeepSpeed's default 4 is not assumed)")
@@ -315,6 +345,9 @@ def _add_moe_args(p: argparse.ArgumentParser) -> None:
 def _validate_moe(args: argparse.Namespace, world_size: int) -> None:
     """Refuse MoE flags that contradict each other or the world size; set ``args.moe_layers``."""
     args.moe_layers = None
+    if args.mlp_type != "standard":
+        raise ConfigError(f"--mlp-type {args.mlp_type}: PR-MoE's residual MLP is not built here; use --mlp-type "
+                          f"standard (plain MoE layers)")
     experts = args.num_experts
     if experts is None or experts == [1]:
         if args.expert_model_parallel_size != 1:
@@ -336,7 +369,7 @@ def _validate_moe(args: argparse.Namespace, world_size: int) -> None:
     if args.moe_layer_freq is not None and args.expert_interval is not None:
         raise ConfigError("--moe-layer-freq (Megatron-LM) and --expert-interval (Megatron-DeepSpeed) both place "
                           "MoE layers: give one")
-    if args.disable_moe_token_dropping and args.moe_expert_capacity_factor is not None:
+    if args.disable_moe_token_dropping and (args.moe_expert_capacity_factor, args.moe_eval_capacity_factor) != (None, None):
         raise ConfigError("--disable-moe-token-dropping with a capacity factor: drop one of them")
     if args.moe_router_pre_softmax and args.moe_router_topk_then_softmax:
         raise ConfigError("--moe-router-pre-softmax and --moe-router-topk-then-softmax are mutually exclusive")

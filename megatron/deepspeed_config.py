@@ -24,7 +24,10 @@ ZERO_NO_OP_KEYS = {"allgather_bucket_size", "allgather_partitions", "overlap_com
                    "elastic_checkpoint", "ignore_unused_parameters", "cpu_offload", "load_from_fp32_weights"}
 # (key, value DeepSpeed would use if absent, values accepted here): settings we implement one way only.
 FIXED_VALUES = {
-    "prescale_gradients": (False, {False}),
+    # Each rank's loss is already divided by the global batch's token count before backward,
+    # so gradients are always scaled by 1/DP before the reduce: DeepSpeed's prescale (true) and
+    # its default (divide after the reduce) agree here up to rounding.
+    "prescale_gradients": (False, {False, True}),
     "gradient_predivide_factor": (1.0, {1.0}),
     "communication_data_type": (None, {None, "fp32", "float32"}),
     "sparse_gradients": (False, {False}),

@@ -64,6 +64,8 @@ class MetricsWriter:
             scalar("grad-norm/grad-norm", values["grad norm"])
         for name, value in values.get("moe", {}).items():  # MoE: auxiliary losses, expert load per layer
             scalar(f"moe/{name}", value)
+        for name, value in values.get("optimizer", {}).items():  # --log-optimizer-states-to-tensorboard
+            scalar(f"optimizer/{name}", value)
         if a.log_timers_to_tensorboard:
             scalar("iteration-time/iteration-time", values["iteration time"])
         if a.log_memory_to_tensorboard and torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -392,10 +392,13 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 self._log_iteration(it, planned, gbs, elapsed / window_iters, lr, loss, grad_norm, ok, window_iters)
                 window_start, window_iters = time.perf_counter(), 0
+            optimizer_states = (self.optimizer.state_norms() if a.log_optimizer_states_to_tensorboard
+                                and it % a.tensorboard_log_interval == 0 else {})
             self.writer.training(it, self.state.consumed_samples, self.state.consumed_tokens, {
                 "lm loss": loss, "learning rate": lr, "batch size": gbs,
                 "loss scale": self.scaler.scale, "grad norm": grad_norm, "world size": self.world,
-                "iteration time": time.perf_counter() - step_start, "moe": self.moe_metrics})
+                "iteration time": time.perf_counter() - step_start, "moe": self.moe_metrics,
+                "optimizer": optimizer_states})
             if a.eval_interval and it % a.eval_interval == 0 and self.datasets[1] is not None:
                 self._report_validation(it)
             if self.async_saver is not None:

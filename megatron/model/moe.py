@@ -47,9 +47,9 @@ class Routing:
     probs: torch.Tensor
 
 
-def expert_capacity(cfg: MoEConfig, seq_len: int) -> int:
-    """Assignments one expert accepts from one sequence."""
-    return max(cfg.min_capacity, math.ceil(cfg.capacity_factor * seq_len * cfg.topk / cfg.num_experts))
+def expert_capacity(cfg: MoEConfig, seq_len: int, factor: float) -> int:
+    """Assignments one expert accepts from one sequence at capacity ``factor``."""
+    return max(cfg.min_capacity, math.ceil(factor * seq_len * cfg.topk / cfg.num_experts))
 
 
 def capacity_keep(chosen: torch.Tensor, score: torch.Tensor, seq_len: int, capacity: int, policy: str,
@@ -68,8 +68,9 @@ def capacity_keep(chosen: torch.Tensor, score: torch.Tensor, seq_len: int, capac
     return keep.view(n, k)
 
 
-def route(logits: torch.Tensor, cfg: MoEConfig, seq_len: int) -> Routing:
-    """Top-k routing of ``logits`` ``[tokens, experts]`` (tokens sequence-major)."""
+def route(logits: torch.Tensor, cfg: MoEConfig, seq_len: int, training: bool = True) -> Routing:
+    """Top-k routing of ``logits`` ``[tokens, experts]`` (tokens sequence-major), at the
+    training or the evaluation capacity."""
     logits = logits.float()
     probs = logits.softmax(-1)
     chosen = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :cfg.topk]
@@ -78,8 +79,9 @@ def route(logits: torch.Tensor, cfg: MoEConfig, seq_len: int) -> Routing:
     else:  # Mixtral: softmax over the k chosen logits
         weights = logits.gather(1, chosen).softmax(-1)
     experts = chosen
-    if cfg.capacity_factor is not None:
-        keep = capacity_keep(chosen, probs.gather(1, chosen).detach(), seq_len, expert_capacity(cfg, seq_len),
+    factor = cfg.capacity_factor if training or cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
+    if factor is not None:
+        keep = capacity_keep(chosen, probs.gather(1, chosen).detach(), seq_len, expert_capacity(cfg, seq_len, factor),
                              cfg.drop_policy, cfg.num_experts)
         experts, weights = chosen.masked_fill(~keep, -1), weights * keep
     return Routing(experts, weights, chosen, probs)
@@ -286,7 +288,7 @@ class MoELayer(nn.Module):
         # Each TP rank's routed tokens get gradients only there: sum them over TP for the input.
         flat = copy_to_tp(x, self.topo.tp_group).reshape(b * s, h)
         logits = self.router(flat)
-        r = route(logits, self.cfg, s)
+        r = route(logits, self.cfg, s, self.training)
         start, count = tp_token_range(b * s, self.topo)
         mine = slice(start, start + count)
         out = self.experts(flat[mine], r.experts[mine], r.weights[mine])

@@ -23,6 +23,7 @@ class MoEConfig:
     aux_loss_coeff: float = 0.0
     z_loss_coeff: float = 0.0
     capacity_factor: float | None = None  # None: dropless
+    eval_capacity_factor: float | None = None  # in evaluation; None: capacity_factor's
     min_capacity: int = 0
     drop_policy: str = "probs"
     dispatcher: str = "alltoall"
@@ -42,6 +43,8 @@ class MoEConfig:
              f"--moe-token-dispatcher-type must be one of {DISPATCHERS}, got {self.dispatcher!r}"),
             (self.capacity_factor is None or self.capacity_factor > 0,
              f"--moe-expert-capacity-factor must be positive, got {self.capacity_factor}"),
+            (self.eval_capacity_factor is None or self.eval_capacity_factor > 0,
+             f"--moe-eval-capacity-factor must be positive, got {self.eval_capacity_factor}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -74,5 +77,6 @@ def moe_config_from_args(args: argparse.Namespace) -> MoEConfig | None:
         score_order="topk_softmax" if args.moe_router_topk_then_softmax else "softmax_topk",
         load_balancing=args.moe_router_load_balancing_type, aux_loss_coeff=args.moe_aux_loss_coeff,
         z_loss_coeff=args.moe_z_loss_coeff or 0.0, capacity_factor=args.moe_expert_capacity_factor,
+        eval_capacity_factor=args.moe_eval_capacity_factor,
         min_capacity=args.moe_min_capacity, drop_policy=args.moe_token_drop_policy,
         dispatcher=args.moe_token_dispatcher_type)

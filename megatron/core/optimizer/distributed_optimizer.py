@@ -123,10 +123,16 @@ class ParamGroup:
     def grad_square_sum(self) -> torch.Tensor:
         """Sum of squares (fp64) of the gradient elements this rank counts in the global norm."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for (f, p, grad), boxes, r in zip(self.views(self.grad), self.counted, self.records):
-            for box in boxes:
-                total += square_sum(strided_view(grad, r.local_shape, f.start, box))
+        for piece in self.counted_pieces(self.grad):
+            total += square_sum(piece)
         return total
+
+    def counted_pieces(self, buf: torch.Tensor):
+        """The parts of ``buf`` (laid out as ``master``) that this rank counts in a global
+        reduction: over all ranks, every element of every canonical tensor exactly once."""
+        for (f, p, flat), boxes, r in zip(self.views(buf), self.counted, self.records):
+            for box in boxes:
+                yield strided_view(flat, r.local_shape, f.start, box)
 
     def views(self, buf: torch.Tensor):
         for f, p in zip(self.fragments, self.params):
@@ -346,6 +352,32 @@ class DistributedOptimizer:
             self._sgd(g, lr) if self.cfg.optimizer == "sgd" else self._adamw(g, lr)
         self.copy_master_to_model()
         return True, norm
+
+    def state_norms(self) -> dict[str, float]:
+        """Upstream's --log-optimizer-states-to-tensorboard values over the whole model (every
+        canonical element once, whatever the layout): the L2 and L1 norms and the largest
+        magnitude of Adam's variance, its square root, the momentum and the fp32 weights.
+        A collective: every rank calls it."""
+        states = {"variance": lambda g: g.exp_avg_sq, "variance_sqrt": lambda g: g.exp_avg_sq.sqrt(),
+                  "momentum": lambda g: g.exp_avg, "weight": lambda g: g.master}
+        device = self.groups[0].device
+        sums = torch.zeros(2 * len(states), dtype=torch.float64, device=device)
+        maxima = torch.zeros(len(states), dtype=torch.float64, device=device)
+        for g in self.groups:
+            for i, state in enumerate(states.values()):
+                for piece in g.counted_pieces(state(g)):
+                    sums[2 * i] += square_sum(piece)
+                    sums[2 * i + 1] += piece.double().abs().sum()
+                    if piece.numel():
+                        maxima[i] = torch.maximum(maxima[i], piece.abs().max().double())
+        comm.world_all_reduce(sums)
+        comm.world_all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
+        out = {}
+        for i, name in enumerate(states):
+            out[f"{name}_l2"] = math.sqrt(float(sums[2 * i]))
+            out[f"{name}_l1"] = float(sums[2 * i + 1])
+            out[f"{name}_abs_max"] = float(maxima[i])
+        return out
 
     def _adamw(self, g: ParamGroup, lr: float) -> None:
         b1, b2, eps, wd = (g.hyper[k] for k in ("beta1", "beta2", "eps", "weight_decay"))
