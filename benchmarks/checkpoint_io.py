@@ -7,7 +7,9 @@
    (4 ranks) and at TP1 DP2 ZeRO-1 (2 ranks);
 2. times `cat` of the TP2 DP2 checkpoint's files and `cp -r` + sync of its folder (the limit);
 3. converts it to universal with 1, 2, 4 workers (streaming, peak RSS of the converter
-   process); DeepSpeed's ds_to_universal only where deepspeed is installed;
+   process), and with torchrun over 2 ranks; DeepSpeed's ds_to_universal on a DeepSpeed ZeRO-1 DP2
+   save of the same model where deepspeed is installed (DS_ACCELERATOR=cpu DS_BUILD_OPS=0); the same
+   for a --bf16 TP1 DP2 checkpoint;
 4. loads TP2 DP2 -> TP2 DP2 (same layout), -> TP1 DP4, TP1 DP2 -> TP1 DP2 (same),
    -> TP4, -> DP1, -> ZeRO-3 DP2, and reports seconds, bytes read per rank against the
    bytes the rank needs, and peak RSS;
@@ -15,7 +17,8 @@
 
 Before every timed read the checkpoint files' pages are dropped from the page cache with
 posix_fadvise(DONTNEED) (only those files: the machine is shared, so the global cache is
-left alone). Peak RSS of a rank includes torch and the model (the same in every row).
+left alone). Peak RSS of a rank includes torch and the model (the same in every row). The
+machine may be shared: each row shows the 1-minute load average when it finished.
 """
 from __future__ import annotations
 
@@ -69,6 +72,10 @@ def folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(p) for p in glob.glob(os.path.join(folder, "*")) if os.path.isfile(p))
 
 
+def _load_average() -> str:
+    return f"{os.getloadavg()[0]:.2f}"
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -117,15 +124,62 @@ def _save(rank: int, world: int, argv: list[str]) -> dict:
     return out
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Seconds and peak RSS (MiB) of one child process."""
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Seconds and peak RSS (MiB) of one child process (its largest process where it starts others)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}")
     return time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def convert_rows(native: str, label: str, workers: list[int], cp_s: float) -> list[tuple[str, str, str, str]]:
+    """Our converter on ``native`` with each worker count and under torchrun (2 ranks)."""
+    tool = os.path.join(REPO, "tools", "convert_to_universal.py")
+    runs = [(f"{w} workers", [sys.executable, tool], w) for w in workers]
+    runs.append(("torchrun 2 ranks", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                      "--master_port", "29533", tool], 2))
+    rows = []
+    for what, prefix, w in runs:
+        output = native + "_universal_bench"
+        drop_cache(native)
+        seconds, rss = timed(prefix + ["--input_folder", native, "--output_folder", output, "--num_workers", str(w),
+                                       "--no-progress"])
+        rows.append((f"convert_to_universal {label}, {what}", f"{seconds:.2f}", f"{seconds / cp_s:.2f}",
+                     f"peak RSS {rss:.0f} MiB"))
+        shutil.rmtree(output)
+    return rows
+
+
+def ds_to_universal_row(workdir: str, model: list[str], ours: float, cp_s: float) -> tuple[str, str, str, str]:
+    """DeepSpeed's own converter on a DeepSpeed ZeRO-1 DP2 save of the same model."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return ("ds_to_universal (DeepSpeed)", "-", "-", "deepspeed is not installed: not run")
+    from megatron.testing.deepspeed_engine import deepspeed_checkpoint
+
+    os.environ.update(DS_ACCELERATOR="cpu", DS_BUILD_OPS="0")
+    folder = os.path.join(workdir, "deepspeed_dp2")
+    deepspeed_checkpoint(folder, 2, model + ["--train-iters", "1"], {"zero_optimization": {"stage": 1}}, 1, 1)
+    tag = os.path.join(folder, "global_step1")
+    for extra in glob.glob(os.path.join(tag, "expected_fp32_*")):
+        os.remove(extra)  # the test helper's reference copy, not part of DeepSpeed's checkpoint
+    drop_cache(tag)
+    script = os.path.join(os.path.dirname(importlib.util.find_spec("deepspeed").origin), "checkpoint",
+                          "ds_to_universal.py")
+    output = os.path.join(folder, "universal")
+    seconds, rss = timed([sys.executable, script, "--input_folder", tag, "--output_folder", output,
+                          "--num_extract_workers", "2", "--num_merge_workers", "2", "--inject_missing_state"],
+                         env=dict(os.environ))
+    subprocess.run(["sync"], check=True)
+    written = sum(os.path.getsize(p) for p in glob.glob(os.path.join(output, "**", "*"), recursive=True)
+                  if os.path.isfile(p))
+    row = ("ds_to_universal (DeepSpeed 2+2 workers) on its DP2 save", f"{seconds:.2f}", f"{seconds / cp_s:.2f}",
+           f"input {folder_bytes(tag) / MIB:.0f} MiB, wrote {written / MIB:.0f} MiB, peak RSS (largest process) "
+           f"{rss:.0f} MiB; ours {seconds / ours:.2f}x faster")
+    shutil.rmtree(folder)
+    return row
 
 
 def main() -> None:
@@ -143,7 +197,7 @@ def main() -> None:
     run_distributed(_train_and_save, 2, model + one_step + ["--save", tp1dp2], timeout=3600)
     native = os.path.join(tp2dp2, "global_step1")
     size = folder_bytes(native)
-    rows: list[tuple[str, str, str, str]] = []  # operation, seconds, ratio to cp, memory / bytes
+    rows: list[tuple[str, ...]] = []  # operation, seconds, ratio to cp, memory / bytes, load average
 
     drop_cache(native)
     cat_s, cat_rss = timed(["cat", *sorted(glob.glob(os.path.join(native, "*")))])
@@ -153,21 +207,30 @@ def main() -> None:
     subprocess.run(["sync"], check=True)
     cp_s = time.perf_counter() - start
     shutil.rmtree(native + "_copy")
-    rows.append(("cat TP2 DP2 files > /dev/null", f"{cat_s:.2f}", f"{cat_s / cp_s:.2f}", f"RSS {cat_rss:.0f} MiB"))
-    rows.append(("cp -r + sync", f"{cp_s:.2f}", "1.00", ""))
-    for workers in [int(w) for w in a.workers.split(",")]:
-        output = native + f"_universal_w{workers}"
-        drop_cache(native)
-        seconds, rss = timed([sys.executable, os.path.join(REPO, "tools", "convert_to_universal.py"),
-                              "--input_folder", native, "--output_folder", output, "--num_workers", str(workers),
-                              "--no-progress"])
-        subprocess.run(["sync"], check=True)
-        rows.append((f"convert_to_universal, {workers} workers", f"{seconds:.2f}", f"{seconds / cp_s:.2f}",
-                     f"peak RSS {rss:.0f} MiB"))
-        if workers != 1:
-            shutil.rmtree(output)
-    if importlib.util.find_spec("deepspeed") is None:
-        rows.append(("ds_to_universal (DeepSpeed)", "-", "-", "deepspeed is not installed: not run"))
+    rows.append(("cat TP2 DP2 files > /dev/null", f"{cat_s:.2f}", f"{cat_s / cp_s:.2f}", f"RSS {cat_rss:.0f} MiB",
+                 _load_average()))
+    rows.append(("cp -r + sync", f"{cp_s:.2f}", "1.00", "", _load_average()))
+    converts = convert_rows(native, "TP2 DP2", [int(w) for w in a.workers.split(",")], cp_s)
+    rows += [r + (_load_average(),) for r in converts]
+    # The issue's case: fp32 ZeRO-1 DP2 (TP1), against DeepSpeed's converter on the same model.
+    dp2 = os.path.join(tp1dp2, "global_step1")
+    drop_cache(dp2)
+    start = time.perf_counter()
+    subprocess.run(["cp", "-r", dp2, dp2 + "_copy"], check=True)
+    subprocess.run(["sync"], check=True)
+    cp_dp2 = time.perf_counter() - start
+    shutil.rmtree(dp2 + "_copy")
+    rows.append(("cp -r + sync, TP1 DP2", f"{cp_dp2:.2f}", f"{cp_dp2 / cp_s:.2f}", f"{folder_bytes(dp2) / MIB:.0f} MiB",
+                 _load_average()))
+    dp2_rows = convert_rows(dp2, "TP1 DP2", [2], cp_dp2)
+    rows += [(n, s, f"{r} x cp TP1 DP2", m, _load_average()) for n, s, r, m in dp2_rows]
+    rows.append(ds_to_universal_row(a.workdir, model, min(float(r[1]) for r in dp2_rows), cp_dp2) + (_load_average(),))
+    bf16 = os.path.join(a.workdir, "bf16_tp1dp2")
+    run_distributed(_train_and_save, 2, model + one_step + ["--bf16", "--save", bf16], timeout=3600)
+    bf16_native = os.path.join(bf16, "global_step1")
+    rows += [(n, s, f"{r} x cp TP1 DP2", m, _load_average())
+             for n, s, r, m in convert_rows(bf16_native, "--bf16 TP1 DP2", [2], cp_dp2)]
+    shutil.rmtree(bf16)
 
     loads = [("TP2 DP2 -> TP2 DP2 (same layout)", tp2dp2, 4, ["--tensor-model-parallel-size", "2"]),
              ("TP2 DP2 -> TP1 DP4", tp2dp2, 4, ["--tensor-model-parallel-size", "1"]),
@@ -186,7 +249,8 @@ def main() -> None:
         rows.append((f"load {name}", f"{seconds:.2f}", f"{seconds / same[source]:.2f} x same layout",
                      f"read {sum(s['read'] for s in stats) / MIB:.0f} MiB for {sum(s['needed'] for s in stats) / MIB:.0f}"
                      f" MiB needed ({sum(s['read'] for s in stats) / sum(s['needed'] for s in stats):.2f}x); per rank "
-                     f"{', '.join(f'{r:.2f}x' for r in ratios)}; RSS {max(s['rss'] for s in stats):.0f} MiB"))
+                     f"{', '.join(f'{r:.2f}x' for r in ratios)}; RSS {max(s['rss'] for s in stats):.0f} MiB",
+                     _load_average()))
 
     save_dir = os.path.join(a.workdir, "saves")
     saves = run_distributed(_save, 4, model + ["--tensor-model-parallel-size", "2", "--train-iters", "1",
@@ -194,14 +258,16 @@ def main() -> None:
     sync_s = max(s["sync"] for s in saves)
     blocked = max(s["async_blocked"] for s in saves)
     total = max(s["async_total"] for s in saves)
-    rows.append(("save TP2 DP2, synchronous (blocks)", f"{sync_s:.2f}", "", f"RSS {max(s['sync_rss'] for s in saves):.0f} MiB"))
-    rows.append(("save TP2 DP2, --async-save: blocks", f"{blocked:.3f}", f"{blocked / sync_s:.3f} x sync", ""))
+    rows.append(("save TP2 DP2, synchronous (blocks)", f"{sync_s:.2f}", "", f"RSS {max(s['sync_rss'] for s in saves):.0f} MiB",
+                 _load_average()))
+    rows.append(("save TP2 DP2, --async-save: blocks", f"{blocked:.3f}", f"{blocked / sync_s:.3f} x sync", "", _load_average()))
     rows.append(("save TP2 DP2, --async-save: until committed", f"{total:.2f}", f"{total / sync_s:.2f} x sync",
-                 f"RSS {max(s['async_rss'] for s in saves):.0f} MiB (host copy of the state)"))
+                 f"RSS {max(s['async_rss'] for s in saves):.0f} MiB (host copy of the state)", _load_average()))
 
     print(f"\n{a.params} parameters ({' '.join(model[:6])}), fp32 master + Adam; TP2 DP2 ZeRO-1 checkpoint "
           f"{size / MIB:.0f} MiB; cache of the checkpoint's files dropped before each read\n")
-    print("| operation | seconds | ratio | memory / bytes |\n|---|---|---|---|")
+    print(f"command: python {' '.join(sys.argv)}; {os.cpu_count()} CPUs\n")
+    print("| operation | seconds | ratio | memory / bytes | load avg |\n|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
 

@@ -231,7 +231,7 @@ def _client_state(trainer, save_after: int) -> dict:
     return {"args": args, "iteration": save_after}
 
 
-def _batches(trainer, it: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+def _batches(trainer, it: int) -> list:
     from megatron.core.micro_batches import micro_batches
     a = trainer.args
     return micro_batches(trainer.datasets[0], it * a.global_batch_size, a.global_batch_size, a.micro_batch_size,
@@ -252,7 +252,7 @@ def _train_and_save(rank: int, world: int, argv: list[str], out: str, ds_config:
     for it in range(iterations):
         total = torch.zeros(1)
         batches = _batches(trainer, it)
-        for tokens, labels, _ in batches:
+        for tokens, labels, *_ in batches:
             loss = engine(tokens, labels)
             engine.backward(loss)
             engine.step()
@@ -303,7 +303,7 @@ def _train_and_save_pipeline(rank: int, world: int, argv: list[str], out: str, d
                                       config=_config(trainer, ds_config))
     losses = []
     for it in range(iterations):
-        batches = iter([(tokens, labels) for tokens, labels, _ in _batches(trainer, it)])
+        batches = iter([(tokens, labels) for tokens, labels, *_ in _batches(trainer, it)])
         losses.append(float(engine.train_batch(batches)))
         if it + 1 == save_after:
             engine.save_checkpoint(out, client_state=_client_state(trainer, save_after))
