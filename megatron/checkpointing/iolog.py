@@ -41,6 +41,7 @@ def describe_io(verb: str, stats: list[IoStats], seconds: float) -> str:
     total = sum(s.bytes for s in stats)
     peers = sum(s.from_peers for s in stats)
     where = f" from storage, {peers / MIB:.1f} MiB from other ranks" if verb == "read" else ""
-    ranks = "; ".join(f"rank {s.rank} {s.bytes / MIB:.1f} MiB in {s.seconds:.2f} s ({_rate(s.bytes, s.seconds)})"
-                      for s in stats)
+    ranks = "; ".join(f"rank {s.rank} {s.bytes / MIB:.1f} MiB" + (f" (+{s.from_peers / MIB:.1f} MiB from peers)"
+                                                                  if s.from_peers else "")
+                      + f" in {s.seconds:.2f} s ({_rate(s.bytes, s.seconds)})" for s in stats)
     return f"{verb} {total / MIB:.1f} MiB{where} in {seconds:.2f} s ({_rate(total, seconds)}) [{ranks}]"

@@ -3,7 +3,9 @@
 Each rank walks its own fragment table: for every flat range it holds of a local
 parameter, it maps the range to boxes, the boxes through its piece map to canonical
 regions, and asks the checkpoint for exactly those regions. Elements covered by no
-piece (vocabulary padding) are zero.
+piece (vocabulary padding) are zero. On a resharded load of several ranks the reads are
+planned (``exchange``): each needed block is read and verified by one rank, which sends the
+others their slices; a single process, or a same-layout load, reads its own bytes itself.
 """
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
 from megatron.checkpointing.async_save import wait_for_async_saves
+from megatron.checkpointing.exchange import planned_fill
 from megatron.checkpointing.iolog import MIB, IoStats, describe_io, gather_to_rank0
 from megatron.checkpointing.locate import NEVER, resolve_checkpoint
 from megatron.checkpointing.reader import STATES, WEIGHTS_ONLY, CheckpointReader, saved_states
@@ -41,6 +45,7 @@ class Loaded:
     total_bytes: int
     json_bytes_parsed: int = 0  # manifest and rank tables this rank parsed
     seconds: float = 0.0  # this rank's time in the load, collectives included
+    from_peers: int = 0  # bytes other ranks read and sent to this one (planned load)
 
 
 def fill_fragment(reader: CheckpointReader, param: nn.Parameter, start: int, end: int, state: str,
@@ -65,21 +70,23 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
                     universal: bool = False, tag: str | None = None, load_optimizer: bool = True,
                     load_rng: bool = True, validate: Callable[[dict], None] | None = None,
                     start_fresh: str = NEVER, log: Callable[[str], None] | None = None,
-                    progress: bool | None = None) -> Loaded | None:
+                    progress: bool | None = None, exchange: bool = True) -> Loaded | None:
     """Collective (ZeRO gathers the loaded weights): each rank reads only what its fragments need.
     Returns None if there is nothing to resume from and ``start_fresh`` allows that (see
     ``locate``). ``validate(state)`` may refuse the checkpoint before any tensor is read. A
     failure on any rank raises the same CheckpointError on every rank. ``log`` (rank 0's) gets
     the bytes each rank read, seconds and throughput. ``progress``: a bar over this rank's
-    fragments (None: when stderr is a terminal; the caller passes False off rank 0)."""
+    fragments (None: when stderr is a terminal; the caller passes False off rank 0). ``exchange``:
+    plan a resharded load's reads over the ranks (False: every rank reads what it needs itself)."""
     wait_for_async_saves()  # a checkpoint still being written in the background is committed first
     path = resolve_checkpoint(load_dir, universal, tag, start_fresh)  # the same answer on every rank
     if path is None:
         return None
     start = time.perf_counter()
-    reader, error = None, None
+    reader, error, from_peers = None, None, 0
     try:
-        reader = _read_into_fragments(path, model, optimizer, topo, universal, load_optimizer, validate, progress)
+        reader, from_peers = _read_into_fragments(path, model, optimizer, topo, universal, load_optimizer, validate,
+                                                  progress, exchange)
     except (OSError, CheckpointError) as e:
         error = as_checkpoint_error(e, f"loading {path}")
         if tag is None and os.path.realpath(path) != os.path.realpath(load_dir):  # found through a pointer
@@ -99,18 +106,66 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
             set_rng_state(rng)
             rng_restored = True
     seconds = time.perf_counter() - start
-    stats = gather_to_rank0(IoStats(topo.rank, reader.bytes_read, seconds), topo)
+    stats = gather_to_rank0(IoStats(topo.rank, reader.bytes_read, seconds, from_peers), topo)
     if log is not None:
         log(f"loaded checkpoint {path}: " + describe_io("read", stats, seconds)
             + f"; the checkpoint holds {reader.total_bytes / MIB:.1f} MiB")
     return Loaded(path, reader.kind, reader.manifest["state"], rng_restored, reader.bytes_read,
-                  reader.total_bytes, reader.json_bytes_parsed, seconds)
+                  reader.total_bytes, reader.json_bytes_parsed, seconds, from_peers)
 
 
 def _read_into_fragments(path: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
                          universal: bool, load_optimizer: bool,
-                         validate: Callable[[dict], None] | None, progress: bool | None) -> CheckpointReader:
-    """This rank's part of a load: checks, then every fragment's states from the checkpoint."""
+                         validate: Callable[[dict], None] | None, progress: bool | None,
+                         exchange: bool) -> tuple[CheckpointReader, int]:
+    """This rank's part of a load: checks, then every fragment's states from the checkpoint.
+    Returns the reader and the bytes received from other ranks."""
+    planned = exchange and dist.is_initialized() and topo.world_size > 1
+    reader, error = None, None
+    try:
+        reader = _open_checked(path, model, optimizer, universal, load_optimizer, validate)
+    except (OSError, CheckpointError) as e:
+        if not planned:
+            raise
+        error = as_checkpoint_error(e, f"loading {path}")
+    if planned:  # the planned load's collectives start only if every rank passed the checks
+        raise_if_any_failed(error)
+    params = dict(model.named_parameters())
+    states = STATES if load_optimizer else WEIGHTS_ONLY
+    same_files = (reader.kind == "native" and reader.manifest["topology"] == topo.describe()
+                  and reader.manifest["zero_stage"] == optimizer.stage)
+    # Same layout: copy this rank's fragments straight from the file that stored them, parsing
+    # only that rank's table. Otherwise go through the canonical tensors (all tables).
+    stored = reader.rank_table(topo.rank)["params"] if same_files else {}
+    items = [(f, s) for f in optimizer.fragments() for s in states]
+    bar = progress_bar(len(items), f"loading {os.path.basename(path)}", "state", progress)
+
+    def fill(item: tuple) -> None:
+        f, s = item
+        dest = optimizer.fragment_state(f)[s]
+        if f.name in stored and f.end > f.start:
+            rank = stored[f.name].get("stored_by", topo.rank)
+            dest.copy_(torch.from_numpy(np.array(reader.read_stored(rank, f.name, s, f.start, f.end))))
+        else:
+            fill_fragment(reader, params[f.name], f.start, f.end, s, dest)
+        if not bool(torch.isfinite(dest).all()):
+            raise CheckpointError(f"{path}: {f.name} ({s}) holds NaN or Inf values in the checkpoint: "
+                                  f"training had diverged when it was saved; load an earlier checkpoint")
+
+    from_peers = 0
+    if planned and not same_files:
+        from_peers = planned_fill(reader, items, fill, topo, on_filled=lambda: bar.update(1))
+    else:
+        for item in items:
+            fill(item)
+            bar.update(1)
+    bar.close()
+    return reader, from_peers
+
+
+def _open_checked(path: str, model: nn.Module, optimizer: DistributedOptimizer, universal: bool,
+                  load_optimizer: bool, validate: Callable[[dict], None] | None) -> CheckpointReader:
+    """The checkpoint's reader, once it is known to be of this model and of the kind asked for."""
     reader = CheckpointReader(path)
     if universal and reader.kind != "universal":
         raise CheckpointError(f"--universal-checkpoint: {path} is a {reader.kind} checkpoint; drop "
@@ -123,28 +178,6 @@ def _read_into_fragments(path: str, model: nn.Module, optimizer: DistributedOpti
     if load_optimizer and saved_states(reader.manifest) != STATES:
         raise CheckpointError(f"{path} holds weights only (saved with --no-save-optim): pass --no-load-optim "
                               f"or --finetune to start the optimizer afresh")
-    params = dict(model.named_parameters())
-    states = STATES if load_optimizer else WEIGHTS_ONLY
-    same_files = (reader.kind == "native" and reader.manifest["topology"] == topo.describe()
-                  and reader.manifest["zero_stage"] == optimizer.stage)
-    # Same layout: copy this rank's fragments straight from the file that stored them, parsing
-    # only that rank's table. Otherwise go through the canonical tensors (all tables).
-    stored = reader.rank_table(topo.rank)["params"] if same_files else {}
-    fragments = optimizer.fragments()
-    bar = progress_bar(len(fragments), f"loading {os.path.basename(path)}", "tensor", progress)
-    for f in fragments:
-        bar.update(1)
-        views = optimizer.fragment_state(f)
-        for s in states:
-            if f.name in stored and f.end > f.start:
-                rank = stored[f.name].get("stored_by", topo.rank)
-                views[s].copy_(torch.from_numpy(np.array(reader.read_stored(rank, f.name, s, f.start, f.end))))
-            else:
-                fill_fragment(reader, params[f.name], f.start, f.end, s, views[s])
-            if not bool(torch.isfinite(views[s]).all()):
-                raise CheckpointError(f"{path}: {f.name} ({s}) holds NaN or Inf values in the checkpoint: "
-                                      f"training had diverged when it was saved; load an earlier checkpoint")
-    bar.close()
     return reader
 
 

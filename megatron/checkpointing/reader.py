@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from megatron.checkpointing.manifest import STATES, validate, validate_rank_table
-from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader
+from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader, SharedHeader
 from megatron.core.pieces import Box, Piece, box_flat_span, box_runs, box_slices, intersect, translate
 
 MANIFEST = "manifest.json"
@@ -191,6 +191,21 @@ class CheckpointReader:
                     raise CheckpointError(f"{self.path}: {name} is not listed in the manifest")
                 self._files[name] = SafetensorsReader(os.path.join(self.path, name), self.manifest["files"][name])
             return self._files[name]
+
+    def adopt_file(self, name: str, shared: SharedHeader) -> SafetensorsReader:
+        """Open ``name`` with the header another rank read and verified (a planned load)."""
+        with self._lock:
+            if name not in self._files:
+                if name not in self.manifest["files"]:
+                    raise CheckpointError(f"{self.path}: {name} is not listed in the manifest")
+                self._files[name] = SafetensorsReader(os.path.join(self.path, name), self.manifest["files"][name],
+                                                      shared)
+            return self._files[name]
+
+    def route(self, router: object | None) -> None:
+        """Send every open file's reads through ``router`` (None: straight from the files again)."""
+        for f in self._files.values():
+            f.router = router
 
     @property
     def bytes_read(self) -> int:

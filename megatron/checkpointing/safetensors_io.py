@@ -166,10 +166,24 @@ def parse_header(path: str, raw: bytes, data_size: int) -> tuple[dict, dict]:
     return header, metadata
 
 
-class SafetensorsReader:
-    """Byte-range reads from one checkpoint file, verified against the manifest's checksums."""
+@dataclass(frozen=True)
+class SharedHeader:
+    """A file's parsed header, read and verified by one rank and handed to the others, so that a
+    planned load reads the header's blocks once in the whole job."""
 
-    def __init__(self, path: str, info: dict) -> None:
+    length: int
+    header: dict
+    metadata: dict
+
+
+class SafetensorsReader:
+    """Byte-range reads from one checkpoint file, verified against the manifest's checksums.
+
+    ``router`` (a planned load's, see ``exchange``): when set, every read goes through it, which
+    verifies and maps only the blocks this rank owns and serves the rest from bytes other ranks
+    sent."""
+
+    def __init__(self, path: str, info: dict, shared: SharedHeader | None = None) -> None:
         self.path = path
         self.info = info
         if not os.path.exists(path):
@@ -191,10 +205,17 @@ class SafetensorsReader:
         self._hashing: dict[int, threading.Event] = {}  # blocks being hashed by some thread now
         self._verify_lock = threading.Lock()
         self.bytes_read = 0
+        self.router = None
+        if shared is not None:
+            self.header, self.metadata, self.data_start = shared.header, shared.metadata, 8 + shared.length
+            return
         header_len = read_header_length(path, self.mm)
         self._verify(0, 8 + header_len)
         self.header, self.metadata = parse_header(path, bytes(self.mm[8:8 + header_len]), size - 8 - header_len)
         self.data_start = 8 + header_len
+
+    def shared_header(self) -> SharedHeader:
+        return SharedHeader(self.data_start - 8, self.header, self.metadata)
 
     def _verify(self, lo: int, hi: int) -> None:
         """Hash every block of [lo, hi) not yet verified, each exactly once whatever the number of
@@ -253,6 +274,8 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.path}: read [{start}, {end}) past tensor {key} of {self.numel(key)} elements")
         lo = self.data_start + e["data_offsets"][0] + 4 * start
         hi = self.data_start + e["data_offsets"][0] + 4 * end
+        if self.router is not None:
+            return self.router.read(self, lo, hi).view(np.float32)
         if hi > lo:
             self._verify(lo, hi)
         span = self.mm[lo:hi].view(np.float32)
@@ -265,10 +288,19 @@ class SafetensorsReader:
         that a reader streaming through a file keeps only what it still needs mapped (the page
         cache keeps the data; a later read maps it again)."""
         base = self.data_start + self.entry(key)["data_offsets"][0]
-        lo = -(-(base + 4 * start) // mmap.PAGESIZE) * mmap.PAGESIZE
-        hi = (base + 4 * end) // mmap.PAGESIZE * mmap.PAGESIZE
+        self.release_bytes(base + 4 * start, base + 4 * end)
+
+    def release_bytes(self, start: int, end: int) -> None:
+        """Unmap the whole pages of file bytes [start, end) (see ``release``)."""
+        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = end // mmap.PAGESIZE * mmap.PAGESIZE
         if self._map is not None and hi > lo:
             self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def verify(self, lo: int, hi: int) -> None:
+        """Verify every block that file bytes [lo, hi) touch (each block hashed once)."""
+        if hi > lo:
+            self._verify(lo, hi)
 
     def verify_all(self) -> None:
         if len(self.mm):

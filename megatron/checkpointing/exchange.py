@@ -1,0 +1,265 @@
+"""A planned resharded load: each needed checkpoint block is read and verified by one rank,
+which sends the other ranks the slices of it they need.
+
+1. Headers: rank ``i % world`` reads and verifies file ``i``'s header; one all_gather_object
+   hands it to the others.
+2. Needs: every rank walks its load once with the reads recorded, not done (``BlockRouter``),
+   and groups its items into rounds of at most ``EXCHANGE_BUDGET`` bytes; one
+   all_gather_object shares every rank's byte intervals by round.
+3. Plan: ``read_plan.assign_owners``, the same on every rank, gives each needed block one owner.
+4. Rounds: owners verify and pack what each rank needs in the round, one batch_isend_irecv
+   moves it, and each rank fills its round's items (its own blocks straight from the file).
+A failure on any rank (a corrupted block, found by its owner) is agreed before the next
+transfer, so every rank raises the same error instead of waiting for a peer that stopped.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
+from megatron.checkpointing.read_plan import FileBlocks, assign_owners, merge_intervals, split_by_owner
+from megatron.checkpointing.reader import CheckpointReader
+from megatron.checkpointing.safetensors_io import BLOCK_SIZE, CheckpointError, SafetensorsReader
+from megatron.core.parallel_state import Topology
+
+EXCHANGE_BUDGET = 128 << 20  # bytes a rank receives and fills per round: bounds the load's extra memory
+
+T = TypeVar("T")
+Needs = dict[str, np.ndarray]  # file name -> sorted disjoint byte intervals (n, 2)
+
+
+def _block_size(f: SafetensorsReader) -> int:
+    return f.info.get("block_size", BLOCK_SIZE)
+
+
+class BlockRouter:
+    """What ``SafetensorsReader.read`` does on a planned load: record the byte ranges asked for
+    (planning; zeros are returned), or serve them: blocks this rank owns are verified and read
+    from the file, the others come from the bytes their owners sent this round."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.recording: list[tuple[str, int, int]] | None = None
+        self.owners: dict[str, np.ndarray] = {}
+        self._cuts: dict[str, np.ndarray] = {}  # blocks where the owner changes
+        self._block_sizes: dict[str, int] = {}
+        self.received: dict[str, tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = {}
+        self._zeros = np.zeros(0, dtype=np.uint8)
+
+    def set_owners(self, owners: dict[str, np.ndarray], block_sizes: dict[str, int]) -> None:
+        self.owners, self._block_sizes = owners, block_sizes
+        self._cuts = {n: np.flatnonzero(o[1:] != o[:-1]) + 1 for n, o in owners.items()}
+
+    def read(self, file: SafetensorsReader, lo: int, hi: int) -> np.ndarray:
+        """File bytes [lo, hi) as uint8."""
+        name = os.path.basename(file.path)
+        if self.recording is not None:
+            if hi > lo:
+                self.recording.append((name, lo, hi))
+            if len(self._zeros) < hi - lo:
+                self._zeros = np.zeros(hi - lo, dtype=np.uint8)
+            return self._zeros[:max(hi - lo, 0)]
+        if hi <= lo:
+            return file.mm[lo:lo]
+        owner, bs = self.owners[name], _block_size(file)
+        first, last = lo // bs, (hi - 1) // bs
+        if first == last or (owner[first:last + 1] == owner[first]).all():
+            return self._segment(file, name, int(owner[first]), lo, hi)
+        cuts = self._cuts[name]
+        inner = cuts[np.searchsorted(cuts, first + 1):np.searchsorted(cuts, last, side="right")] * bs
+        points = [lo, *inner.tolist(), hi]
+        out = np.empty(hi - lo, dtype=np.uint8)
+        for a, b in zip(points, points[1:]):
+            out[a - lo:b - lo] = self._segment(file, name, int(owner[a // bs]), a, b)
+        return out
+
+    def _segment(self, file: SafetensorsReader, name: str, owner: int, a: int, b: int) -> np.ndarray:
+        if owner == self.rank:
+            file.verify(a, b)
+            return file.mm[a:b]
+        got = self.received.get(name)
+        if got is not None:
+            starts, ends, parts = got
+            k = int(np.searchsorted(starts, a, side="right")) - 1
+            if k >= 0 and b <= ends[k]:
+                return parts[k][a - starts[k]:b - starts[k]]
+        raise RuntimeError(f"planned load: bytes [{a}, {b}) of {file.path} were neither read here nor received "
+                           f"from rank {owner}: the read plan and the load disagree")
+
+    def segments(self, needs: Needs, src: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """The parts of ``needs`` whose blocks rank ``src`` owns: (file, starts, ends), in the
+        order both the sender and the receiver lay them out."""
+        out = []
+        for name in sorted(needs):
+            lo, hi, own = split_by_owner(needs[name], self.owners[name], self._block_sizes[name])
+            keep = own == src
+            if keep.any():
+                out.append((name, lo[keep], hi[keep]))
+        return out
+
+    def pack(self, files: dict[str, SafetensorsReader], needs: Needs) -> np.ndarray:
+        """This rank's blocks' bytes that ``needs`` asks for, verified, in ``segments`` order."""
+        parts = []
+        for name, starts, ends in self.segments(needs, self.rank):
+            f = files[name]
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                f.verify(a, b)
+                parts.append(f.mm[a:b])
+        out = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+        for name, starts, ends in self.segments(needs, self.rank):
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                files[name].release_bytes(a, b)  # copied out: keep only what is still needed mapped
+        return out
+
+    def receive(self, pieces: dict[str, list[tuple[int, int, np.ndarray]]]) -> None:
+        """This round's bytes from other ranks, by file: (start, end, bytes)."""
+        self.received = {}
+        for name, got in pieces.items():
+            got.sort(key=lambda p: p[0])
+            self.received[name] = (np.array([p[0] for p in got], dtype=np.int64),
+                                   np.array([p[1] for p in got], dtype=np.int64), [p[2] for p in got])
+
+
+def _agreed(fn: Callable[[], T], what: str) -> T:
+    """Collective: ``fn()``, or the lowest failing rank's error raised on every rank."""
+    result, error = None, None
+    try:
+        result = fn()
+    except (OSError, CheckpointError) as e:
+        error = as_checkpoint_error(e, what)
+    raise_if_any_failed(error)
+    return result
+
+
+def _share_headers(reader: CheckpointReader, rank: int, world: int) -> dict[str, dict[int, int]]:
+    """Each file's header read by one rank and given to all; returns the blocks each read."""
+    names = sorted(reader.manifest["files"])
+    mine = _agreed(lambda: {n: reader.file(n).shared_header() for i, n in enumerate(names) if i % world == rank},
+                   f"loading {reader.path}")
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    pinned: dict[str, dict[int, int]] = {}
+
+    def adopt() -> None:
+        for r, headers in enumerate(gathered):
+            for name, shared in headers.items():
+                f = reader.file(name) if r == rank else reader.adopt_file(name, shared)
+                pinned[name] = {b: r for b in range((8 + shared.length - 1) // _block_size(f) + 1)}
+    _agreed(adopt, f"loading {reader.path}")
+    return pinned
+
+
+def _rounds(per_item: list[list[tuple[str, int, int]]], budget: int) -> tuple[list[list[int]], list[Needs]]:
+    """Consecutive items grouped into rounds of at most ``budget`` bytes (an item larger than
+    that is a round of its own), with each round's byte intervals by file."""
+    rounds: list[list[int]] = []
+    raw: list[dict[str, list[tuple[int, int]]]] = []
+    used = 0
+    for i, reads in enumerate(per_item):
+        nbytes = sum(hi - lo for _, lo, hi in reads)
+        if not rounds or (used + nbytes > budget and rounds[-1]):
+            rounds.append([])
+            raw.append({})
+            used = 0
+        rounds[-1].append(i)
+        used += nbytes
+        for name, lo, hi in reads:
+            raw[-1].setdefault(name, []).append((lo, hi))
+    return rounds, [{n: merge_intervals(np.array(v)) for n, v in r.items()} for r in raw]
+
+
+def _transfer(sends: dict[int, np.ndarray], sizes: dict[int, int], device: torch.device) -> dict[int, np.ndarray]:
+    """One batch_isend_irecv: ``sends`` by destination, receives of ``sizes`` bytes by source."""
+    ops, keep, recvs = [], [], {}
+    for dst, buf in sorted(sends.items()):
+        if len(buf):
+            t = torch.from_numpy(buf).to(device)
+            keep.append(t)
+            ops.append(dist.P2POp(dist.isend, t, dst))
+    for src, size in sorted(sizes.items()):
+        if size:
+            recvs[src] = torch.empty(size, dtype=torch.uint8, device=device)
+            ops.append(dist.P2POp(dist.irecv, recvs[src], src))
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    return {src: t.cpu().numpy() for src, t in recvs.items()}
+
+
+def planned_fill(reader: CheckpointReader, items: Sequence[T], fill: Callable[[T], None], topo: Topology,
+                 budget: int | None = None, on_filled: Callable[[], None] | None = None) -> int:
+    """Collective: ``fill(item)`` for every item of this rank, each needed block of the job read
+    and verified by one rank only (``on_filled()`` after each). Returns the bytes this rank
+    received from other ranks."""
+    rank, world, what = topo.rank, topo.world_size, f"loading {reader.path}"
+    pinned = _share_headers(reader, rank, world)
+    router = BlockRouter(rank)
+    reader.route(router)
+    try:
+        return _run(reader, router, items, fill, topo, pinned, EXCHANGE_BUDGET if budget is None else budget, what,
+                    on_filled or (lambda: None))
+    finally:
+        reader.route(None)
+
+
+def _record(router: BlockRouter, items: Sequence[T], fill: Callable[[T], None]) -> list[list[tuple[str, int, int]]]:
+    per_item = []
+    for item in items:
+        router.recording = []
+        fill(item)
+        per_item.append(router.recording)
+    router.recording = None
+    return per_item
+
+
+def _run(reader: CheckpointReader, router: BlockRouter, items: Sequence[T], fill: Callable[[T], None],
+         topo: Topology, pinned: dict[str, dict[int, int]], budget: int, what: str,
+         on_filled: Callable[[], None]) -> int:
+    rank, world = topo.rank, topo.world_size
+    per_item = _agreed(lambda: _record(router, items, fill), what)
+    mine, needs = _rounds(per_item, budget)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, needs)
+    names = sorted(reader.manifest["files"])
+    files = {n: reader.file(n) for n in names}
+    blocks = [FileBlocks(n, reader.manifest["files"][n]["size"], _block_size(files[n])) for n in names]
+    totals = [{n: merge_intervals(np.concatenate([r[n] for r in rounds if n in r]))
+               for n in names if any(n in r for r in rounds)} for rounds in everyone]
+    router.set_owners(assign_owners(blocks, totals, pinned), {b.name: b.block_size for b in blocks})
+    received, error = 0, None
+    for r in range(max(len(rounds) for rounds in everyone)):
+        sends: dict[int, np.ndarray] = {}
+        if error is None:
+            try:
+                sends = {dst: router.pack(files, everyone[dst][r]) for dst in range(world)
+                         if dst != rank and r < len(everyone[dst])}
+            except (OSError, CheckpointError) as e:
+                error = as_checkpoint_error(e, what)
+        raise_if_any_failed(error)  # a corrupted block stops every rank here, before the transfer
+        layout = {src: router.segments(needs[r], src) for src in range(world) if src != rank} if r < len(needs) else {}
+        sizes = {src: int(sum((e - s).sum() for _, s, e in segs)) for src, segs in layout.items()}
+        got = _transfer(sends, sizes, topo.device)
+        pieces: dict[str, list[tuple[int, int, np.ndarray]]] = {}
+        for src, segs in layout.items():
+            at = 0
+            for name, starts, ends in segs:
+                for a, b in zip(starts.tolist(), ends.tolist()):
+                    pieces.setdefault(name, []).append((a, b, got[src][at:at + b - a]))
+                    at += b - a
+        received += sum(sizes.values())
+        router.receive(pieces)
+        try:
+            for i in mine[r] if r < len(mine) else []:
+                fill(items[i])
+                on_filled()
+        except (OSError, CheckpointError) as e:
+            error = as_checkpoint_error(e, what)
+    router.receive({})
+    if error is not None:
+        raise error  # load_checkpoint agrees on it with the other ranks
+    return received
