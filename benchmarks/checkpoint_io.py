@@ -11,8 +11,9 @@
    save of the same model where deepspeed is installed (DS_ACCELERATOR=cpu DS_BUILD_OPS=0); the same
    for a --bf16 TP1 DP2 checkpoint;
 4. loads TP2 DP2 -> TP2 DP2 (same layout), -> TP1 DP4, TP1 DP2 -> TP1 DP2 (same),
-   -> TP4, -> DP1, -> ZeRO-3 DP2, and reports seconds, bytes read per rank against the
-   bytes the rank needs, and peak RSS;
+   -> TP4 (planned and per-rank reads), -> DP1, -> ZeRO-3 DP2, and reports seconds against the
+   same-layout load, bytes read in all against the checkpoint's, the largest rank's reads
+   against an equal share, bytes sent between ranks, and peak RSS (--loads-only: just these);
 5. times a synchronous save and an --async-save of the TP2 DP2 state: blocking and total.
 
 Before every timed read the checkpoint files' pages are dropped from the page cache with
@@ -85,15 +86,51 @@ def _train_and_save(rank: int, world: int, argv: list[str]) -> None:
     pretrain(argv)
 
 
-def _load(rank: int, world: int, argv: list[str]) -> dict:
-    """Build the target layout, which loads the checkpoint: seconds, bytes read and needed."""
+def _load(rank: int, world: int, argv: list[str], folder: str, exchange: bool) -> dict:
+    """Build the target layout, then load the checkpoint into it (planned, or per rank): seconds,
+    bytes read from storage and received from other ranks, bytes the rank's fragments hold."""
+    from megatron.checkpointing import load_checkpoint
     from megatron.checkpointing.reader import STATES
     from megatron.training import build_trainer
 
     trainer = build_trainer(argv)
+    loaded = load_checkpoint(folder, trainer.model, trainer.optimizer, trainer.topo, exchange=exchange)
     needed = sum(f.end - f.start for f in trainer.optimizer.fragments()) * len(STATES) * 4
-    return {"seconds": trainer.loaded.seconds, "read": trainer.loaded.bytes_read, "needed": needed,
-            "rss": _peak_rss_mib()}
+    return {"seconds": loaded.seconds, "read": loaded.bytes_read, "from_peers": loaded.from_peers,
+            "needed": needed, "total": loaded.total_bytes, "rss": _peak_rss_mib()}
+
+
+LOADS = [  # (row, source, world, flags, planned); a row's source is loaded on its own layout first
+    ("TP2 DP2 -> TP2 DP2 (same layout)", "tp2dp2", 4, ["--tensor-model-parallel-size", "2"], True),
+    ("TP2 DP2 -> TP1 DP4", "tp2dp2", 4, ["--tensor-model-parallel-size", "1"], True),
+    ("TP1 DP2 -> TP1 DP2 (same layout)", "tp1dp2", 2, [], True),
+    ("TP1 DP2 -> TP4", "tp1dp2", 4, ["--tensor-model-parallel-size", "4"], True),
+    ("TP1 DP2 -> TP4, per-rank reads (no exchange)", "tp1dp2", 4, ["--tensor-model-parallel-size", "4"], False),
+    ("TP1 DP2 -> DP1 (one process: per-rank path)", "tp1dp2", 1, [], True),
+    ("TP1 DP2 ZeRO-1 -> ZeRO-3 DP2", "tp1dp2", 2, ["--zero-stage", "3"], True),
+]
+
+
+def load_rows(folders: dict[str, str], model: list[str]) -> list[tuple[str, ...]]:
+    """One row per load of LOADS: seconds against the same-layout load of its source; bytes read
+    from storage against the checkpoint (every byte is needed once), the largest rank's reads
+    against an equal share, bytes sent between ranks, and per rank reads against its own needs."""
+    rows, same = [], {}
+    for name, source, world, flags, planned in LOADS:
+        folder = os.path.join(folders[source], "global_step1")
+        drop_cache(folder)
+        stats = run_distributed(_load, world, model + flags + ["--train-iters", "1"], folder, planned, timeout=3600)
+        seconds = max(s["seconds"] for s in stats)
+        same.setdefault(source, seconds)
+        read, total = sum(s["read"] for s in stats), stats[0]["total"]
+        share = max(s["read"] for s in stats) / (read / world)
+        per_rank = ", ".join(f"{s['read'] / s['needed']:.2f}x" for s in stats)
+        rows.append((f"load {name}", f"{seconds:.2f}", f"{seconds / same[source]:.2f} x same layout",
+                     f"read {read / MIB:.0f} MiB for {total / MIB:.0f} MiB needed ({read / total:.3f}x); max rank "
+                     f"{share:.2f}x its share; {sum(s['from_peers'] for s in stats) / MIB:.0f} MiB from other ranks; "
+                     f"per rank read / own needs {per_rank}; RSS {max(s['rss'] for s in stats):.0f} MiB",
+                     _load_average()))
+    return rows
 
 
 def _save(rank: int, world: int, argv: list[str]) -> dict:
@@ -187,6 +224,7 @@ def main() -> None:
     p.add_argument("--params", default="20M", help="model size, e.g. 20M (default, ~2 min here) or 250M")
     p.add_argument("--workdir", default="/tmp/ckpt_io_bench")
     p.add_argument("--workers", default="1,2,4", help="converter worker counts to time")
+    p.add_argument("--loads-only", action="store_true", help="save the two checkpoints and time only the loads")
     a = p.parse_args()
     model = model_args(parse_params(a.params))
     shutil.rmtree(a.workdir, ignore_errors=True)
@@ -198,6 +236,9 @@ def main() -> None:
     native = os.path.join(tp2dp2, "global_step1")
     size = folder_bytes(native)
     rows: list[tuple[str, ...]] = []  # operation, seconds, ratio to cp, memory / bytes, load average
+    if a.loads_only:
+        _print_table(a, model, size, load_rows({"tp2dp2": tp2dp2, "tp1dp2": tp1dp2}, model))
+        return
 
     drop_cache(native)
     cat_s, cat_rss = timed(["cat", *sorted(glob.glob(os.path.join(native, "*")))])
@@ -232,25 +273,7 @@ def main() -> None:
              for n, s, r, m in convert_rows(bf16_native, "--bf16 TP1 DP2", [2], cp_dp2)]
     shutil.rmtree(bf16)
 
-    loads = [("TP2 DP2 -> TP2 DP2 (same layout)", tp2dp2, 4, ["--tensor-model-parallel-size", "2"]),
-             ("TP2 DP2 -> TP1 DP4", tp2dp2, 4, ["--tensor-model-parallel-size", "1"]),
-             ("TP1 DP2 -> TP1 DP2 (same layout)", tp1dp2, 2, []),
-             ("TP1 DP2 -> TP4", tp1dp2, 4, ["--tensor-model-parallel-size", "4"]),
-             ("TP1 DP2 -> DP1", tp1dp2, 1, []),
-             ("TP1 DP2 ZeRO-1 -> ZeRO-3 DP2", tp1dp2, 2, ["--zero-stage", "3"])]
-    same = {}
-    for name, folder, world, flags in loads:
-        drop_cache(os.path.join(folder, "global_step1"))
-        stats = run_distributed(_load, world, model + flags + one_step + ["--load", folder], timeout=3600)
-        seconds = max(s["seconds"] for s in stats)
-        source = folder
-        same.setdefault(source, seconds)
-        ratios = [s["read"] / s["needed"] for s in stats]
-        rows.append((f"load {name}", f"{seconds:.2f}", f"{seconds / same[source]:.2f} x same layout",
-                     f"read {sum(s['read'] for s in stats) / MIB:.0f} MiB for {sum(s['needed'] for s in stats) / MIB:.0f}"
-                     f" MiB needed ({sum(s['read'] for s in stats) / sum(s['needed'] for s in stats):.2f}x); per rank "
-                     f"{', '.join(f'{r:.2f}x' for r in ratios)}; RSS {max(s['rss'] for s in stats):.0f} MiB",
-                     _load_average()))
+    rows += load_rows({"tp2dp2": tp2dp2, "tp1dp2": tp1dp2}, model)
 
     save_dir = os.path.join(a.workdir, "saves")
     saves = run_distributed(_save, 4, model + ["--tensor-model-parallel-size", "2", "--train-iters", "1",
@@ -264,6 +287,10 @@ def main() -> None:
     rows.append(("save TP2 DP2, --async-save: until committed", f"{total:.2f}", f"{total / sync_s:.2f} x sync",
                  f"RSS {max(s['async_rss'] for s in saves):.0f} MiB (host copy of the state)", _load_average()))
 
+    _print_table(a, model, size, rows)
+
+
+def _print_table(a: argparse.Namespace, model: list[str], size: int, rows: list[tuple[str, ...]]) -> None:
     print(f"\n{a.params} parameters ({' '.join(model[:6])}), fp32 master + Adam; TP2 DP2 ZeRO-1 checkpoint "
           f"{size / MIB:.0f} MiB; cache of the checkpoint's files dropped before each read\n")
     print(f"command: python {' '.join(sys.argv)}; {os.cpu_count()} CPUs\n")
