@@ -14,7 +14,8 @@
    -> TP4 (planned and per-rank reads), -> DP1, -> ZeRO-3 DP2, and reports seconds against the
    same-layout load, bytes read in all against the checkpoint's, the largest rank's reads
    against an equal share, bytes sent between ranks, and peak RSS (--loads-only: just these);
-5. times a synchronous save and an --async-save of the TP2 DP2 state: blocking and total.
+5. times a synchronous save of the TP2 DP2 state, torch.distributed.checkpoint.save of the same
+   tensors, two --async-save saves and two DCP async_save saves: blocking and total.
 
 Before every timed read the checkpoint files' pages are dropped from the page cache with
 posix_fadvise(DONTNEED) (only those files: the machine is shared, so the global cache is
@@ -134,31 +135,85 @@ def load_rows(folders: dict[str, str], model: list[str]) -> list[tuple[str, ...]
 
 
 def _save(rank: int, world: int, argv: list[str]) -> dict:
-    """A synchronous save, then an asynchronous one of the same state: blocking and total seconds."""
+    """The same state saved by us synchronously, by torch.distributed.checkpoint.save, then twice
+    with --async-save and twice with DCP's async_save: seconds blocked (the call, waiting for a
+    previous save included) and until committed."""
     import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
 
     from megatron.checkpointing import AsyncSaver
+    from megatron.checkpointing.save import capture_rank_state
     from megatron.training import build_trainer
 
     trainer = build_trainer(argv)
     out = {}
+
+    def timed_call(key: str, call) -> object:
+        dist.barrier()
+        start = time.perf_counter()
+        result = call()
+        out[key] = time.perf_counter() - start
+        return result
+
+    timed_call("sync", trainer.save)
     dist.barrier()
-    start = time.perf_counter()
-    trainer.save()
-    dist.barrier()
-    out["sync"] = time.perf_counter() - start
     out["sync_rss"] = _peak_rss_mib()
-    trainer.state.iteration = 1
-    trainer.async_saver = AsyncSaver(trainer.topo, trainer.device, trainer.log)
-    dist.barrier()
-    start = time.perf_counter()
-    out["async_blocked"] = trainer.async_saver.save(trainer.args.save, trainer._global_state(), trainer.model,
-                                                    trainer.optimizer)
-    trainer.async_saver.close()
-    dist.barrier()
-    out["async_total"] = time.perf_counter() - start
+    # DCP gets this rank's fragments under rank-unique keys: every rank writes its own, as ours do.
+    rs = capture_rank_state(trainer.model, trainer.optimizer, trainer.topo)
+    state = {f"rank{rank}/{key}": t for (key, _), t in zip(rs.entries, rs.tensors)}
+    dcp_dir = os.path.join(trainer.args.save, "dcp")
+    timed_call("dcp", lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(dcp_dir, overwrite=True)))
+    saver = AsyncSaver(trainer.topo, trainer.device, trainer.log)
+    saver.prepare(trainer.model, trainer.optimizer)  # as training does when it starts
+    saver.wait_prepared()
+    out["prepare"] = saver.prepare_seconds
+    for i in (1, 2):
+        trainer.state.iteration = i
+        start = time.perf_counter()
+        timed_call(f"async_blocked{i}", lambda: saver.save(trainer.args.save, trainer._global_state(), trainer.model,
+                                                           trainer.optimizer))
+        saver.wait()
+        dist.barrier()
+        out[f"async_total{i}"] = time.perf_counter() - start
+    saver.close()
     out["async_rss"] = _peak_rss_mib()
+    import torch
+    # DCP reuses its staging buffers only as pinned memory, which needs CUDA.
+    out["dcp_cached"] = torch.cuda.is_available()
+    writer = dcp.FileSystemWriter(dcp_dir, cache_staged_state_dict=out["dcp_cached"], overwrite=True)
+    for i in (1, 2):
+        start = time.perf_counter()
+        future = timed_call(f"dcp_async_blocked{i}", lambda: dcp.async_save(state, storage_writer=writer))
+        (future.upload_completion if hasattr(future, "upload_completion") else future).result()
+        dist.barrier()
+        out[f"dcp_async_total{i}"] = time.perf_counter() - start
     return out
+
+
+def save_rows(saves: list[dict]) -> list[tuple[str, str, str, str]]:
+    """Rows of ``_save``: every figure is the slowest rank's."""
+    def slowest(key: str) -> float:
+        return max(s[key] for s in saves)
+
+    sync, dcp = slowest("sync"), slowest("dcp")
+    rows = [("save TP2 DP2, synchronous (blocks)", f"{sync:.2f}", "1.00 x sync",
+             f"RSS {max(s['sync_rss'] for s in saves):.0f} MiB"),
+            ("save TP2 DP2, torch.distributed.checkpoint.save of the same tensors (blocks)", f"{dcp:.2f}",
+             f"{dcp / sync:.2f} x sync", "")]
+    for i, which in ((1, "first save (host buffer prepared in the background at start-up, "
+                         f"{slowest('prepare'):.2f} s)"), (2, "second save")):
+        blocked = slowest(f"async_blocked{i}")
+        rows.append((f"save TP2 DP2, --async-save, {which}: blocks", f"{blocked:.3f}", f"{blocked / sync:.3f} x sync",
+                     f"{blocked / dcp:.3f} x DCP save"))
+        rows.append((f"save TP2 DP2, --async-save, {which}: until committed", f"{slowest(f'async_total{i}'):.2f}",
+                     f"{slowest(f'async_total{i}') / sync:.2f} x sync",
+                     f"RSS {max(s['async_rss'] for s in saves):.0f} MiB (host copy of the state)" if i == 2 else ""))
+    for i in (1, 2):
+        blocked = slowest(f"dcp_async_blocked{i}")
+        staging = "staging cached" if saves[0]["dcp_cached"] else "staging not cached: that needs CUDA"
+        rows.append((f"save TP2 DP2, DCP async_save (thread, {staging}), save {i}: blocks", f"{blocked:.3f}",
+                     f"{blocked / sync:.3f} x sync", f"until done {slowest(f'dcp_async_total{i}'):.2f} s"))
+    return rows
 
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
@@ -278,14 +333,7 @@ def main() -> None:
     save_dir = os.path.join(a.workdir, "saves")
     saves = run_distributed(_save, 4, model + ["--tensor-model-parallel-size", "2", "--train-iters", "1",
                                                "--save", save_dir], timeout=3600)
-    sync_s = max(s["sync"] for s in saves)
-    blocked = max(s["async_blocked"] for s in saves)
-    total = max(s["async_total"] for s in saves)
-    rows.append(("save TP2 DP2, synchronous (blocks)", f"{sync_s:.2f}", "", f"RSS {max(s['sync_rss'] for s in saves):.0f} MiB",
-                 _load_average()))
-    rows.append(("save TP2 DP2, --async-save: blocks", f"{blocked:.3f}", f"{blocked / sync_s:.3f} x sync", "", _load_average()))
-    rows.append(("save TP2 DP2, --async-save: until committed", f"{total:.2f}", f"{total / sync_s:.2f} x sync",
-                 f"RSS {max(s['async_rss'] for s in saves):.0f} MiB (host copy of the state)", _load_average()))
+    rows += [r + (_load_average(),) for r in save_rows(saves)]
 
     _print_table(a, model, size, rows)
 

@@ -123,6 +123,8 @@ class Trainer:
             self._claim_save_folder()
         self.async_saver = (checkpointing.AsyncSaver(self.topo, device, self.log)
                             if args.async_save and args.save else None)
+        if self.async_saver is not None:  # its host buffer is allocated while training starts
+            self.async_saver.prepare(self.model, self.optimizer, save_optim=not args.no_save_optim)
         self.prefetcher = Prefetcher(partial(micro_batches, self.datasets[0], micro=args.micro_batch_size,
                                              topo=self.topo, device=device, masking=self.documents),
                                      self.global_batch_at, enabled=args.num_workers > 0)

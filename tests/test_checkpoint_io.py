@@ -98,3 +98,41 @@ def test_streaming_converter_writes_the_whole_tensor_bytes_in_bounded_memory(wid
             assert torch.equal(out.read_region(name, box, s), source.read_region(name, box, s)), (name, s)
     assert peak < np.prod(largest) * 4 // 2, f"peak traced memory {peak} bytes"
     assert chunked.bytes_read <= source.total_bytes  # each input block verified once
+
+
+def test_spans_written_from_the_mapped_input_equal_the_assembled_chunks(wide_checkpoint, tmp_path,
+                                                                        monkeypatch) -> None:
+    """Row-split and unsplit tensors go from the mapped input straight to the output, column-split
+    ones (TP row-parallel weights) through ``assemble``; forcing every chunk through ``assemble``
+    writes the same bytes."""
+    from megatron.checkpointing import convert
+
+    used = {"direct": 0, "assembled": 0}
+    spans = convert.stored_spans
+
+    def counted(reader, name, box, state):
+        found = spans(reader, name, box, state)
+        used["direct" if found is not None else "assembled"] += 1
+        return found
+
+    monkeypatch.setattr(convert, "stored_spans", counted)
+    direct = convert_to_universal(wide_checkpoint, str(tmp_path / "direct"), num_workers=2, progress=False,
+                                  chunk_bytes=64 << 10)
+    assert used["direct"] > 0 and used["assembled"] > 0, used
+    monkeypatch.setattr(convert, "stored_spans", lambda *args: None)
+    assembled = convert_to_universal(wide_checkpoint, str(tmp_path / "assembled"), num_workers=2, progress=False,
+                                     chunk_bytes=64 << 10)
+    assert _files(direct.output) == _files(assembled.output)
+    assert direct.bytes_read == assembled.bytes_read <= CheckpointReader(wide_checkpoint).total_bytes
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finite_check_finds_one_bad_value_anywhere(bad) -> None:
+    from megatron.checkpointing.convert import all_finite
+
+    values = np.linspace(-3e38, 3e38, 1001, dtype=np.float32)
+    assert all_finite(values) and all_finite(torch.from_numpy(values)) and all_finite(values[:0])
+    for at in (0, 500, 1000):
+        poisoned = values.copy()
+        poisoned[at] = bad
+        assert not all_finite(poisoned) and not all_finite(torch.from_numpy(poisoned)), at

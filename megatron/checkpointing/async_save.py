@@ -2,6 +2,11 @@
 thread writes and fsyncs the rank's files; the commit (agreement, manifest, rename, pointers)
 runs in the main thread once every rank's writer is done.
 
+The host copy goes into one buffer that is allocated (pinned on a GPU) and touched once, in a
+background thread started by ``prepare`` when training starts, and reused by every save: a
+fresh allocation's page faults cost ten times the copy itself, so the first save would
+otherwise block almost as long as a synchronous one.
+
 The background thread never runs a collective, so it never races the training step's own
 collectives. ``poll`` (once per iteration while a save is pending) asks every rank, with one
 small all-reduce, whether all writers are done, and commits if so; ``wait`` blocks for the
@@ -20,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.checkpointing.iolog import describe_io
+from megatron.checkpointing.reader import STATES, WEIGHTS_ONLY
 from megatron.checkpointing.save import PendingSave, begin_save, capture_rank_state, finish_save, write_rank_part
 from megatron.core import comm
 from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
@@ -34,6 +40,8 @@ class AsyncSaver:
     def __init__(self, topo: Topology, device: torch.device, log: Callable[[str], None]) -> None:
         self.topo, self.device, self.log = topo, device, log
         self._buffers: list[torch.Tensor] = []
+        self._preparing: threading.Thread | None = None
+        self.prepare_seconds = 0.0  # how long the background allocation took (for logs and benchmarks)
         self._pending: PendingSave | None = None
         self._thread: threading.Thread | None = None
         self._result: tuple = ()
@@ -43,10 +51,32 @@ class AsyncSaver:
     def pending(self) -> bool:
         return self._pending is not None
 
+    def prepare(self, model: nn.Module, optimizer: DistributedOptimizer, save_optim: bool = True) -> None:
+        """Allocate and touch the host buffer for this rank's state in a background thread, so that
+        the first save only copies; the first save waits for it if it is still running."""
+        views = capture_rank_state(model, optimizer, self.topo, STATES if save_optim else WEIGHTS_ONLY,
+                                   save_rng=False).tensors
+        shapes = [(t.numel(), t.dtype, t.is_cuda) for t in views]
+
+        def allocate() -> None:
+            start = time.perf_counter()
+            self._buffers = _allocate(shapes)
+            self.prepare_seconds = time.perf_counter() - start
+
+        self._preparing = threading.Thread(target=allocate, name="async-save buffers", daemon=True)
+        self._preparing.start()
+
+    def wait_prepared(self) -> None:
+        """Block until ``prepare``'s buffers are allocated (if it was called)."""
+        if self._preparing is not None:
+            self._preparing.join()
+            self._preparing = None
+
     def _host_copies(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Copies into reused host buffers (pinned when the state is on a GPU, so the copy is a DMA)."""
-        if [b.numel() for b in self._buffers] != [t.numel() for t in tensors]:
-            self._buffers = [torch.empty(t.numel(), dtype=t.dtype, pin_memory=t.is_cuda) for t in tensors]
+        """Copies into the reused host buffer (pinned when the state is on a GPU, so the copy is a DMA)."""
+        self.wait_prepared()
+        if [(b.numel(), b.dtype) for b in self._buffers] != [(t.numel(), t.dtype) for t in tensors]:
+            self._buffers = _allocate([(t.numel(), t.dtype, t.is_cuda) for t in tensors])
         for b, t in zip(self._buffers, tensors):
             b.copy_(t.reshape(-1), non_blocking=t.is_cuda)
         if any(t.is_cuda for t in tensors):
@@ -56,9 +86,11 @@ class AsyncSaver:
     def save(self, save_dir: str, state: dict, model: nn.Module, optimizer: DistributedOptimizer,
              save_optim: bool = True, save_rng: bool = True, keep_last_k: int | None = None) -> float:
         """Collective: wait for the previous save, prepare the folder, copy the state to host
-        memory and start the writer. Returns the seconds the caller was blocked for this save."""
-        self.wait()  # a second save waits for the first
+        memory and start the writer. Returns the seconds the caller was blocked for this save,
+        waiting for the previous one included."""
         start = time.perf_counter()
+        self.wait()  # a second save waits for the first
+        waited = time.perf_counter() - start
         pending = begin_save(save_dir, state, optimizer, self.topo, save_optim, keep_last_k)
         rs = capture_rank_state(model, optimizer, self.topo, pending.states, save_rng, copy=self._host_copies)
 
@@ -69,8 +101,9 @@ class AsyncSaver:
         self._thread = threading.Thread(target=write, name=f"async-save {pending.tag}", daemon=True)
         self._thread.start()
         blocked = time.perf_counter() - start
+        why = f", {waited:.3f} s of it waiting for the previous save" if waited >= 0.001 else ""
         self.log(f"saving checkpoint at iteration {state['iteration']} to {pending.final} in the background "
-                 f"(the step was blocked {blocked:.3f} s)")
+                 f"(the step was blocked {blocked:.3f} s{why})")
         return blocked
 
     def poll(self) -> None:
@@ -103,6 +136,22 @@ class AsyncSaver:
         finally:
             if self in _savers:
                 _savers.remove(self)
+
+
+def _allocate(shapes: list[tuple[int, torch.dtype, bool]]) -> list[torch.Tensor]:
+    """One host buffer per dtype for tensors of ``shapes`` (numel, dtype, on a GPU), touched now
+    (pinned memory is touched by its allocation), returned as one flat view per tensor."""
+    pin = any(cuda for _, _, cuda in shapes)
+    pools = {}
+    for dtype in dict.fromkeys(d for _, d, _ in shapes):
+        pools[dtype] = torch.empty(sum(n for n, d, _ in shapes if d == dtype), dtype=dtype, pin_memory=pin)
+        if not pin:
+            pools[dtype].zero_()  # the page faults happen here, not in the save's copy
+    views, used = [], dict.fromkeys(pools, 0)
+    for n, dtype, _ in shapes:
+        views.append(pools[dtype][used[dtype]:used[dtype] + n])
+        used[dtype] += n
+    return views
 
 
 def wait_for_async_saves() -> None:

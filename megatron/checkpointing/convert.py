@@ -17,16 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
 from megatron.checkpointing.manifest import seal
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, CheckpointReader, saved_states
-from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsWriter
+from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter
 from megatron.checkpointing.commit import commit_folder, is_checkpoint, write_atomic
 from megatron.checkpointing.locate import POINTERS, checkpoint_folders
-from megatron.core.pieces import Box, box_slices, flat_range_boxes, intersect, translate
+from megatron.core.pieces import Box, box_flat_span, box_runs, box_slices, flat_range_boxes, intersect, translate
 from megatron.progress import progress_bar
 
 REPLICA_POLICIES = ("first", "mean", "strict")
@@ -44,13 +45,27 @@ class ConversionReport:
     files: list[str] = field(default_factory=list)
 
 
+def all_finite(values: np.ndarray | torch.Tensor) -> bool:
+    """True unless ``values`` holds a NaN or an Inf: min and max propagate NaN and show an Inf,
+    in one pass without an array of flags (torch.isfinite costs several times the copy)."""
+    if values.size == 0 if isinstance(values, np.ndarray) else values.numel() == 0:
+        return True
+    if isinstance(values, torch.Tensor):
+        values = values.numpy()
+    return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
+
+
+def _refuse_non_finite(reader: CheckpointReader, name: str, state: str) -> CheckpointError:
+    return CheckpointError(f"{reader.path}: {name} ({state}) holds NaN or Inf values: training had diverged "
+                           f"when it was saved; convert an earlier checkpoint")
+
+
 def assemble(reader: CheckpointReader, name: str, box: Box, state: str, policy: str) -> tuple[torch.Tensor, float]:
     """Region ``box`` of a canonical tensor from its owner pieces, checked against every replica
     piece that overlaps it. Returns the region and the largest |owner - replica| difference."""
     full = reader.read_region(name, box, state)
-    if not bool(torch.isfinite(full).all()):
-        raise CheckpointError(f"{reader.path}: {name} ({state}) holds NaN or Inf values: training had diverged "
-                              f"when it was saved; convert an earlier checkpoint")
+    if not all_finite(full):
+        raise _refuse_non_finite(reader, name, state)
     max_diff = 0.0
     replicas = reader.replica_pieces(name)
     total, count = (full.clone(), torch.ones(box[1])) if policy == "mean" and replicas else (None, None)
@@ -72,6 +87,47 @@ def assemble(reader: CheckpointReader, name: str, box: Box, state: str, policy: 
     if total is not None and max_diff > 0:
         full = total / count
     return full, max_diff
+
+
+def stored_spans(reader: CheckpointReader, name: str, box: Box,
+                 state: str) -> list[tuple[SafetensorsReader, str, int, int]] | None:
+    """Where the box's values lie in the input files, in row-major order, as (file, key, start,
+    end) element ranges to write straight from the mapped files: when each owner piece holds its
+    part of the box as one contiguous run (split along the first dimension, or not split) and no
+    replica overlaps the box (replicas are compared in ``assemble``). None otherwise, also when
+    the pieces or fragments do not cover the box exactly (``assemble`` then names what is wrong)."""
+    shape = reader.canonical[name]
+    if len(box_runs(shape, box)[1]) != 1 or any(intersect(box, (p.canonical_offsets, p.sizes))
+                                                for _, p in reader.replica_pieces(name)):
+        return None
+    runs = []  # (canonical flat start, holder, local flat start, elements)
+    for holder, piece in reader.by_canonical.get(name, []):
+        overlap = intersect(box, (piece.canonical_offsets, piece.sizes)) if piece.owner else None
+        if overlap is None:
+            continue
+        length, local = box_runs(holder.local_shape, translate(overlap, piece.canonical_offsets, piece.local_offsets))
+        canonical_length, canonical = box_runs(shape, overlap)
+        if len(local) != 1 or len(canonical) != 1 or length != canonical_length:
+            return None
+        runs.append((canonical[0][0], holder, local[0][0], length))
+    at, end = box_flat_span(shape, box)
+    spans = []
+    for start, holder, lo, length in sorted(runs, key=lambda r: r[0]):
+        if start != at:
+            return None
+        reader._check_fragment_sizes(holder, state, lo, lo + length)
+        pos = lo
+        for f in sorted(holder.fragments, key=lambda f: f.start):
+            if f.end <= pos or f.start >= lo + length:
+                continue
+            if f.start > pos:
+                return None
+            spans.append((reader.file(f.file), f"{f.key}/{state}", pos - f.start, min(lo + length, f.end) - f.start))
+            pos = min(lo + length, f.end)
+        if pos != lo + length:
+            return None
+        at += length
+    return spans if at == end else None
 
 
 def chunk_boxes(shape: tuple[int, ...], chunk_elements: int) -> Iterator[Box]:
@@ -163,6 +219,15 @@ def _write_file(reader: CheckpointReader, tmp: str, index: int, names: list[str]
         for s in states:
             writer.begin(f"{n}/{s}")
             for box in chunk_boxes(reader.canonical[n], chunk_elements):
+                spans = stored_spans(reader, n, box, s)
+                if spans is not None:  # straight from the mapped input into the output file
+                    for file, key, a, b in spans:
+                        values = file.read(key, a, b)
+                        if not all_finite(values):
+                            raise _refuse_non_finite(reader, n, s)
+                        writer.write_chunk(values)
+                        file.release(key, a, b)
+                    continue
                 chunk, diff = assemble(reader, n, box, s, policy)
                 writer.write_chunk(chunk)
                 if diff > result.max_diff:

@@ -86,13 +86,20 @@ class SafetensorsWriter:
             raise ValueError(f"{self.path}: expected {expected}, got {key}")
         self.pending = 0
 
-    def write_chunk(self, tensor: torch.Tensor) -> None:
+    def write_chunk(self, tensor: torch.Tensor | np.ndarray) -> None:
+        """The next elements of the current tensor: a torch tensor, or a float32 array such as a
+        span of a mapped input file (written from where it lies, without a copy)."""
         key, nbytes = self.order[self.next]
-        if tensor.dtype != torch.float32 or self.pending + tensor.numel() * 4 > nbytes:
+        if isinstance(tensor, np.ndarray):
+            fp32, size, data = tensor.dtype == np.float32, tensor.nbytes, np.ascontiguousarray(tensor).data
+        else:
+            fp32, size = tensor.dtype == torch.float32, tensor.numel() * tensor.element_size()
+            data = tensor.detach().contiguous().cpu().numpy().data if fp32 else None
+        if not fp32 or self.pending + size > nbytes:
             raise ValueError(f"{self.path}: {key} takes {nbytes} bytes of F32, got {self.pending} bytes and then "
-                             f"{tensor.numel() * tensor.element_size()} bytes of {tensor.dtype}")
-        self._write(tensor.detach().contiguous().cpu().numpy().data)
-        self.pending += tensor.numel() * 4
+                             f"{size} bytes of {tensor.dtype}")
+        self._write(data)
+        self.pending += size
 
     def end(self) -> None:
         key, nbytes = self.order[self.next]
