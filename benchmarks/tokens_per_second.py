@@ -8,8 +8,11 @@ SwiGLU, GQA, no biases, untied output layer).
 Each run times ``--steps`` steps (forward + backward + clipped AdamW on the same batch) of
 every implementation in turn, in this process, so machine noise hits them alike; the
 1-minute load average is printed beside each figure. The ratio is the median of ours over
-the median of theirs. DP2 ZeRO-1 / ZeRO-3 vs DeepSpeed runs only where deepspeed is
-installed (``benchmarks/zero_throughput.py`` measures ours at DP2 with and without overlap).
+the median of theirs; the median of the per-run ratios is printed beside it. Our
+side is the model and optimizer the trainer uses (``GPTModel``, ``DistributedOptimizer``
+at ZeRO-0 with clipping); theirs is ``torch.optim.AdamW`` with ``clip_grad_norm_``. The DP2
+comparison with DeepSpeed's ZeRO-1 and ZeRO-3 engines on the same model and batch is
+``benchmarks/zero_throughput.py``; results of both: ``benchmarks/results/tokens_per_second.txt``.
 """
 from __future__ import annotations
 
@@ -130,10 +133,9 @@ def main() -> None:
     for kind in a.models:
         compare(kind, a)
     if importlib.util.find_spec("deepspeed") is None:
-        print("deepspeed is not installed: the DP2 ZeRO-1 / ZeRO-3 comparison with DeepSpeed is skipped")
+        print("deepspeed is not installed: benchmarks/zero_throughput.py will time only ours at DP2")
     else:
-        print("deepspeed is installed, but this benchmark does not drive it yet: see benchmarks/zero_throughput.py "
-              "for ours at DP2")
+        print("DP2 ZeRO-1 / ZeRO-3 vs DeepSpeed on the same model and batch: python benchmarks/zero_throughput.py")
 
 
 if __name__ == "__main__":
