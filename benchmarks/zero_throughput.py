@@ -11,7 +11,9 @@ model's math under Megatron-DeepSpeed's parameter names, with DeepSpeed's own Ze
 gradient reduction, clipping and torch's AdamW on its flat partitions; the first step's losses
 are printed so one can see both sides train the same model on the same batch. Both ranks
 build all four implementations, then every run times ``--steps`` global steps of each in turn
-(so machine noise hits them alike); the 1-minute load average is printed beside each figure.
+(so machine noise hits them alike); the 1-minute load average is printed beside each figure,
+and tokens per CPU-second of both ranks together beside tokens/s (steadier on a shared
+machine: another job's burst stretches the wall clock, not the CPU seconds a rank used).
 Each rank runs one thread (``megatron.testing.distributed``).
 """
 from __future__ import annotations
@@ -80,12 +82,12 @@ def _worker(rank: int, world: int, a: argparse.Namespace) -> dict:
     for _ in range(a.runs):
         for name, step in runs.items():
             torch.distributed.barrier()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for _ in range(a.steps):
                 step()
+            cpu = time.process_time() - cpu
             torch.distributed.barrier()
-            seconds = time.perf_counter() - start
-            figures[name].append((a.global_batch * a.seq * a.steps / seconds, os.getloadavg()[0]))
+            figures[name].append((time.perf_counter() - start, cpu, os.getloadavg()[0]))
     return {"first_loss": first_loss, "figures": figures}
 
 
@@ -105,24 +107,33 @@ def main() -> None:
     a.deepspeed = importlib.util.find_spec("deepspeed") is not None
     if a.deepspeed:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before the workers import deepspeed
-    out = run_distributed(_worker, 2, a, timeout=3600)[0]
+    ranks = run_distributed(_worker, 2, a, timeout=3600)
+    tokens = a.global_batch * a.seq * a.steps
+    # Wall clock from rank 0 (both leave the last barrier together); CPU seconds summed over the ranks.
+    figures = {name: [(tokens / wall, tokens / sum(r["figures"][name][i][1] for r in ranks), load)
+                      for i, (wall, _, load) in enumerate(figs)]
+               for name, figs in ranks[0]["figures"].items()}
     print(f"DP2 (gloo, CPU, 1 thread per rank): {a.layers} layers, hidden {a.hidden}, heads {a.heads}, "
           f"seq {a.seq}, vocab {a.vocab}, micro-batch {a.micro_batch}, global batch {a.global_batch}, fp32; "
           f"{a.runs} runs x {a.steps} steps each{'; ours with --overlap-grad-reduce' * a.overlap_grad_reduce}")
-    print("  first-step loss: " + ", ".join(f"{n} {v:.6f}" for n, v in out["first_loss"].items()))
-    figures = out["figures"]
+    print("  first-step loss: " + ", ".join(f"{n} {v:.6f}" for n, v in ranks[0]["first_loss"].items()))
     for name, figs in figures.items():
-        cells = "  ".join(f"{t:7.1f} (load {load:.2f})" for t, load in figs)
-        print(f"  {name:20s} median {statistics.median(t for t, _ in figs):7.1f} tokens/s | runs: {cells}")
+        cells = "  ".join(f"{t:7.1f} (load {load:.2f})" for t, _, load in figs)
+        print(f"  {name:20s} median {statistics.median(f[0] for f in figs):7.1f} tokens/s | runs: {cells}")
+    for name, figs in figures.items():
+        cells = "  ".join(f"{f[1]:7.1f}" for f in figs)
+        print(f"  {name:20s} median {statistics.median(f[1] for f in figs):7.1f} tokens per CPU-second (both "
+              f"ranks) | runs: {cells}")
     if not a.deepspeed:
         print("deepspeed is not installed: only our figures are shown")
         return
     for stage in (1, 3):
         o, t = figures[f"ours ZeRO-{stage}"], figures[f"DeepSpeed ZeRO-{stage}"]
-        ratio = statistics.median(x for x, _ in o) / statistics.median(x for x, _ in t)
-        per_run = statistics.median(x / y for (x, _), (y, _) in zip(o, t))
-        print(f"  ratio ours / DeepSpeed at ZeRO-{stage}: {ratio:.2f}x (median of the per-run ratios {per_run:.2f}x)")
-
+        for what, i in (("tokens/s", 0), ("tokens per CPU-second", 1)):
+            ratio = statistics.median(x[i] for x in o) / statistics.median(x[i] for x in t)
+            per_run = statistics.median(x[i] / y[i] for x, y in zip(o, t))
+            print(f"  ratio ours / DeepSpeed at ZeRO-{stage}, {what}: {ratio:.2f}x "
+                  f"(median of the per-run ratios {per_run:.2f}x)")
 
 if __name__ == "__main__":
     main()

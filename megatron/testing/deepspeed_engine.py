@@ -9,8 +9,8 @@ same per pipeline layer, as Megatron-DeepSpeed's ``GPTModelPipe`` lays a model o
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
-import sys
 
 import torch
 from safetensors.torch import save_file
@@ -193,10 +193,10 @@ class MegatronMPU:
 
 def build_for_deepspeed(rank: int, world: int, argv: list[str]):
     """Our trainer (data, canonical init, process group), made ready for DeepSpeed to join."""
-    import deepspeed.comm.torch  # noqa: F401  (patched below)
     from megatron.training import build_trainer
 
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # CPU: no JIT-compiled shared-memory op
+    # CPU: no JIT-compiled shared-memory op
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     # DeepSpeed joins the process group the caller made, but looks for torchrun's variables first.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
