@@ -8,8 +8,12 @@ SwiGLU, GQA, no biases, untied output layer).
 Each run times ``--steps`` steps (forward + backward + clipped AdamW on the same batch) of
 every implementation in turn, in this process, so machine noise hits them alike; the
 1-minute load average is printed beside each figure. The ratio is the median of ours over
-the median of theirs. DP2 ZeRO-1 / ZeRO-3 vs DeepSpeed runs only where deepspeed is
-installed (``benchmarks/zero_throughput.py`` measures ours at DP2 with and without overlap).
+the median of theirs; the median of the per-run ratios is printed beside it, and both again
+for tokens per CPU-second of the process (steadier on a shared machine). Our
+side is the model and optimizer the trainer uses (``GPTModel``, ``DistributedOptimizer``
+at ZeRO-0 with clipping); theirs is ``torch.optim.AdamW`` with ``clip_grad_norm_``. The DP2
+comparison with DeepSpeed's ZeRO-1 and ZeRO-3 engines on the same model and batch is
+``benchmarks/zero_throughput.py``; results of both: ``benchmarks/results/tokens_per_second.txt``.
 """
 from __future__ import annotations
 
@@ -84,13 +88,16 @@ def theirs(kind: str, cfg: ModelConfig) -> Step:
     return step
 
 
-def timed_run(step: Step, tokens: torch.Tensor, steps: int) -> tuple[float, float]:
-    """(tokens/s over ``steps`` steps, 1-minute load average right after)."""
-    start = time.perf_counter()
+def timed_run(step: Step, tokens: torch.Tensor, steps: int) -> tuple[float, float, float]:
+    """(tokens/s over ``steps`` steps, tokens per second of this process's CPU time, 1-minute
+    load average right after). On a shared machine the CPU-time figure is the steadier one:
+    another job's burst stretches the wall clock but not the CPU seconds this run used."""
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step(tokens)
-    seconds = time.perf_counter() - start
-    return tokens.shape[0] * (tokens.shape[1] - 1) * steps / seconds, os.getloadavg()[0]
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    n = tokens.shape[0] * (tokens.shape[1] - 1) * steps
+    return n / seconds, n / cpu_seconds, os.getloadavg()[0]
 
 
 def compare(kind: str, a: argparse.Namespace) -> float:
@@ -100,7 +107,7 @@ def compare(kind: str, a: argparse.Namespace) -> float:
     runs = {"ours": ours(cfg), label: theirs(kind, cfg)}
     for step in runs.values():  # warm-up
         step(tokens)
-    figures: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in runs}
     for _ in range(a.runs):
         for name, step in runs.items():
             figures[name].append(timed_run(step, tokens, a.steps))
@@ -108,12 +115,19 @@ def compare(kind: str, a: argparse.Namespace) -> float:
           f"(KV {cfg.num_key_value_heads}), ffn {cfg.ffn_hidden_size}, seq {cfg.seq_length}, batch {a.batch}, "
           f"vocab {cfg.vocab_size}; {torch.get_num_threads()} threads, fp32, {a.runs} runs x {a.steps} steps each")
     for name, figs in figures.items():
-        cells = "  ".join(f"{t:7.1f} (load {load:.2f})" for t, load in figs)
-        print(f"  {name:30s} median {statistics.median(t for t, _ in figs):7.1f} tokens/s | runs: {cells}")
-    ratio = statistics.median(t for t, _ in figures["ours"]) / statistics.median(t for t, _ in figures[label])
-    per_run = statistics.median(o / t for (o, _), (t, _) in zip(figures["ours"], figures[label]))
-    print(f"  ratio ours / transformers: {ratio:.2f}x (median of the per-run ratios {per_run:.2f}x)")
-    return ratio
+        cells = "  ".join(f"{t:7.1f} (load {load:.2f})" for t, _, load in figs)
+        print(f"  {name:30s} median {statistics.median(t for t, _, _ in figs):7.1f} tokens/s | runs: {cells}")
+    for name, figs in figures.items():
+        cells = "  ".join(f"{c:7.1f}" for _, c, _ in figs)
+        print(f"  {name:30s} median {statistics.median(c for _, c, _ in figs):7.1f} tokens per CPU-second | "
+              f"runs: {cells}")
+    ours_figs, theirs_figs = figures["ours"], figures[label]
+    ratios = []
+    for what, i in (("tokens/s", 0), ("tokens per CPU-second", 1)):
+        ratios.append(statistics.median(f[i] for f in ours_figs) / statistics.median(f[i] for f in theirs_figs))
+        per_run = statistics.median(o[i] / t[i] for o, t in zip(ours_figs, theirs_figs))
+        print(f"  ratio ours / transformers, {what}: {ratios[-1]:.2f}x (median of the per-run ratios {per_run:.2f}x)")
+    return ratios[0]
 
 
 def main() -> None:
@@ -130,10 +144,9 @@ def main() -> None:
     for kind in a.models:
         compare(kind, a)
     if importlib.util.find_spec("deepspeed") is None:
-        print("deepspeed is not installed: the DP2 ZeRO-1 / ZeRO-3 comparison with DeepSpeed is skipped")
+        print("deepspeed is not installed: benchmarks/zero_throughput.py will time only ours at DP2")
     else:
-        print("deepspeed is installed, but this benchmark does not drive it yet: see benchmarks/zero_throughput.py "
-              "for ours at DP2")
+        print("DP2 ZeRO-1 / ZeRO-3 vs DeepSpeed on the same model and batch: python benchmarks/zero_throughput.py")
 
 
 if __name__ == "__main__":

@@ -222,19 +222,21 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Megatron's memory-light form: the ``[tokens, vocab]`` buffers are the shifted logits,
-    exponentiated and normalised in place, and the backward reuses them (no other copy)."""
+    """Megatron's memory-light form: the ``[tokens, vocab]`` buffer is the logits themselves
+    (fp32 logits are consumed: shifted, exponentiated and normalised in place, as Megatron
+    does; autograd's version check would catch a caller that still needed them), and the
+    backward reuses it, so no other ``[tokens, vocab]`` tensor is made."""
 
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_size, group):
-        logits = logits.float()
+        logits = logits.float()  # bf16/fp16: the one fp32 copy
         n_local = logits.shape[-1]
         if vocab_start + n_local > vocab_size:  # padding rows never compete
             valid = torch.arange(vocab_start, vocab_start + n_local, device=logits.device) < vocab_size
-            logits = logits.masked_fill(~valid, float("-inf"))
-        max_logit = logits.max(dim=-1).values
+            logits.masked_fill_(~valid, float("-inf"))
+        max_logit = logits.amax(dim=-1)  # the values of max(dim), without its indices
         comm.all_reduce(max_logit, group, op=torch.distributed.ReduceOp.MAX)
-        shifted = logits - max_logit.unsqueeze(-1)
+        shifted = logits.sub_(max_logit.unsqueeze(-1))
         local_t = target - vocab_start
         in_range = (local_t >= 0) & (local_t < n_local)
         idx = local_t.clamp(0, n_local - 1).unsqueeze(-1)

@@ -9,8 +9,8 @@ same per pipeline layer, as Megatron-DeepSpeed's ``GPTModelPipe`` lays a model o
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
-import sys
 
 import torch
 from safetensors.torch import save_file
@@ -191,12 +191,13 @@ class MegatronMPU:
         return self.topo.dp_ranks
 
 
-def _build(rank: int, world: int, argv: list[str]):
+def build_for_deepspeed(rank: int, world: int, argv: list[str]):
     """Our trainer (data, canonical init, process group), made ready for DeepSpeed to join."""
     from megatron.training import build_trainer
 
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # CPU: no JIT-compiled shared-memory op
-    # DeepSpeed joins the process group the test made, but looks for torchrun's variables first.
+    # CPU: no JIT-compiled shared-memory op
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    # DeepSpeed joins the process group the caller made, but looks for torchrun's variables first.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
     return build_trainer(argv)
@@ -238,31 +239,46 @@ def _batches(trainer, it: int) -> list:
                          trainer.topo, torch.device("cpu"))
 
 
+def deepspeed_engine(trainer, ds_config: dict, qkv_layout: str = "grouped"):
+    """A DeepSpeed engine over ``trainer``'s model under Megatron-DeepSpeed's names, with our
+    optimizer's groups and hyperparameters and the trainer's batch sizes."""
+    import deepspeed
+
+    ref = MegatronDeepSpeedGPT(trainer.model, qkv_layout)
+    engine, *_ = deepspeed.initialize(model=ref, optimizer=_adamw([ref], trainer.args),
+                                      config=_config(trainer, ds_config),
+                                      mpu=MegatronMPU(trainer.topo) if trainer.topo.tp > 1 else None)
+    return engine
+
+
+def deepspeed_train_step(engine, trainer, it: int) -> float:
+    """One global batch (iteration ``it`` of the trainer's data) through the engine; returns the
+    mean loss over the global batch."""
+    total = torch.zeros(1)
+    batches = _batches(trainer, it)
+    for tokens, labels, *_ in batches:
+        loss = engine(tokens, labels)
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().float() / (len(batches) * trainer.topo.world_size)  # TP ranks hold equal losses
+    torch.distributed.all_reduce(total)
+    return float(total)
+
+
 def _train_and_save(rank: int, world: int, argv: list[str], out: str, ds_config: dict, save_after: int,
                     iterations: int, qkv_layout: str) -> list[float]:
     import deepspeed
 
-    trainer = _build(rank, world, argv)
+    trainer = build_for_deepspeed(rank, world, argv)
     topo = trainer.topo
-    ref = MegatronDeepSpeedGPT(trainer.model, qkv_layout)
-    engine, *_ = deepspeed.initialize(model=ref, optimizer=_adamw([ref], trainer.args),
-                                      config=_config(trainer, ds_config),
-                                      mpu=MegatronMPU(topo) if topo.tp > 1 else None)
+    engine = deepspeed_engine(trainer, ds_config, qkv_layout)
     losses = []
     for it in range(iterations):
-        total = torch.zeros(1)
-        batches = _batches(trainer, it)
-        for tokens, labels, *_ in batches:
-            loss = engine(tokens, labels)
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach().float() / (len(batches) * topo.world_size)  # TP ranks hold equal losses
-        torch.distributed.all_reduce(total)
-        losses.append(float(total))
+        losses.append(deepspeed_train_step(engine, trainer, it))
         if it + 1 == save_after:
             engine.save_checkpoint(out, client_state=_client_state(trainer, save_after))
             full = {n: deepspeed.utils.safe_get_full_fp32_param(p).detach().float().contiguous()
-                    for n, p in ref.named_parameters()}
+                    for n, p in engine.module.named_parameters()}
             if topo.dp_rank == 0:  # DeepSpeed's view of this TP rank's master weights, to compare the import with
                 tag = os.path.join(out, f"global_step{save_after}")
                 save_file(full, os.path.join(tag, f"expected_fp32_tp{topo.tp_rank}.safetensors"))
@@ -279,7 +295,7 @@ def _train_and_save_pipeline(rank: int, world: int, argv: list[str], out: str, d
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-    trainer = _build(rank, world, argv)
+    trainer = build_for_deepspeed(rank, world, argv)
     model, cfg, topo = trainer.model, trainer.cfg, trainer.topo
     if topo.tp > 1 or not cfg.tie_embeddings:
         raise ValueError("the pipeline harness builds tied-embedding TP-1 models only")

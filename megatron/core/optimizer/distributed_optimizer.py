@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.adam import adam as functional_adam
 
 from megatron.core import comm
 from megatron.core.canonical_init import init_flat_range
@@ -380,14 +381,13 @@ class DistributedOptimizer:
         return out
 
     def _adamw(self, g: ParamGroup, lr: float) -> None:
-        b1, b2, eps, wd = (g.hyper[k] for k in ("beta1", "beta2", "eps", "weight_decay"))
-        g.exp_avg.lerp_(g.grad, 1.0 - b1)
-        g.exp_avg_sq.mul_(b2).addcmul_(g.grad, g.grad, value=1.0 - b2)
-        bias1, bias2 = 1.0 - b1 ** self.step_count, 1.0 - b2 ** self.step_count
-        if wd:
-            g.master.mul_(1.0 - lr * wd)
-        denom = g.exp_avg_sq.sqrt().div_(math.sqrt(bias2)).add_(eps)
-        g.master.addcdiv_(g.exp_avg, denom, value=-lr / bias1)
+        """torch's fused AdamW kernel on the partition: torch.optim.AdamW's update (decay, lerp of
+        the momentum, bias-corrected sqrt denominator) in one pass instead of eight."""
+        step = torch.tensor(float(self.step_count - 1), device=g.device)  # the kernel counts this step
+        functional_adam([g.master], [g.grad], [g.exp_avg], [g.exp_avg_sq], [], [step], fused=True,
+                        decoupled_weight_decay=True, amsgrad=False, beta1=g.hyper["beta1"],
+                        beta2=g.hyper["beta2"], lr=lr, weight_decay=g.hyper["weight_decay"],
+                        eps=g.hyper["eps"], maximize=False)
 
     def _sgd(self, g: ParamGroup, lr: float) -> None:
         """torch.optim.SGD as Megatron uses it: L2 weight decay added to the gradient, momentum
