@@ -111,8 +111,10 @@ class Trainer:
                                               adam, self.scaler, precision, device,
                                               canonical_seed=args.seed if zero3 else None)
         self.model.to(self.dtype)
+        self.param_gather = None  # ZeRO-3: gathers the parameters around each unit of the model
         if zero3:  # the parameters live as the optimizer's shards from here on
-            partition_parameters(self.model, self.topo, self.optimizer)
+            self.param_gather = partition_parameters(self.model, self.topo, self.optimizer,
+                                                     overlap=args.overlap_param_gather)
         self.schedule = build_lr_schedule(args)
         self.rampup = BatchRampup(*args.rampup_batch_size, args.global_batch_size) if args.rampup_batch_size else None
         self.identity = run_identity(args, vocab_size)
@@ -322,6 +324,8 @@ class Trainer:
         tokens = gbs * a.seq_length
         exposed = self.optimizer.exposed_comm_seconds / max(1, iterations)
         self.optimizer.exposed_comm_seconds = 0.0
+        gather = "" if self.param_gather is None else \
+            f" | exposed param-gather time (ms): {1000 * self.param_gather.clock.take() / max(1, iterations):.1f}"
         flops = self.flops_per_iteration * gbs / a.global_batch_size
         self.log(f" iteration {it:8d}/{planned:8d} | consumed samples: {self.state.consumed_samples:10d}"
                  f" | elapsed time per iteration (ms): {1000 * seconds:.1f}"
@@ -332,7 +336,7 @@ class Trainer:
                  + f" | tokens per second: {tokens / seconds:.1f}"
                  f" | tokens per second per rank: {tokens / seconds / world:.1f}"
                  f" | TFLOP/s per rank: {flops / seconds / world / 1e12:.3f}"
-                 + (f" | exposed grad-reduce time (ms): {1000 * exposed:.1f}" if a.timing_log_level >= 1 else ""))
+                 + (f" | exposed grad-reduce time (ms): {1000 * exposed:.1f}{gather}" if a.timing_log_level >= 1 else ""))
 
     def _report_validation(self, it: int) -> None:
         val = self.evaluate()
