@@ -42,6 +42,7 @@ class Transfer:
         self.recv_requests = requests[:num_recvs] if split else requests
         self.send_requests = requests[num_recvs:] if split else requests
         self.received, self.sends = received, len(ops) > num_recvs
+        self.sent = [op.tensor for op in ops[num_recvs:]]  # alive until their sends are done
 
     def wait_received(self, clock: WaitClock | None, device: torch.device) -> tuple[torch.Tensor | None, ...]:
         self.recv_requests = _wait(self.recv_requests, clock, device)
@@ -49,6 +50,7 @@ class Transfer:
 
     def wait_sent(self, clock: WaitClock | None, device: torch.device) -> None:
         self.send_requests = _wait(self.send_requests, clock, device)
+        self.sent = []
 
 
 def _wait(requests: list, clock: WaitClock | None, device: torch.device) -> list:
