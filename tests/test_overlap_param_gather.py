@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron.arguments import ConfigError, parse_args
 from megatron.testing.training import inspect_trained
 
 MODEL = ("--num-layers 3 --hidden-size 32 --num-attention-heads 2 --seq-length 16 --micro-batch-size 2 "
@@ -63,3 +64,8 @@ def test_prefetch_started_before_a_shard_write_is_dropped() -> None:
     for rank, got in enumerate(inspect_trained(2, flags, _stale_prefetch)):
         assert got["moved"] and got["dropped"] == 1, f"rank {rank}: the stale prefetch was not dropped"
         assert got["same"], f"rank {rank}: the unit used values gathered before its shards changed"
+
+
+def test_overlap_param_gather_without_zero3_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--overlap-param-gather prefetches ZeRO-3 .* the ZeRO stage is 1"):
+        parse_args(MODEL[:-2] + ["--zero-stage", "1", "--overlap-param-gather"], 1)
