@@ -311,12 +311,14 @@ class Trainer:
         valid = self.datasets[1]
         self.model.eval()
         total = torch.zeros(1, device=self.device)
-        for _ in range(a.eval_iters):
-            batches = micro_batches(valid, self.state.consumed_valid_samples, a.global_batch_size,
-                                    a.micro_batch_size, self.topo, self.device, self.documents)
-            denom = loss_denominator(batches, a.global_batch_size, a.seq_length, self.topo, self.device)
-            total += forward_backward(self.model, batches, self.topo, 1.0, denom, self.device, backward=False)
-            self.state.consumed_valid_samples += a.global_batch_size
+        gather_clock = comm.WaitClock() if self.param_gather is None else self.param_gather.clock
+        with gather_clock.paused():  # the iteration line times training steps only
+            for _ in range(a.eval_iters):
+                batches = micro_batches(valid, self.state.consumed_valid_samples, a.global_batch_size,
+                                        a.micro_batch_size, self.topo, self.device, self.documents)
+                denom = loss_denominator(batches, a.global_batch_size, a.seq_length, self.topo, self.device)
+                total += forward_backward(self.model, batches, self.topo, 1.0, denom, self.device, backward=False)
+                self.state.consumed_valid_samples += a.global_batch_size
         return float(total) / a.eval_iters
 
     def _log_iteration(self, it: int, planned: int, gbs: int, seconds: float, lr: float, loss: float,

@@ -69,3 +69,20 @@ def test_prefetch_started_before_a_shard_write_is_dropped() -> None:
 def test_overlap_param_gather_without_zero3_is_refused() -> None:
     with pytest.raises(ConfigError, match="--overlap-param-gather prefetches ZeRO-3 .* the ZeRO stage is 1"):
         parse_args(MODEL[:-2] + ["--zero-stage", "1", "--overlap-param-gather"], 1)
+
+
+def test_iteration_line_shows_exposed_param_gather_time_of_training_steps_only(capfd) -> None:
+    import re
+    import time
+
+    from megatron.core.comm import WaitClock
+    clock = WaitClock()
+    with clock.blocked(torch.device("cpu")):
+        time.sleep(0.02)
+    with clock.paused(), clock.blocked(torch.device("cpu")):
+        time.sleep(0.2)
+    assert 0.02 <= clock.take() < 0.2 and clock.take() == 0.0
+    inspect_trained(2, MODEL + ["--global-batch-size", "8", "--train-iters", "2", "--overlap-param-gather"],
+                    lambda trainer: None)
+    figures = re.findall(r"exposed param-gather time \(ms\): ([0-9.]+)", capfd.readouterr().out)
+    assert len(figures) == 2 and all(float(ms) > 0 for ms in figures)

@@ -92,10 +92,23 @@ class WaitClock:
     def __init__(self) -> None:
         self._seconds = 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._paused = False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Count nothing inside (a validation pass is no part of the training step's figure)."""
+        self._paused, before = True, self._paused
+        try:
+            yield
+        finally:
+            self._paused = before
 
     @contextmanager
     def blocked(self, device: torch.device) -> Iterator[None]:
         """Count the time of the enclosed wait or synchronous collective."""
+        if self._paused:
+            yield
+            return
         if device.type != "cuda":
             start = time.perf_counter()
             try:
