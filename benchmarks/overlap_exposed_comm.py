@@ -3,7 +3,7 @@ forked gloo CPU ranks: the ZeRO-3 parameter all-gather (``--overlap-param-gather
 the pipeline's point-to-point waits (asynchronous against awaiting every batch) at PP2.
 
     python benchmarks/overlap_exposed_comm.py [--layers 4 --hidden 256 --seq 256 --micro 4 --gbs 16
-                                               --iters 6 --rounds 2]
+                                               --iters 6 --rounds 2 --only zero3|pp2]
 
 The compared runs alternate (round by round) and each figure is printed with the 1-minute load
 average at its run; per run: the median over iterations (the first left out: warm-up) of each
@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--gbs", type=int, default=16)
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--only", choices=["zero3", "pp2"], default=None, help="run one comparison only")
     a = p.parse_args()
     if a.iters < 2:
         p.error(f"--iters {a.iters}: need at least 2 (the first iteration is left out as warm-up)")
@@ -68,6 +69,7 @@ def main() -> None:
         "pp2 synchronous p2p": (["--pipeline-model-parallel-size", "2"], False, "pp2"),
         "pp2 asynchronous p2p": (["--pipeline-model-parallel-size", "2"], True, "pp2"),
     }
+    cases = {name: case for name, case in cases.items() if a.only in (None, case[2])}
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
     print(f"model: {' '.join(model)}")
     for round_ in range(a.rounds):
@@ -82,7 +84,7 @@ def main() -> None:
     for name, (iteration, exposed) in medians.items():
         print(f"  {name:34s} iteration {iteration:8.1f}  exposed {exposed:8.2f}")
     names = list(cases)
-    for base, overlapped in ((names[0], names[1]), (names[2], names[3])):
+    for base, overlapped in zip(names[::2], names[1::2]):
         (bi, be), (oi, oe) = medians[base], medians[overlapped]
         print(f"  {overlapped} / {base}: exposed x{oe / be:.2f}, iteration x{oi / bi:.2f}")
 
