@@ -120,8 +120,12 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="start each gradient bucket's DP all-reduce / reduce-scatter from the backward hooks "
                         "as soon as the bucket is complete (bit-identical to the non-overlapped path)")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="ZeRO-3: start the next unit's parameter all-gather (the previous one's in backward) "
+                        "while the current unit computes (bit-identical to the non-overlapped path)")
     g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
-                   help=">= 1: the iteration line also shows the exposed (non-overlapped) gradient-reduction time")
+                   help=">= 1: the iteration line also shows the exposed (non-overlapped) gradient-reduction "
+                        "time and, under ZeRO-3, the exposed parameter all-gather time")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--tensorboard-log-interval", type=int, default=1)
@@ -560,6 +564,10 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _validate_virtual_pipeline(args, pp, dp)
+    if args.overlap_param_gather and args.zero_stage != 3:
+        raise ConfigError(f"--overlap-param-gather prefetches ZeRO-3 parameter all-gathers, but the ZeRO stage is "
+                          f"{args.zero_stage} (its parameters are never gathered); add --zero-stage 3 or drop "
+                          f"--overlap-param-gather")
     if args.zero_stage == 3 and pp > 1:
         raise ConfigError("--zero-stage 3 with --pipeline-model-parallel-size > 1 is not supported: "
                           "use ZeRO stage 0-2 with pipeline parallelism, or PP=1 with ZeRO-3")

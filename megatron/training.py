@@ -111,8 +111,11 @@ class Trainer:
                                               adam, self.scaler, precision, device,
                                               canonical_seed=args.seed if zero3 else None)
         self.model.to(self.dtype)
+        self.p2p_clock = comm.WaitClock() if self.topo.pp > 1 else None  # training steps' pipeline waits
+        self.param_gather = None  # ZeRO-3: gathers the parameters around each unit of the model
         if zero3:  # the parameters live as the optimizer's shards from here on
-            partition_parameters(self.model, self.topo, self.optimizer)
+            self.param_gather = partition_parameters(self.model, self.topo, self.optimizer,
+                                                     overlap=args.overlap_param_gather)
         self.schedule = build_lr_schedule(args)
         self.rampup = BatchRampup(*args.rampup_batch_size, args.global_batch_size) if args.rampup_batch_size else None
         self.identity = run_identity(args, vocab_size)
@@ -295,7 +298,8 @@ class Trainer:
         if moe is not None:  # the auxiliary losses' share of the global batch, at the loss scale
             moe.begin_step(self.scaler.scale, gbs // a.micro_batch_size)
         denom = loss_denominator(batches, gbs, a.seq_length, self.topo, self.device)
-        loss_sum = forward_backward(self.model, batches, self.topo, self.scaler.scale, denom, self.device)
+        loss_sum = forward_backward(self.model, batches, self.topo, self.scaler.scale, denom, self.device,
+                                    p2p_clock=self.p2p_clock)
         self.moe_metrics = moe.summary(self.cfg.num_layers, self.device) if moe is not None else {}
         ok, grad_norm = self.optimizer.step(self._apply_schedule())
         if ok:  # Megatron steps the schedule by the samples of a successful update only
@@ -309,12 +313,14 @@ class Trainer:
         valid = self.datasets[1]
         self.model.eval()
         total = torch.zeros(1, device=self.device)
-        for _ in range(a.eval_iters):
-            batches = micro_batches(valid, self.state.consumed_valid_samples, a.global_batch_size,
-                                    a.micro_batch_size, self.topo, self.device, self.documents)
-            denom = loss_denominator(batches, a.global_batch_size, a.seq_length, self.topo, self.device)
-            total += forward_backward(self.model, batches, self.topo, 1.0, denom, self.device, backward=False)
-            self.state.consumed_valid_samples += a.global_batch_size
+        gather_clock = comm.WaitClock() if self.param_gather is None else self.param_gather.clock
+        with gather_clock.paused():  # the iteration line times training steps only
+            for _ in range(a.eval_iters):
+                batches = micro_batches(valid, self.state.consumed_valid_samples, a.global_batch_size,
+                                        a.micro_batch_size, self.topo, self.device, self.documents)
+                denom = loss_denominator(batches, a.global_batch_size, a.seq_length, self.topo, self.device)
+                total += forward_backward(self.model, batches, self.topo, 1.0, denom, self.device, backward=False)
+                self.state.consumed_valid_samples += a.global_batch_size
         return float(total) / a.eval_iters
 
     def _log_iteration(self, it: int, planned: int, gbs: int, seconds: float, lr: float, loss: float,
@@ -324,6 +330,9 @@ class Trainer:
         tokens = gbs * a.seq_length
         exposed = self.optimizer.exposed_comm_seconds / max(1, iterations)
         self.optimizer.exposed_comm_seconds = 0.0
+        waits = {"param-gather": None if self.param_gather is None else self.param_gather.clock, "p2p": self.p2p_clock}
+        exposed_waits = "".join(f" | exposed {name} time (ms): {1000 * clock.take() / max(1, iterations):.1f}"
+                                for name, clock in waits.items() if clock is not None)
         flops = self.flops_per_iteration * gbs / a.global_batch_size
         self.log(f" iteration {it:8d}/{planned:8d} | consumed samples: {self.state.consumed_samples:10d}"
                  f" | elapsed time per iteration (ms): {1000 * seconds:.1f}"
@@ -334,7 +343,7 @@ class Trainer:
                  + f" | tokens per second: {tokens / seconds:.1f}"
                  f" | tokens per second per rank: {tokens / seconds / world:.1f}"
                  f" | TFLOP/s per rank: {flops / seconds / world / 1e12:.3f}"
-                 + (f" | exposed grad-reduce time (ms): {1000 * exposed:.1f}" if a.timing_log_level >= 1 else ""))
+                 + (f" | exposed grad-reduce time (ms): {1000 * exposed:.1f}{exposed_waits}" if a.timing_log_level >= 1 else ""))
 
     def _report_validation(self, it: int) -> None:
         val = self.evaluate()

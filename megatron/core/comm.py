@@ -4,7 +4,10 @@ The same code runs single-process (no process group at all), on gloo and on NCCL
 """
 from __future__ import annotations
 
+import time
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,13 +40,15 @@ def world_all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
-def all_gather_flat(out: torch.Tensor, shard: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate equal-sized 1-D shards of every rank of ``group`` into ``out``."""
+def all_gather_flat(out: torch.Tensor, shard: torch.Tensor, group, async_op: bool = False):
+    """Concatenate equal-sized 1-D shards of every rank of ``group`` into ``out``. With
+    ``async_op`` returns the collective's work handle (None for a group of one: done already);
+    ``out`` holds the result once it is waited."""
     if group_size(group) == 1:
         out.copy_(shard)
-    else:
-        dist.all_gather_into_tensor(out, shard.contiguous(), group=group)
-    return out
+        return None if async_op else out
+    work = dist.all_gather_into_tensor(out, shard.contiguous(), group=group, async_op=async_op)
+    return work if async_op else out
 
 
 def reduce_scatter_flat(out: torch.Tensor, full: torch.Tensor, group) -> torch.Tensor:
@@ -75,6 +80,64 @@ def reduce_scatter_dim(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     out = full.new_empty((full.shape[0] // n, *full.shape[1:]))
     dist.reduce_scatter_tensor(out, full, group=group)
     return out.movedim(0, dim)
+
+
+class WaitClock:
+    """Time the computation spent blocked on communication (the *exposed* communication time).
+    On CPU the host blocks in ``wait()``; on CUDA the compute stream does, so a pair of events
+    around the wait measures the stream's stall, read with a synchronisation by ``take``."""
+
+    FOLD_EVERY = 1024  # event pairs kept before they are summed (bounds their number)
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._paused = False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Count nothing inside (a validation pass is no part of the training step's figure)."""
+        self._paused, before = True, self._paused
+        try:
+            yield
+        finally:
+            self._paused = before
+
+    @contextmanager
+    def blocked(self, device: torch.device) -> Iterator[None]:
+        """Count the time of the enclosed wait or synchronous collective."""
+        if self._paused:
+            yield
+            return
+        if device.type != "cuda":
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._seconds += time.perf_counter() - start
+            return
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            yield
+        finally:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((start, end))
+            if len(self._events) >= self.FOLD_EVERY:
+                self._fold()
+
+    def _fold(self) -> None:
+        for start, end in self._events:
+            end.synchronize()
+            self._seconds += start.elapsed_time(end) / 1000
+        self._events = []
+
+    def take(self) -> float:
+        """Seconds blocked since the last ``take``; starts counting afresh."""
+        self._fold()
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
 
 
 def barrier() -> None:

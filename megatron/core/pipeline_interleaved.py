@@ -15,20 +15,23 @@ receives of its neighbours' step-``t`` results. Each batch is therefore matched 
 neighbours' batches of the same step, and a step's work depends only on earlier steps, so no
 order can deadlock, on gloo or NCCL. A stage receives at most one tensor per neighbour and step
 (a neighbour runs one operation per step), so with ``P = 2`` (where the previous and the next
-stage are the same rank) the messages between the two can never be confused.
+stage are the same rank) the messages between the two can never be confused. As in the 1F1B
+schedule (``Transfers``), a received tensor is awaited only when its operation runs, often
+steps after it was posted, and sends are left in flight; the batches and their order are
+those of the synchronous path.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from megatron.core.comm import WaitClock
 from megatron.core.dropout import begin_micro_batch
 from megatron.core.micro_batches import MicroBatch
 from megatron.core.parallel_state import Topology
-from megatron.core.pipeline_parallel import StageRunner
+from megatron.core.pipeline_parallel import StageRunner, Transfer, Transfers
 
 FORWARD, BACKWARD = "forward", "backward"
 
@@ -101,52 +104,55 @@ def plan(pp: int, chunks: int, num_micro: int, backward: bool = True) -> list[li
 class RingLinks:
     """This stage's neighbours on the ring of pipeline stages (the last feeds the first)."""
 
-    def __init__(self, topo: Topology, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-        self.shape, self.dtype, self.device, self.group = shape, dtype, device, topo.pp_group
+    def __init__(self, topo: Topology, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 asynchronous: bool = True, clock: WaitClock | None = None) -> None:
+        self.shape, self.dtype, self.device = shape, dtype, device
         s, ranks = topo.pp_rank, topo.pp_ranks
         self.prev, self.next = ranks[(s - 1) % topo.pp], ranks[(s + 1) % topo.pp]
+        self.transfers = Transfers(topo.pp_group, device, asynchronous, clock)
 
-    def exchange(self, send: tuple[torch.Tensor, int] | None, recv_prev: bool, recv_next: bool
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def post(self, send: tuple[torch.Tensor, int] | None, recv_prev: bool, recv_next: bool) -> Transfer:
         """One batch: receives first (from the previous, then the next stage), then the send,
-        ``(tensor, peer rank)``; waits for all of it."""
-        ops, got_prev, got_next = [], None, None
-        if recv_prev:
-            got_prev = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, got_prev, self.prev, self.group))
-        if recv_next:
-            got_next = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, got_next, self.next, self.group))
-        if send is not None:
-            ops.append(dist.P2POp(dist.isend, send[0].detach().contiguous(), send[1], self.group))
-        if ops:
-            for request in dist.batch_isend_irecv(ops):
-                request.wait()
-        return got_prev, got_next
+        ``(tensor, peer rank)``; its ``wait`` gives (from the previous, from the next stage)."""
+        def buffer(wanted: bool) -> torch.Tensor | None:
+            return torch.empty(self.shape, dtype=self.dtype, device=self.device) if wanted else None
+
+        return self.transfers.post([send] if send is not None else [],
+                                   [(buffer(recv_prev), self.prev), (buffer(recv_next), self.next)])
 
 
 def forward_backward_interleaved(model: nn.Module, batches: list[MicroBatch], topo: Topology, loss_scale: float,
-                                 denom: int, device: torch.device, backward: bool = True) -> torch.Tensor:
+                                 denom: int, device: torch.device, backward: bool = True,
+                                 asynchronous: bool = True, clock: WaitClock | None = None) -> torch.Tensor:
     """Run this stage's chunks over every micro-batch in the interleaved order; returns the
-    local loss sum as ``forward_backward_pipelined`` does."""
+    local loss sum as ``forward_backward_pipelined`` does (so do ``asynchronous`` and ``clock``)."""
     local_loss = torch.zeros(1, device=device)
     if not batches:
         return local_loss
     pp, chunks = topo.pp, len(model.chunks)
     check_interleaving(len(batches), pp)
     micro, seq = batches[0].tokens.shape
-    links = RingLinks(topo, model.stage_output_shape(micro, seq), next(model.parameters()).dtype, device)
+    links = RingLinks(topo, model.stage_output_shape(micro, seq), next(model.parameters()).dtype, device,
+                      asynchronous, clock)
     runner = StageRunner(model, topo, batches, loss_scale, denom, local_loss)
     steps = plan(pp, chunks, len(batches), backward)
     me, before, after = topo.pp_rank, (topo.pp_rank - 1) % pp, (topo.pp_rank + 1) % pp
-    inputs: dict[tuple[int, int], torch.Tensor] = {}
-    grads: dict[tuple[int, int], torch.Tensor] = {}
+    # (chunk, micro-batch) -> the transfer bringing its input / output gradient, and which slot
+    inputs: dict[tuple[int, int], tuple[Transfer, int]] = {}
+    grads: dict[tuple[int, int], tuple[Transfer, int]] = {}
     in_flight: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+
+    def arrived(pending: dict[tuple[int, int], tuple[Transfer, int]], key: tuple[int, int]) -> torch.Tensor | None:
+        if key not in pending:
+            return None
+        transfer, slot = pending.pop(key)
+        return links.transfers.wait(transfer)[slot]
+
     for t in range(len(steps[me])):
         send = None
         op = steps[me][t]
         if op is not None and op.kind == FORWARD:
-            x, out = runner.forward(op.micro, inputs.pop((op.chunk, op.micro), None), backward, op.chunk)
+            x, out = runner.forward(op.micro, arrived(inputs, (op.chunk, op.micro)), backward, op.chunk)
             if backward:
                 in_flight[(op.chunk, op.micro)] = (x, out)
             if not runner.is_last(op.chunk):
@@ -154,16 +160,17 @@ def forward_backward_interleaved(model: nn.Module, batches: list[MicroBatch], to
         elif op is not None:
             begin_micro_batch(model, batches[op.micro].first_sample)  # a recompute replays its dropout masks
             input_grad = runner.backward(*in_flight.pop((op.chunk, op.micro)),
-                                         grads.pop((op.chunk, op.micro), None), op.chunk)
+                                         arrived(grads, (op.chunk, op.micro)), op.chunk)
             if not runner.is_first(op.chunk):
                 send = (input_grad, links.prev)
         from_prev = _incoming(steps[before][t], before, pp, chunks, FORWARD)
         from_next = _incoming(steps[after][t], after, pp, chunks, BACKWARD)
-        got_prev, got_next = links.exchange(send, from_prev is not None, from_next is not None)
+        transfer = links.post(send, from_prev is not None, from_next is not None)
         if from_prev is not None:
-            inputs[from_prev] = got_prev
+            inputs[from_prev] = (transfer, 0)
         if from_next is not None:
-            grads[from_next] = got_next
+            grads[from_next] = (transfer, 1)
+    links.transfers.finish()
     return local_loss
 
 

@@ -8,9 +8,15 @@ micro-batches ``M``: peak activation memory grows with P, not with M.
 Activations and their gradients move between neighbouring stages with point-to-point
 ``torch.distributed.batch_isend_irecv`` over the pipeline group (gloo or NCCL). Their
 shape, ``[micro, seq, hidden]`` in the model's dtype (``seq / TP`` under sequence
-parallelism), is known in advance, so no shapes are exchanged. The sends and receives of one step are posted as one batch and then
-awaited, so neighbours that both send and receive in the same step cannot deadlock even
-when a send only completes once its receive has been posted.
+parallelism), is known in advance, so no shapes are exchanged. The sends and receives of one
+step are posted as one batch, so neighbours that both send and receive in the same step cannot
+deadlock even when a send only completes once its receive has been posted. The schedule is
+asynchronous as Megatron's: a batch's receives are awaited only when the received tensor is
+about to be used and its sends only when at most ``Transfers.MAX_SENDING`` newer batches are
+out (or the schedule ends), so the computation never waits for a send to land. Waiting later
+changes no batch and no posting order: every rank's point-to-point traffic stays exactly as
+matched as in the synchronous path (``asynchronous=False``: every batch awaited at once),
+which gives the same bits.
 """
 from __future__ import annotations
 
@@ -20,44 +26,115 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron.core.comm import WaitClock
 from megatron.core.parallel_state import Topology
 from megatron.core.dropout import begin_micro_batch
 from megatron.core.micro_batches import MicroBatch, micro_batch_loss
 
 
+class Transfer:
+    """One posted ``batch_isend_irecv``: its receive and send requests (the same coalesced
+    request for both on NCCL) and the tensors its receives fill."""
+
+    def __init__(self, ops: list[dist.P2POp], num_recvs: int, received: tuple[torch.Tensor | None, ...]) -> None:
+        requests = dist.batch_isend_irecv(ops) if ops else []
+        split = len(requests) == len(ops)  # one request per operation (gloo), else one for the batch
+        self.recv_requests = requests[:num_recvs] if split else requests
+        self.send_requests = requests[num_recvs:] if split else requests
+        self.received, self.sends = received, len(ops) > num_recvs
+        self.sent = [op.tensor for op in ops[num_recvs:]]  # alive until their sends are done
+
+    def wait_received(self, clock: WaitClock | None, device: torch.device) -> tuple[torch.Tensor | None, ...]:
+        self.recv_requests = _wait(self.recv_requests, clock, device)
+        return self.received
+
+    def wait_sent(self, clock: WaitClock | None, device: torch.device) -> None:
+        self.send_requests = _wait(self.send_requests, clock, device)
+        self.sent = []
+
+
+def _wait(requests: list, clock: WaitClock | None, device: torch.device) -> list:
+    """Wait for ``requests`` (counted on ``clock``); returns what is left to wait for: nothing."""
+    if requests:
+        if clock is None:
+            for request in requests:
+                request.wait()
+        else:
+            with clock.blocked(device):
+                for request in requests:
+                    request.wait()
+    return []
+
+
+class Transfers:
+    """Posts batches of point-to-point operations over one group and keeps their sends until
+    they must be awaited; shared by the 1F1B and the interleaved schedule."""
+
+    MAX_SENDING = 2  # batches with sends left unawaited: bounds the tensors kept alive for them
+
+    def __init__(self, group, device: torch.device, asynchronous: bool, clock: WaitClock | None) -> None:
+        self.group, self.device, self.asynchronous, self.clock = group, device, asynchronous, clock
+        self.sending: deque[Transfer] = deque()
+
+    def post(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor | None, int]]) -> Transfer:
+        """Post the receives (``None`` tensors skipped) then the sends, ``(tensor, peer)``, as one
+        batch; synchronously, wait for all of it before returning."""
+        ops = [dist.P2POp(dist.irecv, t, peer, self.group) for t, peer in recvs if t is not None]
+        num_recvs = len(ops)
+        ops += [dist.P2POp(dist.isend, t.detach().contiguous(), peer, self.group) for t, peer in sends]
+        transfer = Transfer(ops, num_recvs, tuple(t for t, _ in recvs))
+        if not self.asynchronous:
+            transfer.wait_received(self.clock, self.device)
+            transfer.wait_sent(self.clock, self.device)
+        elif transfer.sends:
+            self.sending.append(transfer)
+            while len(self.sending) > self.MAX_SENDING:
+                self.sending.popleft().wait_sent(self.clock, self.device)
+        return transfer
+
+    def wait(self, transfer: Transfer) -> tuple[torch.Tensor | None, ...]:
+        """The tensors ``transfer`` receives, once they have arrived."""
+        return transfer.wait_received(self.clock, self.device)
+
+    def finish(self) -> None:
+        """Wait for every send still out: call once at the end of a schedule."""
+        while self.sending:
+            self.sending.popleft().wait_sent(self.clock, self.device)
+
+
 class StageLinks:
     """Point-to-point traffic of this rank with its neighbouring pipeline stages."""
 
-    def __init__(self, topo: Topology, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, topo: Topology, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 asynchronous: bool = True, clock: WaitClock | None = None) -> None:
         self.shape, self.dtype, self.device = shape, dtype, device
-        s, self.group = topo.pp_rank, topo.pp_group
+        s = topo.pp_rank
         self.prev = topo.pp_ranks[s - 1] if s > 0 else None
         self.next = topo.pp_ranks[s + 1] if s < topo.pp - 1 else None
+        self.transfers = Transfers(topo.pp_group, device, asynchronous, clock)
 
-    def exchange(self, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
-                 recv_prev: bool = False, recv_next: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Post every requested send and receive as one ``batch_isend_irecv``, wait for all of
-        them, and return (tensor from the previous stage, tensor from the next stage). Requests
+    def post(self, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
+             recv_prev: bool = False, recv_next: bool = False) -> Transfer:
+        """Post every requested send and receive as one ``batch_isend_irecv``; ``wait`` on the
+        result gives (tensor from the previous stage, tensor from the next stage). Requests
         towards a neighbour that does not exist (before the first, after the last stage) are
         no-ops. Every call here is matched by the neighbour's call with the mirrored requests
         (see ``_one_f_one_b``), and NCCL runs one batch as a group, so no order of the pair's
         operations can deadlock."""
-        ops: list[dist.P2POp] = []
-        from_prev = from_next = None
-        if recv_prev and self.prev is not None:
-            from_prev = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, from_prev, self.prev, self.group))
-        if recv_next and self.next is not None:
-            from_next = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, from_next, self.next, self.group))
-        if send_next is not None and self.next is not None:
-            ops.append(dist.P2POp(dist.isend, send_next.detach().contiguous(), self.next, self.group))
-        if send_prev is not None and self.prev is not None:
-            ops.append(dist.P2POp(dist.isend, send_prev.detach().contiguous(), self.prev, self.group))
-        if ops:
-            for request in dist.batch_isend_irecv(ops):
-                request.wait()
-        return from_prev, from_next
+        def buffer(wanted: bool, peer: int | None) -> torch.Tensor | None:
+            return torch.empty(self.shape, dtype=self.dtype, device=self.device) if wanted and peer is not None else None
+
+        recvs = [(buffer(recv_prev, self.prev), self.prev), (buffer(recv_next, self.next), self.next)]
+        sends = [(t, peer) for t, peer in ((send_next, self.next), (send_prev, self.prev))
+                 if t is not None and peer is not None]
+        return self.transfers.post(sends, recvs)
+
+    def wait(self, transfer: Transfer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.transfers.wait(transfer)
+
+    def exchange(self, **requests) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``post`` and wait for the receives at once."""
+        return self.wait(self.post(**requests))
 
 
 class StageRunner:
@@ -113,50 +190,55 @@ def num_warmup_forwards(topo: Topology, num_micro: int, all_forward_first: bool 
 
 def forward_backward_pipelined(model: nn.Module, batches: list[MicroBatch], topo: Topology, loss_scale: float,
                                denom: int, device: torch.device, backward: bool = True,
-                               all_forward_first: bool = False) -> torch.Tensor:
+                               all_forward_first: bool = False, asynchronous: bool = True,
+                               clock: WaitClock | None = None) -> torch.Tensor:
     """Run this stage's part of every micro-batch in the 1F1B order.
 
     Returns this rank's local loss sum: the sum over micro-batches of token-loss-sum /
     ``denom`` on the last stage, zero elsewhere (the caller all-reduces over the world).
     With ``backward=False`` only forwards run (evaluation). ``all_forward_first`` runs the
     GPipe order instead (every forward, then every backward) for comparison.
+    ``asynchronous=False`` awaits every batch at once (the reference path of the tests);
+    ``clock`` adds the time spent waiting for point-to-point traffic.
     """
     local_loss = torch.zeros(1, device=device)
     if not batches:
         return local_loss
     dtype = next(model.parameters()).dtype
     micro, seq = batches[0][0].shape
-    links = StageLinks(topo, model.stage_output_shape(micro, seq), dtype, device)
+    links = StageLinks(topo, model.stage_output_shape(micro, seq), dtype, device, asynchronous, clock)
     runner = StageRunner(model, topo, batches, loss_scale, denom, local_loss)
     if not backward:
         for m in range(len(batches)):
             received, _ = links.exchange(recv_prev=True)
             _, out = runner.forward(m, received, grad=False)
-            links.exchange(send_next=out)
-        return local_loss
-    _one_f_one_b(runner, links, len(batches), num_warmup_forwards(topo, len(batches), all_forward_first))
+            links.post(send_next=out)
+    else:
+        _one_f_one_b(runner, links, len(batches), num_warmup_forwards(topo, len(batches), all_forward_first))
+    links.transfers.finish()
     return local_loss
 
 
 def _one_f_one_b(runner: StageRunner, links: StageLinks, num_micro: int, warmup: int) -> None:
     """Warmup forwards, steady one-forward-one-backward, cooldown backwards. ``in_flight`` holds
     (input, output) of the micro-batches whose backward has not run yet: never more than
-    ``warmup + 1`` of them. (The last stage's "output" is its loss; sends past it are no-ops.)"""
+    ``warmup + 1`` of them. (The last stage's "output" is its loss; sends past it are no-ops.)
+    Sends are posted and left in flight; receives are awaited right before their use."""
     in_flight: deque[tuple[torch.Tensor | None, torch.Tensor]] = deque()
     for m in range(warmup):
         received, _ = links.exchange(recv_prev=True)
         x, out = runner.forward(m, received, grad=True)
         in_flight.append((x, out))
-        links.exchange(send_next=out)
+        links.post(send_next=out)
     steady = num_micro - warmup
-    received = links.exchange(recv_prev=True)[0] if steady else None
+    next_input = links.post(recv_prev=True) if steady else None
     for i in range(steady):
-        x, out = runner.forward(warmup + i, received, grad=True)
+        x, out = runner.forward(warmup + i, links.wait(next_input)[0], grad=True)
         in_flight.append((x, out))
         _, out_grad = links.exchange(send_next=out, recv_next=True)
         input_grad = runner.backward(*in_flight.popleft(), out_grad)
-        received, _ = links.exchange(send_prev=input_grad, recv_prev=i < steady - 1)
+        next_input = links.post(send_prev=input_grad, recv_prev=i < steady - 1)
     for _ in range(warmup):
         _, out_grad = links.exchange(recv_next=True)
         input_grad = runner.backward(*in_flight.popleft(), out_grad)
-        links.exchange(send_prev=input_grad)
+        links.post(send_prev=input_grad)

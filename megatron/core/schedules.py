@@ -16,12 +16,16 @@ __all__ = ["MicroBatch", "forward_backward", "loss_denominator", "micro_batch_lo
 
 
 def forward_backward(model: nn.Module, batches: list[MicroBatch], topo: Topology,
-                     loss_scale: float, denom: int, device: torch.device, backward: bool = True) -> torch.Tensor:
-    """Run every micro-batch; returns the global batch's mean loss (the same on every rank)."""
+                     loss_scale: float, denom: int, device: torch.device, backward: bool = True,
+                     p2p_clock: comm.WaitClock | None = None) -> torch.Tensor:
+    """Run every micro-batch; returns the global batch's mean loss (the same on every rank).
+    ``p2p_clock`` adds the time the pipeline waited for its point-to-point traffic."""
     if len(getattr(model, "chunks", ())) > 1:
-        local = forward_backward_interleaved(model, batches, topo, loss_scale, denom, device, backward)
+        local = forward_backward_interleaved(model, batches, topo, loss_scale, denom, device, backward,
+                                             clock=p2p_clock)
     elif topo.pp > 1:
-        local = forward_backward_pipelined(model, batches, topo, loss_scale, denom, device, backward)
+        local = forward_backward_pipelined(model, batches, topo, loss_scale, denom, device, backward,
+                                           clock=p2p_clock)
     else:
         local = torch.zeros(1, device=device)
         for batch in batches:

@@ -6,7 +6,8 @@ optimizer fragment covers, in the model dtype): a view of the optimizer's
 uses (and the model may have been built on the meta device: nothing reads its values). A *unit* -- a step of the model's forward that names the parameters it
 reads (``GPTModel.units``: the embedding, each transformer layer, the final norm and
 output layer) -- all-gathers its parameters over the DP group just before it runs and
-frees them afterwards. Its forward runs without autograd; its backward re-gathers,
+frees them afterwards (``--overlap-param-gather`` starts the next unit's gather while one
+runs: ``ParamGatherer``). Its forward runs without autograd; its backward re-gathers,
 recomputes the forward with the saved RNG state (as ``torch.utils.checkpoint`` does),
 back-propagates so the optimizer's gradient hooks reduce-scatter each gradient while the
 full parameter exists, and frees again. So autograd never holds a full parameter across
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -30,15 +32,16 @@ from megatron.core.sharding import sharding_of
 
 
 class Unit:
-    """The parameters one step of the forward reads; gathers and frees them together."""
+    """The parameters one step of the forward reads; gathered and freed together."""
 
-    def __init__(self, name: str, params: list[nn.Parameter], shards: list[torch.Tensor], topo: Topology) -> None:
+    def __init__(self, name: str, index: int, params: list[nn.Parameter], shards: list[torch.Tensor],
+                 topo: Topology, gatherer: "ParamGatherer") -> None:
         zero_groups = {sharding_of(p).zero_group for p in params} or {"dp-cp-sp"}
         if len(zero_groups) > 1:
             raise ValueError(f"ZeRO-3 unit {name} mixes parameters partitioned over {sorted(zero_groups)}; "
                              f"split it so each unit gathers over one group")
         zero_group = zero_groups.pop()
-        self.name, self.params, self.shards = name, params, shards
+        self.name, self.index, self.params, self.shards, self.gatherer = name, index, params, shards, gatherer
         self.group, self.dp = topo.group(zero_group), topo.group_size(zero_group)
         dtypes = {shard.dtype for shard in shards}
         if len(dtypes) > 1:
@@ -49,16 +52,24 @@ class Unit:
             self.offsets.append(offset)
             offset += shard.numel()
         self.shard_numel = offset
+        self.nested = False  # runs inside another unit's call (MoE experts): never prefetched
         # A leaf that needs a gradient, so autograd calls the backward even when no input does.
         self.anchor = torch.empty(0, requires_grad=True)
 
-    def gather(self) -> None:
-        """One all-gather of the unit's concatenated shards; then every parameter is whole."""
-        if not self.params:
-            return
+    def start_gather(self, async_op: bool) -> "_Gather":
+        """Start (``async_op``) or run one all-gather of the unit's concatenated shards."""
         send = torch.cat(self.shards)
         table = torch.empty(self.dp * self.shard_numel, dtype=send.dtype, device=send.device)
-        comm.all_gather_flat(table, send, self.group)
+        work = comm.all_gather_flat(table, send, self.group, async_op=async_op)
+        return _Gather(self, table, work if async_op else None, self.shard_versions())
+
+    def shard_versions(self) -> list[int]:
+        """The shards' in-place write counters: an optimizer step or a checkpoint load bumps
+        them, so a gather started before it is stale."""
+        return [shard._version for shard in self.shards]
+
+    def assemble(self, table: torch.Tensor) -> None:
+        """Point every parameter at its slice of the gathered ``table``: then each is whole."""
         table = table.view(self.dp, self.shard_numel)
         for p, shard, offset in zip(self.params, self.shards, self.offsets):
             chunk = shard.numel()
@@ -69,13 +80,80 @@ class Unit:
         for p, shard in zip(self.params, self.shards):
             p.data = shard.new_empty(0)
 
+    def gathered(self, backward: bool = False):
+        """Context in which the unit's parameters are whole (see ``ParamGatherer.gathered``)."""
+        return self.gatherer.gathered(self, backward)
+
+
+@dataclass
+class _Gather:
+    """One all-gather of a unit: started (``work`` to wait) or done (``work`` None)."""
+    unit: Unit
+    table: torch.Tensor
+    work: Any
+    versions: list[int]
+
+
+class ParamGatherer:
+    """Gathers each unit around its forward and its backward and counts the time that blocks.
+
+    With ``overlap`` (``--overlap-param-gather``) a unit about to run starts the all-gather of
+    the unit expected next -- the next one in forward, the previous one in backward -- so it
+    travels while this one computes. Exactly one such prefetch is in flight. A unit takes it
+    only if the prefetch is its own and its shards were not written since it started;
+    otherwise the prefetch is waited and dropped, and the unit gathers synchronously. Every
+    rank of a ZeRO group runs the same units in the same order with the same optimizer steps,
+    so all of them take the same decisions and issue the same collectives in the same order.
+    A unit called inside another one (MoE experts within their layer) is gathered
+    synchronously and leaves the outer prefetch in flight."""
+
+    def __init__(self, overlap: bool = False) -> None:
+        self.overlap = overlap
+        self.units: list[Unit] = []
+        self.pending: _Gather | None = None
+        self.active = 0  # units gathered right now (more than one when nested)
+        self.hits = self.dropped = 0  # prefetches used / waited and discarded
+        self.clock = comm.WaitClock()  # exposed gather time: waits and synchronous gathers
+
     @contextmanager
-    def gathered(self) -> Iterator[None]:
-        self.gather()
+    def gathered(self, unit: Unit, backward: bool) -> Iterator[None]:
+        if not unit.params:
+            yield
+            return
+        unit.nested = unit.nested or self.active > 0
+        unit.assemble(self._take(unit))
+        if self.overlap and self.pending is None and not unit.nested:
+            self._prefetch(unit.index + (-1 if backward else 1), -1 if backward else 1)
+        self.active += 1
         try:
             yield
         finally:
-            self.release()
+            self.active -= 1
+            unit.release()
+
+    def _take(self, unit: Unit) -> torch.Tensor:
+        """The unit's gathered table: its valid prefetch, else a synchronous gather."""
+        device = unit.shards[0].device
+        pending = self.pending
+        if pending is not None and (pending.unit is unit or not unit.nested):
+            self.pending = None
+            with self.clock.blocked(device):
+                if pending.work is not None:
+                    pending.work.wait()
+            if pending.unit is unit and pending.versions == unit.shard_versions():
+                self.hits += 1
+                return pending.table
+            self.dropped += 1
+        with self.clock.blocked(device):
+            return unit.start_gather(async_op=False).table
+
+    def _prefetch(self, index: int, step: int) -> None:
+        """Start the gather of the first unit from ``index`` on (going by ``step``) that is not
+        nested, if there is one."""
+        while 0 <= index < len(self.units) and (self.units[index].nested or not self.units[index].params):
+            index += step
+        if 0 <= index < len(self.units):
+            self.pending = self.units[index].start_gather(async_op=True)
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -105,7 +183,7 @@ class _GatheredCall(torch.autograd.Function):
         inputs = [t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, needs)]
         cpu_rng, cuda_rng = ctx.rng
         devices = [ctx.device] if cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices), ctx.unit.gathered(), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), ctx.unit.gathered(backward=True), torch.enable_grad():
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng, ctx.device)
@@ -149,17 +227,20 @@ def placeholder_parameters(model: nn.Module, dtype: torch.dtype, device: torch.d
             module._parameters[name] = replaced[id(p)]
 
 
-def partition_parameters(model: nn.Module, topo: Topology, optimizer: DistributedOptimizer) -> list[Unit]:
+def partition_parameters(model: nn.Module, topo: Topology, optimizer: DistributedOptimizer,
+                         overlap: bool = False) -> ParamGatherer:
     """Free every parameter of ``model`` (its values live in ``optimizer``'s ZeRO-3 shards) and
-    make each of ``model.units()`` gather its parameters around its call. Call it once, after
-    the model is cast to its training dtype (the shards' dtype)."""
+    make each of ``model.units()`` gather its parameters around its call; ``overlap``
+    prefetches the next unit's gather (``--overlap-param-gather``). Call it once, after the
+    model is cast to its training dtype (the shards' dtype). Returns the gatherer (its clock
+    holds the exposed gather time)."""
     named = dict(model.named_parameters())
     by_id = {id(named[f.name]): f for f in optimizer.fragments()}
     if len(by_id) != len(named):
         missing = sorted(n for n, p in named.items() if id(p) not in by_id)
         raise ValueError(f"ZeRO-3: parameters without an optimizer fragment: {missing}")
     names = {id(p): n for n, p in named.items()}
-    units, covered = [], set()
+    gatherer, covered = ParamGatherer(overlap), set()
     for index, (owner, method, params) in enumerate(model.units()):
         shards = [optimizer.param_shard(by_id[id(p)]) for p in params]
         for p, shard in zip(params, shards):
@@ -169,11 +250,11 @@ def partition_parameters(model: nn.Module, topo: Topology, optimizer: Distribute
             if id(p) not in covered:
                 p.data = shard.new_empty(0)
                 covered.add(id(p))
-        unit = Unit(f"{index} ({type(owner).__name__}.{method})", params, shards, topo)
+        unit = Unit(f"{index} ({type(owner).__name__}.{method})", index, params, shards, topo, gatherer)
         setattr(owner, method, _wrap(unit, getattr(owner, method)))
-        units.append(unit)
+        gatherer.units.append(unit)
     unused = sorted(names[i] for i in by_id if i not in covered)
     if unused:
         raise ValueError(f"ZeRO-3: parameters read by no unit of {type(model).__name__}.units(): {unused}; "
                          f"add them to the unit whose forward reads them")
-    return units
+    return gatherer
