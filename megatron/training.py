@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -313,8 +314,8 @@ class Trainer:
         valid = self.datasets[1]
         self.model.eval()
         total = torch.zeros(1, device=self.device)
-        gather_clock = comm.WaitClock() if self.param_gather is None else self.param_gather.clock
-        with gather_clock.paused():  # the iteration line times training steps only
+        # The iteration line times training steps only.
+        with nullcontext() if self.param_gather is None else self.param_gather.clock.paused():
             for _ in range(a.eval_iters):
                 batches = micro_batches(valid, self.state.consumed_valid_samples, a.global_batch_size,
                                         a.micro_batch_size, self.topo, self.device, self.documents)
@@ -328,9 +329,8 @@ class Trainer:
         """Megatron's iteration line, with throughput per rank (model FLOPs, see megatron/flops.py)."""
         a, world = self.args, self.world
         tokens = gbs * a.seq_length
-        exposed = self.optimizer.exposed_comm_seconds / max(1, iterations)
-        self.optimizer.exposed_comm_seconds = 0.0
-        waits = {"param-gather": None if self.param_gather is None else self.param_gather.clock, "p2p": self.p2p_clock}
+        waits = {"grad-reduce": self.optimizer.grad_clock,
+                 "param-gather": None if self.param_gather is None else self.param_gather.clock, "p2p": self.p2p_clock}
         exposed_waits = "".join(f" | exposed {name} time (ms): {1000 * clock.take() / max(1, iterations):.1f}"
                                 for name, clock in waits.items() if clock is not None)
         flops = self.flops_per_iteration * gbs / a.global_batch_size
@@ -343,7 +343,7 @@ class Trainer:
                  + f" | tokens per second: {tokens / seconds:.1f}"
                  f" | tokens per second per rank: {tokens / seconds / world:.1f}"
                  f" | TFLOP/s per rank: {flops / seconds / world / 1e12:.3f}"
-                 + (f" | exposed grad-reduce time (ms): {1000 * exposed:.1f}{exposed_waits}" if a.timing_log_level >= 1 else ""))
+                 + (exposed_waits if a.timing_log_level >= 1 else ""))
 
     def _report_validation(self, it: int) -> None:
         val = self.evaluate()

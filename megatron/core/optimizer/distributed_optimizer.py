@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-import time
 from dataclasses import dataclass
 
 import torch
@@ -200,7 +199,7 @@ class DistributedOptimizer:
         self.main_grads: dict[int, torch.Tensor] = {}  # stages 0-1: id(param) -> its accumulator
         self.launchers: dict[int, BucketLauncher] = {}  # stages 0-1 with --overlap-grad-reduce, per group
         self._in_flight: list[tuple] = []  # stages 2-3 with --overlap-grad-reduce: started reduce-scatters
-        self.exposed_comm_seconds = 0.0  # time the step waited for gradient reductions, for the log
+        self.grad_clock = comm.WaitClock()  # time the step waited for gradient reductions, for the log
         self.overlapped_buckets = 0  # stages 2-3: reduce-scatters the last step's backward started
         for g in self.groups:
             if g.main_grad_flat is not None:
@@ -285,38 +284,35 @@ class DistributedOptimizer:
         """After the last micro-batch: sum partial rows, reduce over the ZeRO group, keep this
         rank's chunks as the step's fp32 ``g.grad``, then sum whole-tensor partials (tied
         embeddings) on those chunks."""
-        start = time.perf_counter()
-        started_in_backward = len(self._in_flight)
-        for g in self.groups:
-            self._reduce_scatter_pending(g)
-        self._drain()
-        self.overlapped_buckets = started_in_backward
-        for g in self.groups:
-            flat = g.main_grad_flat
-            if flat is not None:
-                if g.index in self.launchers:  # the buckets backward has not started yet, then wait
-                    self.launchers[g.index].finish()
+        with self.grad_clock.blocked(self.topo.device):
+            started_in_backward = len(self._in_flight)
+            for g in self.groups:
+                self._reduce_scatter_pending(g)
+            self._drain()
+            self.overlapped_buckets = started_in_backward
+            for g in self.groups:
+                flat = g.main_grad_flat
+                if flat is not None:
+                    if g.index in self.launchers:  # the buckets backward has not started yet, then wait
+                        self.launchers[g.index].finish()
+                    else:
+                        for p, r in zip(g.params, g.records):
+                            sum_row_partials(r, self.main_grads[id(p)], self.topo)
+                        for s in range(0, flat.numel(), self.cfg.bucket_numel):
+                            comm.all_reduce(flat[s:s + self.cfg.bucket_numel], self.topo.group(g.zero_group))
+                    if g.shards == 1 and flat.dtype == torch.float32:  # already the partition's layout
+                        g.grad = flat
+                    else:
+                        g.grad = torch.zeros(g.size, device=g.device)
+                        for f, p, grad in g.views(g.grad):
+                            grad.copy_(self.main_grads[id(p)].reshape(-1)[f.start:f.end])
                 else:
-                    for p, r in zip(g.params, g.records):
-                        sum_row_partials(r, self.main_grads[id(p)], self.topo)
-                    for s in range(0, flat.numel(), self.cfg.bucket_numel):
-                        comm.all_reduce(flat[s:s + self.cfg.bucket_numel], self.topo.group(g.zero_group))
-                if g.shards == 1 and flat.dtype == torch.float32:  # already the partition's layout
-                    g.grad = flat
-                else:
-                    g.grad = torch.zeros(g.size, device=g.device)
-                    for f, p, grad in g.views(g.grad):
-                        grad.copy_(self.main_grads[id(p)].reshape(-1)[f.start:f.end])
-            else:
-                g.grad = g.grad_shard.float()  # the buffer itself when it is fp32
-            # After the DP sum: the tied copies sit at different bucket offsets on the first and
-            # last stage, so their DP sums may round differently; adding the two DP-reduced
-            # values afterwards gives both stages the same bits.
-            for (f, p, grad), r in zip(g.views(g.grad), g.records):
-                sum_whole_partials(r, grad, self.topo)
-        if self.topo.device.type == "cuda":  # the wait above only orders the streams
-            torch.cuda.synchronize(self.topo.device)
-        self.exposed_comm_seconds += time.perf_counter() - start
+                    g.grad = g.grad_shard.float()  # the buffer itself when it is fp32
+                # After the DP sum: the tied copies sit at different bucket offsets on the first and
+                # last stage, so their DP sums may round differently; adding the two DP-reduced
+                # values afterwards gives both stages the same bits.
+                for (f, p, grad), r in zip(g.views(g.grad), g.records):
+                    sum_whole_partials(r, grad, self.topo)
 
     # --- the step ----------------------------------------------------------------------
 
