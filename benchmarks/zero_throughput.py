@@ -3,7 +3,7 @@ engines at ZeRO-1 and ZeRO-3, on the same model, data and batch sizes.
 
     python benchmarks/zero_throughput.py [--layers 4 --hidden 256 --heads 8 --seq 256 --vocab 50257
                                           --micro-batch 4 --global-batch 8 --runs 5 --steps 2
-                                          --overlap-grad-reduce]
+                                          --overlap-grad-reduce --overlap-param-gather]
 
 The model is the GPT-2 shape of ``tokens_per_second.py`` (learned positions, LayerNorm, GeLU
 tanh, tied embeddings). DeepSpeed trains it through ``megatron.testing.deepspeed_engine``: our
@@ -42,7 +42,8 @@ def our_flags(a: argparse.Namespace, stage: int) -> list[str]:
              f"--global-batch-size {a.global_batch} --lr 1e-4 --lr-decay-style constant --clip-grad 1.0 "
              f"--train-iters 1000000 --mock-data --hidden-dropout 0 --attention-dropout 0 --log-interval 1000000 "
              f"--eval-interval 0 --num-workers 0 --zero-stage {stage}").split()
-    return flags + (["--overlap-grad-reduce"] if a.overlap_grad_reduce else [])
+    return (flags + (["--overlap-grad-reduce"] if a.overlap_grad_reduce else [])
+            + (["--overlap-param-gather"] if a.overlap_param_gather and stage == 3 else []))
 
 
 def ours(argv: list[str]) -> Step:
@@ -103,6 +104,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5, help="timed runs per implementation (median reported)")
     p.add_argument("--steps", type=int, default=2, help="global steps per timed run")
     p.add_argument("--overlap-grad-reduce", action="store_true", help="our --overlap-grad-reduce")
+    p.add_argument("--overlap-param-gather", action="store_true",
+                   help="our --overlap-param-gather at ZeRO-3 (DeepSpeed's ZeRO-3 prefetches by default)")
     a = p.parse_args()
     a.deepspeed = importlib.util.find_spec("deepspeed") is not None
     if a.deepspeed:
@@ -115,7 +118,8 @@ def main() -> None:
                for name, figs in ranks[0]["figures"].items()}
     print(f"DP2 (gloo, CPU, 1 thread per rank): {a.layers} layers, hidden {a.hidden}, heads {a.heads}, "
           f"seq {a.seq}, vocab {a.vocab}, micro-batch {a.micro_batch}, global batch {a.global_batch}, fp32; "
-          f"{a.runs} runs x {a.steps} steps each{'; ours with --overlap-grad-reduce' * a.overlap_grad_reduce}")
+          f"{a.runs} runs x {a.steps} steps each{'; ours with --overlap-grad-reduce' * a.overlap_grad_reduce}"
+          f"{'; ours ZeRO-3 with --overlap-param-gather' * a.overlap_param_gather}")
     print("  first-step loss: " + ", ".join(f"{n} {v:.6f}" for n, v in ranks[0]["first_loss"].items()))
     for name, figs in figures.items():
         cells = "  ".join(f"{t:7.1f} (load {load:.2f})" for t, _, load in figs)

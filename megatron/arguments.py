@@ -123,6 +123,10 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overlap-param-gather", action="store_true",
                    help="ZeRO-3: start the next unit's parameter all-gather (the previous one's in backward) "
                         "while the current unit computes (bit-identical to the non-overlapped path)")
+    g.add_argument("--zero3-max-live-parameters", type=int, default=10 ** 9, metavar="N",
+                   help="ZeRO-3: up to N gathered parameter elements stay whole from a unit's forward to its "
+                        "backward, which then gathers nothing (DeepSpeed's stage3_max_live_parameters, same "
+                        "default); 0 frees every unit after its forward and gathers it again in backward")
     g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
                    help=">= 1: the iteration line also shows the exposed (non-overlapped) gradient-reduction "
                         "time and, under ZeRO-3, the exposed parameter all-gather time")
@@ -564,6 +568,9 @@ def validate_args(args: argparse.Namespace, world_size: int, explicit: set[str] 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _validate_virtual_pipeline(args, pp, dp)
+    if args.zero3_max_live_parameters < 0:
+        raise ConfigError(f"--zero3-max-live-parameters {args.zero3_max_live_parameters} is negative: give the "
+                          f"number of gathered elements ZeRO-3 may keep from forward to backward (0: none)")
     if args.overlap_param_gather and args.zero_stage != 3:
         raise ConfigError(f"--overlap-param-gather prefetches ZeRO-3 parameter all-gathers, but the ZeRO stage is "
                           f"{args.zero_stage} (its parameters are never gathered); add --zero-stage 3 or drop "

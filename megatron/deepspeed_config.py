@@ -19,7 +19,7 @@ NO_OP_KEYS = {"steps_per_print", "wall_clock_breakdown", "memory_breakdown", "ze
 # zero_optimization keys that only chunk or overlap communication or lay out memory.
 ZERO_NO_OP_KEYS = {"allgather_bucket_size", "allgather_partitions", "overlap_comm", "contiguous_gradients",
                    "reduce_scatter", "round_robin_gradients", "sub_group_size", "stage3_prefetch_bucket_size",
-                   "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+                   "stage3_param_persistence_threshold", "stage3_max_reuse_distance",
                    "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
                    "elastic_checkpoint", "ignore_unused_parameters", "cpu_offload", "load_from_fp32_weights"}
 # (key, value DeepSpeed would use if absent, values accepted here): settings we implement one way only.
@@ -176,7 +176,8 @@ def _precision(m: _Merger, ds: dict) -> None:
 
 
 def _zero(m: _Merger, zero: dict) -> None:
-    m.only_known(zero, {"stage", "reduce_bucket_size", "offload_optimizer", "offload_param"} | ZERO_NO_OP_KEYS,
+    m.only_known(zero, {"stage", "reduce_bucket_size", "stage3_max_live_parameters", "offload_optimizer",
+                        "offload_param"} | ZERO_NO_OP_KEYS,
                  "zero_optimization.")
     for key in ("offload_optimizer", "offload_param"):
         device = zero.get(key, {}).get("device", "none") if isinstance(zero.get(key), dict) else "none"
@@ -190,6 +191,9 @@ def _zero(m: _Merger, zero: dict) -> None:
         m.set("zero_stage", int(zero["stage"]), "zero_optimization.stage")
     if "reduce_bucket_size" in zero:
         m.set("ddp_bucket_size", int(zero["reduce_bucket_size"]), "zero_optimization.reduce_bucket_size")
+    if "stage3_max_live_parameters" in zero:
+        m.set("zero3_max_live_parameters", int(zero["stage3_max_live_parameters"]),
+              "zero_optimization.stage3_max_live_parameters")
 
 
 def _optimizer(m: _Merger, opt: dict) -> None:

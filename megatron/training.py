@@ -40,7 +40,7 @@ from megatron.initialize import initialize_distributed, set_random_seeds, shutdo
 from megatron.model.config import ModelConfig
 from megatron.model.gpt import GPTModel
 from megatron.model.moe_config import moe_config_from_args
-from megatron.model.recompute import recompute_from_args
+from megatron.model.recompute import RecomputeConfig, recompute_from_args
 
 
 @dataclass
@@ -99,7 +99,10 @@ class Trainer:
         if zero3:
             placeholder_parameters(self.model, self.dtype, device)
         self.model.to(device)
-        self.model.set_recompute(recompute_from_args(args, zero3=zero3))
+        recompute = recompute_from_args(args)
+        # ZeRO-3 units recompute themselves (zero3.py): full recomputation is theirs, not the model's.
+        units_recompute = zero3 and recompute.granularity == "full"
+        self.model.set_recompute(RecomputeConfig() if units_recompute else recompute)
         self.scaler = loss_scaler_from_args(args)
         adam = AdamConfig(lr=args.lr, weight_decay=args.weight_decay, beta1=args.adam_beta1,
                           beta2=args.adam_beta2, eps=args.adam_eps, clip_grad=args.clip_grad,
@@ -116,7 +119,8 @@ class Trainer:
         self.param_gather = None  # ZeRO-3: gathers the parameters around each unit of the model
         if zero3:  # the parameters live as the optimizer's shards from here on
             self.param_gather = partition_parameters(self.model, self.topo, self.optimizer,
-                                                     overlap=args.overlap_param_gather)
+                                                     overlap=args.overlap_param_gather, recompute=units_recompute,
+                                                     max_live=args.zero3_max_live_parameters)
         self.schedule = build_lr_schedule(args)
         self.rampup = BatchRampup(*args.rampup_batch_size, args.global_batch_size) if args.rampup_batch_size else None
         self.identity = run_identity(args, vocab_size)

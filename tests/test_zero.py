@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from megatron.arguments import parse_args
+from megatron.arguments import ConfigError, parse_args
 from megatron.checkpointing import convert_to_universal
 from megatron.core.optimizer.footprint import resident_bytes
 from megatron.core.parallel_state import ParallelDims, Topology
@@ -68,14 +68,97 @@ def test_zero3_with_untied_output_layer_matches_stage0() -> None:
     assert_curves_close(train_losses(world, untied + flags), want, "untied ZeRO-3 DP4")
 
 
-def test_zero3_recompute_replays_dropout_masks() -> None:
-    """The backward recomputes each unit with the forward's RNG state, so dropout matches ZeRO-1."""
+@pytest.mark.parametrize("recompute", [[], ["--checkpoint-activations"]], ids=["kept", "recomputed"])
+def test_zero3_with_dropout_matches_zero1(recompute: list[str]) -> None:
+    """Units that keep their activations use the forward's dropout masks; units that recompute
+    replay them from the saved RNG state: either way the curve is ZeRO-1's."""
     dropout = [a for a in MODEL if a not in ("--hidden-dropout", "--attention-dropout", "0")]
     dropout += ["--hidden-dropout", "0.2", "--attention-dropout", "0.2", "--train-iters", "6"]
-    want = train_losses(*_with(layout(1, 2), dropout))
-    got = train_losses(*_with(layout(3, 2), dropout))
+    want = train_losses(*_with(layout(1, 2), dropout + recompute))
+    got = train_losses(*_with(layout(3, 2), dropout + recompute))
     worst = max(abs(a - b) for a, b in zip(got, want, strict=True))
     assert worst <= 1e-6, f"ZeRO-3 with dropout differs from ZeRO-1 by {worst:.3e}: {got} vs {want}"
+
+
+def _unit_lifecycle(trainer) -> dict:
+    """One forward and backward by hand: how often the head unit's forward ran, how many
+    parameter storages attached in the forward outlived it, and how many gathers the backward
+    made."""
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from megatron.core.optimizer import zero3
+    model, calls, attached, gathers = trainer.model, [], [], []
+    model.final_norm.register_forward_hook(lambda *_: calls.append(1))
+    attach, start_gather = zero3.Unit.attach, zero3.Unit.start_gather
+
+    def recording_attach(unit, values) -> None:
+        attach(unit, values)
+        attached.extend(StorageWeakRef(p.untyped_storage()) for p in unit.params)
+
+    def counting_gather(unit, async_op):
+        gathers.append(unit.name)
+        return start_gather(unit, async_op)
+    zero3.Unit.attach, zero3.Unit.start_gather = recording_attach, counting_gather
+    try:
+        tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+        loss = model(tokens, tokens.roll(-1, 1)).mean()
+        forward_calls, alive, forward_gathers = len(calls), sum(not ref.expired() for ref in attached), len(gathers)
+        loss.backward()
+    finally:
+        zero3.Unit.attach, zero3.Unit.start_gather = attach, start_gather
+    return {"forward": forward_calls, "all": len(calls), "alive": alive, "attached": len(attached),
+            "forward_gathers": forward_gathers, "backward_gathers": len(gathers) - forward_gathers,
+            "full": max(p.numel() for p in model.parameters()), "live": trainer.param_gather.live}
+
+
+STRICT = ["--zero3-max-live-parameters", "0"]
+
+
+@pytest.mark.parametrize("flags,head_calls", [(STRICT, 1), (STRICT + ["--checkpoint-activations"], 2), ([], 1)],
+                         ids=["strict", "recomputed", "kept-whole"])
+def test_zero3_unit_lifecycle(flags: list[str], head_calls: int) -> None:
+    """Without recomputation a unit's forward runs once per micro-batch. With no live budget
+    no parameter gathered in the forward stays alive until the backward (the graph refers to
+    it, the backward gathers it again); with DeepSpeed's default budget the forward's values
+    serve the backward, which gathers nothing. Either way nothing full outlives the backward."""
+    world, layout_flags = layout(3, 2)
+    argv = MODEL + layout_flags + flags + ["--train-iters", "1"]
+    for rank, got in enumerate(inspect_trained(world, argv, _unit_lifecycle)):
+        assert got["forward"] == 1 and got["all"] == head_calls, f"rank {rank}: head unit ran {got['all']} times"
+        assert got["forward_gathers"] > 0 and got["attached"] > 0
+        if flags:
+            assert got["alive"] == 0, f"rank {rank}: {got['alive']} of {got['attached']} parameters outlived the forward"
+            assert got["backward_gathers"] == got["forward_gathers"], f"rank {rank}: {got}"
+        else:
+            assert got["alive"] > 0 and got["backward_gathers"] == 0, f"rank {rank}: {got}"
+        assert got["full"] == 0 and got["live"] == 0, f"rank {rank}: a full parameter outlived the backward"
+
+
+def _curve_and_master(trainer) -> dict:
+    import torch
+    return {"losses": list(trainer.state.losses), "master": torch.cat([g.master for g in trainer.optimizer.groups])}
+
+
+def test_zero3_live_budget_and_recomputation_give_the_same_bits() -> None:
+    """Keeping the forward's values whole, gathering again in backward, a budget that fits only
+    some units, and recomputing each unit: one loss curve and one set of master weights."""
+    import torch
+    world, layout_flags = layout(3, 2)
+    argv = MODEL + layout_flags + ["--train-iters", "3", "--global-batch-size", "16"]  # two micro-batches
+    runs = {name: inspect_trained(world, argv + flags, _curve_and_master) for name, flags in
+            {"kept": [], "strict": STRICT, "partial": ["--zero3-max-live-parameters", "4000"],
+             "recomputed": STRICT + ["--checkpoint-activations"]}.items()}
+    for name, got in runs.items():
+        for rank in range(world):
+            want = runs["kept"][rank]
+            assert got[rank]["losses"] == want["losses"], f"{name} rank {rank}: {got[rank]['losses']} vs {want['losses']}"
+            assert torch.equal(got[rank]["master"], want["master"]), f"{name} rank {rank}: master weights differ"
+
+
+def test_negative_live_budget_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--zero3-max-live-parameters -1 is negative"):
+        parse_args(MODEL + ["--zero3-max-live-parameters", "-1"], 1)
 
 
 def _with(world_flags: tuple[int, list[str]], argv: list[str]) -> tuple[int, list[str]]:

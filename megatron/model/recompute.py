@@ -24,13 +24,9 @@ class RecomputeConfig:
     num_layers: int = 1
 
 
-def recompute_from_args(args: argparse.Namespace, zero3: bool) -> RecomputeConfig:
+def recompute_from_args(args: argparse.Namespace) -> RecomputeConfig:
     """Megatron-DeepSpeed's flags: --checkpoint-activations (+ --checkpoint-num-layers, also
-    under --deepspeed-activation-checkpointing) or --recompute-granularity/-method/-num-layers.
-    ZeRO-3 already recomputes every layer in backward (it frees gathered weights), so the
-    flags add nothing there."""
-    if zero3:
-        return RecomputeConfig()
+    under --deepspeed-activation-checkpointing) or --recompute-granularity/-method/-num-layers."""
     if args.checkpoint_activations:
         return RecomputeConfig("full", "uniform", args.checkpoint_num_layers)
     if args.recompute_granularity == "full":

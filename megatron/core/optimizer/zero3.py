@@ -3,15 +3,22 @@
 Each local parameter keeps only its chunk of the flattened, padded value (the chunk its
 optimizer fragment covers, in the model dtype): a view of the optimizer's
 ``ParamGroup.param_shard``, which the step updates in place; ``p.data`` is empty between
-uses (and the model may have been built on the meta device: nothing reads its values). A *unit* -- a step of the model's forward that names the parameters it
-reads (``GPTModel.units``: the embedding, each transformer layer, the final norm and
-output layer) -- all-gathers its parameters over the DP group just before it runs and
-frees them afterwards (``--overlap-param-gather`` starts the next unit's gather while one
-runs: ``ParamGatherer``). Its forward runs without autograd; its backward re-gathers,
-recomputes the forward with the saved RNG state (as ``torch.utils.checkpoint`` does),
-back-propagates so the optimizer's gradient hooks reduce-scatter each gradient while the
-full parameter exists, and frees again. So autograd never holds a full parameter across
-units, at the price of one extra forward per unit (activation recomputation).
+uses (and the model may have been built on the meta device: nothing reads its values). A
+*unit* -- a step of the model's forward that names the parameters it reads
+(``GPTModel.units``: the embedding, each transformer layer, the final norm and output
+layer) -- all-gathers its parameters over the DP group just before it runs and frees them
+afterwards (``--overlap-param-gather`` starts the next unit's gather while one runs:
+``ParamGatherer``).
+
+A unit's forward records its own autograd graph and keeps its activations, as without
+ZeRO; a saved tensor that lies in a gathered parameter is kept as a reference (which
+parameter, which strides) and re-made from the gather its backward makes, so autograd never
+holds a full parameter across units. Its backward gathers again, back-propagates through
+that graph -- the optimizer's gradient hooks reduce-scatter each gradient while the full
+parameter exists -- and frees. With full activation recomputation
+(``--recompute-granularity full``, ``--checkpoint-activations``) a unit keeps only its
+inputs and recomputes its forward in backward instead, with the saved RNG state (as
+``torch.utils.checkpoint`` does).
 """
 from __future__ import annotations
 
@@ -53,6 +60,10 @@ class Unit:
             offset += shard.numel()
         self.shard_numel = offset
         self.nested = False  # runs inside another unit's call (MoE experts): never prefetched
+        self.storages: dict[int, int] = {}  # while gathered: storage address -> first parameter in it
+        self.shapes = [sharding_of(p).local_shape for p in params]
+        self.numel = sum(math.prod(shape) for shape in self.shapes)
+        self.kept: _Kept | None = None  # values gathered in a forward, kept for its backward
         # A leaf that needs a gradient, so autograd calls the backward even when no input does.
         self.anchor = torch.empty(0, requires_grad=True)
 
@@ -68,21 +79,69 @@ class Unit:
         them, so a gather started before it is stale."""
         return [shard._version for shard in self.shards]
 
-    def assemble(self, table: torch.Tensor) -> None:
-        """Point every parameter at its slice of the gathered ``table``: then each is whole."""
+    def assemble(self, table: torch.Tensor) -> list[torch.Tensor]:
+        """The whole value of every parameter, from its slices of the gathered ``table``."""
         table = table.view(self.dp, self.shard_numel)
-        for p, shard, offset in zip(self.params, self.shards, self.offsets):
-            chunk = shard.numel()
-            shape = sharding_of(p).local_shape
-            p.data = table[:, offset:offset + chunk].reshape(-1)[:math.prod(shape)].view(shape)
+        return [table[:, offset:offset + shard.numel()].reshape(-1)[:math.prod(shape)].view(shape)
+                for shard, offset, shape in zip(self.shards, self.offsets, self.shapes)]
+
+    def attach(self, values: list[torch.Tensor]) -> None:
+        """Point every parameter at its whole value."""
+        for p, value in zip(self.params, values):
+            p.data = value
+        # Where a saved tensor may lie: the storage of each parameter (shared by all when
+        # DP is 1), by its address; the same index finds the same storage in a later gather.
+        self.storages = {}
+        for index, p in enumerate(self.params):
+            self.storages.setdefault(p.untyped_storage().data_ptr(), index)
 
     def release(self) -> None:
         for p, shard in zip(self.params, self.shards):
             p.data = shard.new_empty(0)
+        self.storages = {}
 
-    def gathered(self, backward: bool = False):
+    def pack(self, t: torch.Tensor) -> Any:
+        """A tensor autograd saves in this unit's forward: a reference if it lies in a gathered
+        parameter (so the gather can be freed), else the tensor and its version."""
+        index = self.storages.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+        if index is None:
+            return t, t._version
+        base = self.params[index]
+        return _SavedParam(index, tuple(t.shape), t.stride(), t.storage_offset() - base.storage_offset())
+
+    def unpack(self, saved: Any) -> torch.Tensor:
+        """The saved tensor again; a parameter reference is resolved in the current gather."""
+        if isinstance(saved, _SavedParam):
+            base = self.params[saved.index]
+            return base.as_strided(saved.shape, saved.stride, base.storage_offset() + saved.offset)
+        t, version = saved
+        if t._version != version:
+            raise RuntimeError(f"ZeRO-3 unit {self.name}: a tensor its backward needs was modified in place "
+                               f"after the forward saved it (version {version}, now {t._version}); "
+                               f"do not modify a unit's output or inputs in place")
+        return t
+
+    def gathered(self, backward: bool = False, keep: bool = False):
         """Context in which the unit's parameters are whole (see ``ParamGatherer.gathered``)."""
-        return self.gatherer.gathered(self, backward)
+        return self.gatherer.gathered(self, backward, keep)
+
+
+@dataclass(frozen=True)
+class _SavedParam:
+    """A saved tensor that lies in a gathered parameter: which one, and the view of it."""
+    index: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+@dataclass
+class _Kept:
+    """A unit's whole values kept from a forward to its backward, with the shard versions they
+    were gathered from and the number of forwards whose backward has not run yet."""
+    values: list[torch.Tensor]
+    versions: list[int]
+    backwards: int = 0
 
 
 @dataclass
@@ -105,10 +164,15 @@ class ParamGatherer:
     rank of a ZeRO group runs the same units in the same order with the same optimizer steps,
     so all of them take the same decisions and issue the same collectives in the same order.
     A unit called inside another one (MoE experts within their layer) is gathered
-    synchronously and leaves the outer prefetch in flight."""
+    synchronously and leaves the outer prefetch in flight.
 
-    def __init__(self, overlap: bool = False) -> None:
-        self.overlap = overlap
+    As DeepSpeed's ``stage3_max_live_parameters``, up to ``max_live`` gathered elements stay
+    whole from a unit's forward to its backward, which then needs no gather; a unit over the
+    budget frees its values and gathers again in backward. The decision depends only on sizes,
+    so every rank takes the same one."""
+
+    def __init__(self, overlap: bool = False, max_live: int = 0) -> None:
+        self.overlap, self.max_live, self.live = overlap, max_live, 0
         self.units: list[Unit] = []
         self.pending: _Gather | None = None
         self.active = 0  # units gathered right now (more than one when nested)
@@ -116,12 +180,20 @@ class ParamGatherer:
         self.clock = comm.WaitClock()  # exposed gather time: waits and synchronous gathers
 
     @contextmanager
-    def gathered(self, unit: Unit, backward: bool) -> Iterator[None]:
+    def gathered(self, unit: Unit, backward: bool, keep: bool = False) -> Iterator[None]:
+        """The unit whole: its kept values, a prefetch or a gather. ``keep``: a forward whose
+        backward will come may keep its values for it, within ``max_live``."""
         if not unit.params:
             yield
             return
         unit.nested = unit.nested or self.active > 0
-        unit.assemble(self._take(unit))
+        kept = self._valid_kept(unit)
+        unit.attach(kept.values if kept is not None else unit.assemble(self._take(unit)))
+        if keep and kept is None and self.live + unit.numel <= self.max_live:
+            kept = unit.kept = _Kept([p.data for p in unit.params], unit.shard_versions())
+            self.live += unit.numel
+        if keep and kept is not None:
+            kept.backwards += 1
         if self.overlap and self.pending is None and not unit.nested:
             self._prefetch(unit.index + (-1 if backward else 1), -1 if backward else 1)
         self.active += 1
@@ -130,6 +202,21 @@ class ParamGatherer:
         finally:
             self.active -= 1
             unit.release()
+            if backward and kept is not None:
+                kept.backwards -= 1
+                if kept.backwards <= 0:
+                    self._drop(unit)
+
+    def _valid_kept(self, unit: Unit) -> _Kept | None:
+        """The unit's kept values, unless its shards were written since they were gathered."""
+        if unit.kept is not None and unit.kept.versions != unit.shard_versions():
+            self._drop(unit)
+        return unit.kept
+
+    def _drop(self, unit: Unit) -> None:
+        if unit.kept is not None:
+            self.live -= unit.numel
+            unit.kept = None
 
     def _take(self, unit: Unit) -> torch.Tensor:
         """The unit's gathered table: its valid prefetch, else a synchronous gather."""
@@ -150,7 +237,8 @@ class ParamGatherer:
     def _prefetch(self, index: int, step: int) -> None:
         """Start the gather of the first unit from ``index`` on (going by ``step``) that is not
         nested, if there is one."""
-        while 0 <= index < len(self.units) and (self.units[index].nested or not self.units[index].params):
+        while 0 <= index < len(self.units) and (self.units[index].nested or not self.units[index].params
+                                                 or self._valid_kept(self.units[index]) is not None):
             index += step
         if 0 <= index < len(self.units):
             self.pending = self.units[index].start_gather(async_op=True)
@@ -161,7 +249,38 @@ def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]
     return torch.get_rng_state(), cuda
 
 
-class _GatheredCall(torch.autograd.Function):
+class _KeptCall(torch.autograd.Function):
+    """Run ``fn`` with the unit gathered, recording its graph on detached inputs; in backward
+    gather again and back-propagate through that graph."""
+
+    @staticmethod
+    def forward(ctx, unit: Unit, fn: Callable, spec: Any, leaves: list, anchor: torch.Tensor,
+                *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.unit = unit
+        ctx.inputs = [t.detach().requires_grad_(n) for t, n in zip(tensors, ctx.needs_input_grad[5:])]
+        with unit.gathered(keep=True), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(unit.pack, unit.unpack):
+            out = fn(*_rebuild(spec, leaves, ctx.inputs))
+        _check_output(unit, out)
+        ctx.out = out if out.requires_grad else None
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if ctx.out is not None:
+            with ctx.unit.gathered(backward=True):
+                torch.autograd.backward(ctx.out, grad_out)  # the optimizer's hooks reduce-scatter here
+        grads = [t.grad if t.requires_grad else None for t in ctx.inputs]
+        ctx.out = ctx.inputs = None
+        return (None, None, None, None, None, *grads)
+
+
+def _check_output(unit: Unit, out: Any) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"ZeRO-3 unit {unit.name} must return one tensor, got {type(out).__name__}")
+
+
+class _RecomputedCall(torch.autograd.Function):
     """Run ``fn`` with the unit gathered; in backward gather again, recompute and back-propagate."""
 
     @staticmethod
@@ -173,8 +292,7 @@ class _GatheredCall(torch.autograd.Function):
         ctx.save_for_backward(*tensors)
         with unit.gathered():
             out = fn(*_rebuild(spec, leaves, tensors))
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"ZeRO-3 unit {unit.name} must return one tensor, got {type(out).__name__}")
+        _check_output(unit, out)
         return out
 
     @staticmethod
@@ -201,13 +319,20 @@ def _rebuild(spec: Any, leaves: list, tensors) -> list:
     return tree_unflatten([next(it) if x is _TENSOR else x for x in leaves], spec)
 
 
-def _wrap(unit: Unit, fn: Callable) -> Callable:
+def _wrap(unit: Unit, fn: Callable, recompute: bool) -> Callable:
+    function = _RecomputedCall if recompute else _KeptCall
+
     @functools.wraps(fn)
     def call(*args: Any) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # evaluation: nothing to keep for a backward
+            with unit.gathered():
+                out = fn(*args)
+            _check_output(unit, out)
+            return out
         leaves, spec = tree_flatten(list(args))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         slots = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
-        return _GatheredCall.apply(unit, fn, spec, slots, unit.anchor, *tensors)
+        return function.apply(unit, fn, spec, slots, unit.anchor, *tensors)
     return call
 
 
@@ -228,10 +353,12 @@ def placeholder_parameters(model: nn.Module, dtype: torch.dtype, device: torch.d
 
 
 def partition_parameters(model: nn.Module, topo: Topology, optimizer: DistributedOptimizer,
-                         overlap: bool = False) -> ParamGatherer:
+                         overlap: bool = False, recompute: bool = False, max_live: int = 0) -> ParamGatherer:
     """Free every parameter of ``model`` (its values live in ``optimizer``'s ZeRO-3 shards) and
     make each of ``model.units()`` gather its parameters around its call; ``overlap``
-    prefetches the next unit's gather (``--overlap-param-gather``). Call it once, after the
+    prefetches the next unit's gather (``--overlap-param-gather``); ``recompute`` makes each
+    unit recompute its forward in backward instead of keeping its activations; ``max_live``
+    gathered elements may stay whole from forward to backward. Call it once, after the
     model is cast to its training dtype (the shards' dtype). Returns the gatherer (its clock
     holds the exposed gather time)."""
     named = dict(model.named_parameters())
@@ -240,7 +367,7 @@ def partition_parameters(model: nn.Module, topo: Topology, optimizer: Distribute
         missing = sorted(n for n, p in named.items() if id(p) not in by_id)
         raise ValueError(f"ZeRO-3: parameters without an optimizer fragment: {missing}")
     names = {id(p): n for n, p in named.items()}
-    gatherer, covered = ParamGatherer(overlap), set()
+    gatherer, covered = ParamGatherer(overlap, max_live), set()
     for index, (owner, method, params) in enumerate(model.units()):
         shards = [optimizer.param_shard(by_id[id(p)]) for p in params]
         for p, shard in zip(params, shards):
@@ -251,7 +378,7 @@ def partition_parameters(model: nn.Module, topo: Topology, optimizer: Distribute
                 p.data = shard.new_empty(0)
                 covered.add(id(p))
         unit = Unit(f"{index} ({type(owner).__name__}.{method})", index, params, shards, topo, gatherer)
-        setattr(owner, method, _wrap(unit, getattr(owner, method)))
+        setattr(owner, method, _wrap(unit, getattr(owner, method), recompute))
         gatherer.units.append(unit)
     unused = sorted(names[i] for i in by_id if i not in covered)
     if unused:
