@@ -96,20 +96,23 @@ def _unit_lifecycle(trainer) -> dict:
         attach(unit, values)
         attached.extend(StorageWeakRef(p.untyped_storage()) for p in unit.params)
 
-    def counting_gather(unit, async_op):
-        gathers.append(unit.name)
-        return start_gather(unit, async_op)
+    def counting_gather(unit, async_op, which=None):
+        gathers.extend(unit.params[i] for i in (range(len(unit.params)) if which is None else which))
+        return start_gather(unit, async_op, which)
     zero3.Unit.attach, zero3.Unit.start_gather = recording_attach, counting_gather
     try:
         tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
         loss = model(tokens, tokens.roll(-1, 1)).mean()
         forward_calls, alive, forward_gathers = len(calls), sum(not ref.expired() for ref in attached), len(gathers)
+        names = {id(p): n for n, p in model.named_parameters()}
+        twice = sorted({names[id(p)] for p in gathers if sum(q is p for q in gathers) > 1})
         loss.backward()
     finally:
         zero3.Unit.attach, zero3.Unit.start_gather = attach, start_gather
     return {"forward": forward_calls, "all": len(calls), "alive": alive, "attached": len(attached),
             "forward_gathers": forward_gathers, "backward_gathers": len(gathers) - forward_gathers,
-            "full": max(p.numel() for p in model.parameters()), "live": trainer.param_gather.live}
+            "full": max(p.numel() for p in model.parameters()), "live": trainer.param_gather.live,
+            "gathered_twice_in_forward": twice}
 
 
 STRICT = ["--zero3-max-live-parameters", "0"]
@@ -121,7 +124,8 @@ def test_zero3_unit_lifecycle(flags: list[str], head_calls: int) -> None:
     """Without recomputation a unit's forward runs once per micro-batch. With no live budget
     no parameter gathered in the forward stays alive until the backward (the graph refers to
     it, the backward gathers it again); with DeepSpeed's default budget the forward's values
-    serve the backward, which gathers nothing. Either way nothing full outlives the backward."""
+    serve the backward, which gathers nothing, and the output layer takes the tied word embedding
+    the embedding unit keeps. Either way nothing full outlives the backward."""
     world, layout_flags = layout(3, 2)
     argv = MODEL + layout_flags + flags + ["--train-iters", "1"]
     for rank, got in enumerate(inspect_trained(world, argv, _unit_lifecycle)):
@@ -130,8 +134,10 @@ def test_zero3_unit_lifecycle(flags: list[str], head_calls: int) -> None:
         if flags:
             assert got["alive"] == 0, f"rank {rank}: {got['alive']} of {got['attached']} parameters outlived the forward"
             assert got["backward_gathers"] == got["forward_gathers"], f"rank {rank}: {got}"
-        else:
+            assert got["gathered_twice_in_forward"] == ["embedding.word_embeddings.weight"]
+        else:  # the output layer takes the tied weight the embedding unit keeps
             assert got["alive"] > 0 and got["backward_gathers"] == 0, f"rank {rank}: {got}"
+            assert got["gathered_twice_in_forward"] == [], f"rank {rank}: {got}"
         assert got["full"] == 0 and got["live"] == 0, f"rank {rank}: a full parameter outlived the backward"
 
 
@@ -154,6 +160,32 @@ def test_zero3_live_budget_and_recomputation_give_the_same_bits() -> None:
             want = runs["kept"][rank]
             assert got[rank]["losses"] == want["losses"], f"{name} rank {rank}: {got[rank]['losses']} vs {want['losses']}"
             assert torch.equal(got[rank]["master"], want["master"]), f"{name} rank {rank}: master weights differ"
+
+
+def _scatters_per_fragment(trainer) -> dict:
+    """How many times one backward queued each fragment's gradient for the reduce-scatter."""
+    import collections
+
+    import torch
+    optimizer, queued = trainer.optimizer, collections.Counter()
+    queue = optimizer._queue_for_scatter
+
+    def counting(g, f, record, grad) -> None:
+        queued[f.name] += 1
+        queue(g, f, record, grad)
+    optimizer._queue_for_scatter = counting
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    trainer.model(tokens, tokens.roll(-1, 1)).mean().backward()
+    return dict(queued)
+
+
+def test_zero3_reduces_a_tied_weight_once_per_backward() -> None:
+    """The word embedding is read by the first and the last unit: its two gradients are added
+    before one reduce-scatter (the loss curve equal to ZeRO-0 is checked above)."""
+    world, flags = layout(3, 2)
+    for rank, queued in enumerate(inspect_trained(world, MODEL + flags + ["--train-iters", "1"], _scatters_per_fragment)):
+        assert "embedding.word_embeddings.weight" in queued, sorted(queued)
+        assert set(queued.values()) == {1}, f"rank {rank}: fragments reduced more than once: {queued}"
 
 
 def test_negative_live_budget_is_refused() -> None:

@@ -150,6 +150,30 @@ def optimizer_group_index(record: ShardingRecord, zero_groups: list[str]) -> int
     return 2 * zero_groups.index(record.zero_group) + (0 if record.weight_decay else 1)
 
 
+@dataclass
+class _HeldGrad:
+    """The sum so far of a parameter's gradient contributions in one backward."""
+    group: ParamGroup
+    fragment: Fragment
+    record: ShardingRecord
+    grad: torch.Tensor
+    count: int = 0
+
+
+def _fill_chunks(block: torch.Tensor, flat: torch.Tensor) -> None:
+    """Row ``r`` of ``block [shards, chunk]`` = elements ``[r * chunk, (r + 1) * chunk)`` of
+    ``flat``, zero past its end: the padded gradient, copied once (no padded temporary)."""
+    chunk = block.shape[1]
+    if chunk == 0:
+        return
+    full, rest = divmod(flat.numel(), chunk)
+    block[:full].copy_(flat[:full * chunk].view(full, chunk))
+    if full < block.shape[0]:
+        block[full, :rest].copy_(flat[full * chunk:])
+        block[full, rest:].zero_()
+        block[full + 1:].zero_()
+
+
 class DistributedOptimizer:
     """AdamW over partitions; ``stage`` is the ZeRO stage (0-3)."""
 
@@ -201,6 +225,8 @@ class DistributedOptimizer:
         self._in_flight: list[tuple] = []  # stages 2-3 with --overlap-grad-reduce: started reduce-scatters
         self.grad_clock = comm.WaitClock()  # time the step waited for gradient reductions, for the log
         self.overlapped_buckets = 0  # stages 2-3: reduce-scatters the last step's backward started
+        self._contributions: dict[int, int] = {}  # stages 2-3: gradients per backward of a tied parameter
+        self._held: dict[int, _HeldGrad] = {}  # their sum so far
         for g in self.groups:
             if g.main_grad_flat is not None:
                 offset = 0
@@ -224,13 +250,39 @@ class DistributedOptimizer:
                     self.launchers[g.index].grad_added(p)
             else:
                 grad = p.grad.to(g.grad_shard.dtype)
-                sum_row_partials(record, grad, self.topo)  # needs the full local rows: before the scatter
-                self._pending[g.index].append((f, grad))
-                self._pending_numel[g.index] += grad.numel()
-                if self._pending_numel[g.index] >= self.cfg.bucket_numel:
-                    self._reduce_scatter_pending(g)
+                if id(p) in self._contributions:
+                    grad = self._hold(p, g, f, record, grad)
+                if grad is not None:
+                    self._queue_for_scatter(g, f, record, grad)
             p.grad = None
         return hook
+
+    def sum_before_reducing(self, p: nn.Parameter, contributions: int) -> None:
+        """Stages 2-3: ``p`` gets ``contributions`` separate gradients per backward (a tied weight
+        read by two ZeRO-3 units, each back-propagating its own graph); add them up and
+        reduce-scatter the sum once, as one autograd graph would, instead of each apart."""
+        if contributions > 1:
+            self._contributions[id(p)] = contributions
+
+    def _hold(self, p: nn.Parameter, g: ParamGroup, f: Fragment, record, grad: torch.Tensor) -> torch.Tensor | None:
+        """Add one contribution of ``p``'s gradient; the sum once all have come, else None."""
+        held = self._held.get(id(p))
+        if held is None:
+            held = self._held[id(p)] = _HeldGrad(g, f, record, grad)
+        else:
+            held.grad.add_(grad)
+        held.count += 1
+        if held.count < self._contributions[id(p)]:
+            return None
+        del self._held[id(p)]
+        return held.grad
+
+    def _queue_for_scatter(self, g: ParamGroup, f: Fragment, record, grad: torch.Tensor) -> None:
+        sum_row_partials(record, grad, self.topo)  # needs the full local rows: before the scatter
+        self._pending[g.index].append((f, grad))
+        self._pending_numel[g.index] += grad.numel()
+        if self._pending_numel[g.index] >= self.cfg.bucket_numel:
+            self._reduce_scatter_pending(g)
 
     def _reduce_scatter_pending(self, g: ParamGroup) -> None:
         """Reduce-scatter the waiting gradients of ``g`` in one collective over its ZeRO group;
@@ -241,9 +293,8 @@ class DistributedOptimizer:
             return
         width, dtype = sum(f.chunk for f, _ in pending), g.grad_shard.dtype
         send, column = torch.empty(g.shards, width, dtype=dtype, device=g.device), 0
-        for f, grad in pending:  # column block of each gradient: its chunk r in row r
-            padded = torch.nn.functional.pad(grad.reshape(-1), (0, f.chunk * g.shards - grad.numel()))
-            send[:, column:column + f.chunk] = padded.view(g.shards, f.chunk)
+        for f, grad in pending:  # column block of each gradient: its chunk r in row r, zero padded
+            _fill_chunks(send[:, column:column + f.chunk], grad.reshape(-1))
             column += f.chunk
         mine = torch.empty(width, dtype=dtype, device=g.device)
         group = self.topo.group(g.zero_group)
@@ -286,6 +337,9 @@ class DistributedOptimizer:
         embeddings) on those chunks."""
         with self.grad_clock.blocked(self.topo.device):
             started_in_backward = len(self._in_flight)
+            for held in self._held.values():  # a contribution that never came
+                self._queue_for_scatter(held.group, held.fragment, held.record, held.grad)
+            self._held = {}
             for g in self.groups:
                 self._reduce_scatter_pending(g)
             self._drain()

@@ -54,11 +54,6 @@ class Unit:
         if len(dtypes) > 1:
             raise ValueError(f"ZeRO-3 unit {name} mixes parameter dtypes {sorted(map(str, dtypes))}; "
                              f"cast the whole model to one dtype before partitioning")
-        self.offsets, offset = [], 0
-        for shard in shards:
-            self.offsets.append(offset)
-            offset += shard.numel()
-        self.shard_numel = offset
         self.nested = False  # runs inside another unit's call (MoE experts): never prefetched
         self.storages: dict[int, int] = {}  # while gathered: storage address -> first parameter in it
         self.shapes = [sharding_of(p).local_shape for p in params]
@@ -67,23 +62,28 @@ class Unit:
         # A leaf that needs a gradient, so autograd calls the backward even when no input does.
         self.anchor = torch.empty(0, requires_grad=True)
 
-    def start_gather(self, async_op: bool) -> "_Gather":
-        """Start (``async_op``) or run one all-gather of the unit's concatenated shards."""
-        send = torch.cat(self.shards)
-        table = torch.empty(self.dp * self.shard_numel, dtype=send.dtype, device=send.device)
+    def start_gather(self, async_op: bool, which: tuple[int, ...] | None = None) -> "_Gather":
+        """Start (``async_op``) or run one all-gather of the concatenated shards of parameters
+        ``which`` (default all)."""
+        which = tuple(range(len(self.params))) if which is None else which
+        send = torch.cat([self.shards[i] for i in which])
+        table = torch.empty(self.dp * send.numel(), dtype=send.dtype, device=send.device)
         work = comm.all_gather_flat(table, send, self.group, async_op=async_op)
-        return _Gather(self, table, work if async_op else None, self.shard_versions())
+        return _Gather(self, which, table, work if async_op else None, self.shard_versions())
 
     def shard_versions(self) -> list[int]:
         """The shards' in-place write counters: an optimizer step or a checkpoint load bumps
         them, so a gather started before it is stale."""
         return [shard._version for shard in self.shards]
 
-    def assemble(self, table: torch.Tensor) -> list[torch.Tensor]:
-        """The whole value of every parameter, from its slices of the gathered ``table``."""
-        table = table.view(self.dp, self.shard_numel)
-        return [table[:, offset:offset + shard.numel()].reshape(-1)[:math.prod(shape)].view(shape)
-                for shard, offset, shape in zip(self.shards, self.offsets, self.shapes)]
+    def assemble(self, gather: "_Gather") -> dict[int, torch.Tensor]:
+        """The whole value of each parameter the gather holds, by index, from its slices."""
+        table, values, offset = gather.table.view(self.dp, -1), {}, 0
+        for i in gather.which:
+            chunk, shape = self.shards[i].numel(), self.shapes[i]
+            values[i] = table[:, offset:offset + chunk].reshape(-1)[:math.prod(shape)].view(shape)
+            offset += chunk
+        return values
 
     def attach(self, values: list[torch.Tensor]) -> None:
         """Point every parameter at its whole value."""
@@ -146,8 +146,9 @@ class _Kept:
 
 @dataclass
 class _Gather:
-    """One all-gather of a unit: started (``work`` to wait) or done (``work`` None)."""
+    """One all-gather of some parameters of a unit: started (``work`` to wait) or done (``work`` None)."""
     unit: Unit
+    which: tuple[int, ...]
     table: torch.Tensor
     work: Any
     versions: list[int]
@@ -168,12 +169,15 @@ class ParamGatherer:
 
     As DeepSpeed's ``stage3_max_live_parameters``, up to ``max_live`` gathered elements stay
     whole from a unit's forward to its backward, which then needs no gather; a unit over the
-    budget frees its values and gathers again in backward. The decision depends only on sizes,
-    so every rank takes the same one."""
+    budget frees its values and gathers again in backward. A parameter kept whole by another
+    unit (the tied word embedding, kept by the embedding unit, read again by the output layer)
+    is taken from there, not gathered twice. The decisions depend only on sizes and on the
+    order of the units, so every rank takes the same ones."""
 
     def __init__(self, overlap: bool = False, max_live: int = 0) -> None:
         self.overlap, self.max_live, self.live = overlap, max_live, 0
         self.units: list[Unit] = []
+        self.readers: dict[int, list[Unit]] = {}  # id(parameter) -> the units that read it
         self.pending: _Gather | None = None
         self.active = 0  # units gathered right now (more than one when nested)
         self.hits = self.dropped = 0  # prefetches used / waited and discarded
@@ -188,7 +192,7 @@ class ParamGatherer:
             return
         unit.nested = unit.nested or self.active > 0
         kept = self._valid_kept(unit)
-        unit.attach(kept.values if kept is not None else unit.assemble(self._take(unit)))
+        unit.attach(kept.values if kept is not None else self._values(unit))
         if keep and kept is None and self.live + unit.numel <= self.max_live:
             kept = unit.kept = _Kept([p.data for p in unit.params], unit.shard_versions())
             self.live += unit.numel
@@ -218,8 +222,31 @@ class ParamGatherer:
             self.live -= unit.numel
             unit.kept = None
 
-    def _take(self, unit: Unit) -> torch.Tensor:
-        """The unit's gathered table: its valid prefetch, else a synchronous gather."""
+    def _whole_elsewhere(self, unit: Unit) -> dict[int, torch.Tensor]:
+        """The unit's parameters that another unit keeps whole (and valid), by index."""
+        values = {}
+        for i, p in enumerate(unit.params):
+            for other in self.readers.get(id(p), []):
+                if other is not unit and self._valid_kept(other) is not None:
+                    values[i] = other.kept.values[other.params.index(p)]
+                    break
+        return values
+
+    def _missing(self, unit: Unit) -> tuple[int, ...]:
+        """The unit's parameters a gather must bring: those no other unit keeps whole."""
+        elsewhere = self._whole_elsewhere(unit)
+        return tuple(i for i in range(len(unit.params)) if i not in elsewhere)
+
+    def _values(self, unit: Unit) -> list[torch.Tensor]:
+        """Every parameter of ``unit`` whole: kept by another unit, else gathered."""
+        values = self._whole_elsewhere(unit)
+        missing = tuple(i for i in range(len(unit.params)) if i not in values)
+        if missing:
+            values.update(unit.assemble(self._take(unit, missing)))
+        return [values[i] for i in range(len(unit.params))]
+
+    def _take(self, unit: Unit, which: tuple[int, ...]) -> _Gather:
+        """The gather of ``unit``'s parameters ``which``: its valid prefetch, else a synchronous one."""
         device = unit.shards[0].device
         pending = self.pending
         if pending is not None and (pending.unit is unit or not unit.nested):
@@ -227,21 +254,24 @@ class ParamGatherer:
             with self.clock.blocked(device):
                 if pending.work is not None:
                     pending.work.wait()
-            if pending.unit is unit and pending.versions == unit.shard_versions():
+            if pending.unit is unit and pending.which == which and pending.versions == unit.shard_versions():
                 self.hits += 1
-                return pending.table
+                return pending
             self.dropped += 1
         with self.clock.blocked(device):
-            return unit.start_gather(async_op=False).table
+            return unit.start_gather(async_op=False, which=which)
 
     def _prefetch(self, index: int, step: int) -> None:
         """Start the gather of the first unit from ``index`` on (going by ``step``) that is not
-        nested, if there is one."""
-        while 0 <= index < len(self.units) and (self.units[index].nested or not self.units[index].params
-                                                 or self._valid_kept(self.units[index]) is not None):
+        nested and has something to gather, if there is one."""
+        while 0 <= index < len(self.units):
+            unit = self.units[index]
+            if not unit.nested and unit.params and self._valid_kept(unit) is None:
+                missing = self._missing(unit)
+                if missing:
+                    self.pending = unit.start_gather(async_op=True, which=missing)
+                    return
             index += step
-        if 0 <= index < len(self.units):
-            self.pending = self.units[index].start_gather(async_op=True)
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -380,6 +410,11 @@ def partition_parameters(model: nn.Module, topo: Topology, optimizer: Distribute
         unit = Unit(f"{index} ({type(owner).__name__}.{method})", index, params, shards, topo, gatherer)
         setattr(owner, method, _wrap(unit, getattr(owner, method), recompute))
         gatherer.units.append(unit)
+    for unit in gatherer.units:
+        for p in unit.params:
+            gatherer.readers.setdefault(id(p), []).append(unit)
+    for p in named.values():
+        optimizer.sum_before_reducing(p, len(gatherer.readers.get(id(p), [])))
     unused = sorted(names[i] for i in by_id if i not in covered)
     if unused:
         raise ValueError(f"ZeRO-3: parameters read by no unit of {type(model).__name__}.units(): {unused}; "
