@@ -174,6 +174,18 @@ def _fill_chunks(block: torch.Tensor, flat: torch.Tensor) -> None:
         block[full + 1:].zero_()
 
 
+def _read_chunks(block: torch.Tensor, flat: torch.Tensor) -> None:
+    """The inverse of ``_fill_chunks``: ``flat`` = the rows of ``block`` end to end, cut at its
+    length (the padding dropped), copied once."""
+    chunk = block.shape[1]
+    if chunk == 0:
+        return
+    full, rest = divmod(flat.numel(), chunk)
+    flat[:full * chunk].view(full, chunk).copy_(block[:full])
+    if rest:
+        flat[full * chunk:].copy_(block[full, :rest])
+
+
 class DistributedOptimizer:
     """AdamW over partitions; ``stage`` is the ZeRO stage (0-3)."""
 
@@ -466,7 +478,7 @@ class DistributedOptimizer:
             comm.all_gather_flat(full, g.master.to(dtype), self.topo.group(g.zero_group))
             full = full.view(g.shards, g.size)
             for f, p in zip(g.fragments, g.params):
-                p.data.copy_(full[:, f.offset:f.offset + f.chunk].reshape(-1)[:p.numel()].view(p.shape))
+                _read_chunks(full[:, f.offset:f.offset + f.chunk], p.data.view(-1))
 
     # --- state -------------------------------------------------------------------------
 
