@@ -11,7 +11,8 @@
    save of the same model where deepspeed is installed (DS_ACCELERATOR=cpu DS_BUILD_OPS=0); the same
    for a --bf16 TP1 DP2 checkpoint;
 4. loads TP2 DP2 -> TP2 DP2 (same layout), -> TP1 DP4, TP1 DP2 -> TP1 DP2 (same),
-   -> TP4 (planned and per-rank reads), -> DP1, -> ZeRO-3 DP2, and reports seconds against the
+   -> TP4 (planned and per-rank reads), -> DP1, -> ZeRO-3 DP2, and DeepSpeed's engine.load_checkpoint
+   of its own DP2 save (against our same-layout TP1 DP2 load), and reports seconds against the
    same-layout load, bytes read in all against the checkpoint's, the largest rank's reads
    against an equal share, bytes sent between ranks, and peak RSS (--loads-only: just these);
 5. times a synchronous save of the TP2 DP2 state, torch.distributed.checkpoint.save of the same
@@ -245,18 +246,54 @@ def convert_rows(native: str, label: str, workers: list[int], cp_s: float) -> li
     return rows
 
 
-def ds_to_universal_row(workdir: str, model: list[str], ours: float, cp_s: float) -> tuple[str, str, str, str]:
-    """DeepSpeed's own converter on a DeepSpeed ZeRO-1 DP2 save of the same model."""
+DEEPSPEED_ZERO1 = {"zero_optimization": {"stage": 1}}
+
+
+def deepspeed_save(workdir: str, model: list[str]) -> str | None:
+    """A DeepSpeed ZeRO-1 DP2 save of the same model (its folder), None without deepspeed."""
     if importlib.util.find_spec("deepspeed") is None:
-        return ("ds_to_universal (DeepSpeed)", "-", "-", "deepspeed is not installed: not run")
+        return None
     from megatron.testing.deepspeed_engine import deepspeed_checkpoint
 
     os.environ.update(DS_ACCELERATOR="cpu", DS_BUILD_OPS="0")
     folder = os.path.join(workdir, "deepspeed_dp2")
-    deepspeed_checkpoint(folder, 2, model + ["--train-iters", "1"], {"zero_optimization": {"stage": 1}}, 1, 1)
-    tag = os.path.join(folder, "global_step1")
-    for extra in glob.glob(os.path.join(tag, "expected_fp32_*")):
+    deepspeed_checkpoint(folder, 2, model + ["--train-iters", "1"], DEEPSPEED_ZERO1, 1, 1)
+    for extra in glob.glob(os.path.join(folder, "global_step1", "expected_fp32_*")):
         os.remove(extra)  # the test helper's reference copy, not part of DeepSpeed's checkpoint
+    return folder
+
+
+def _deepspeed_load(rank: int, world: int, argv: list[str], folder: str) -> float:
+    """Seconds this rank's DeepSpeed engine takes to load its own ZeRO-1 save (weights and optimizer)."""
+    from megatron.testing.deepspeed_engine import build_for_deepspeed, deepspeed_engine
+
+    import torch.distributed
+
+    engine = deepspeed_engine(build_for_deepspeed(rank, world, argv), DEEPSPEED_ZERO1)
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    engine.load_checkpoint(folder, tag="global_step1")
+    return time.perf_counter() - start
+
+
+def deepspeed_load_row(folder: str | None, model: list[str], ours: float) -> tuple[str, ...]:
+    """DeepSpeed's normal load of its DP2 save against our same-layout TP1 DP2 load (``ours`` s)."""
+    if folder is None:
+        return ("load DeepSpeed DP2 -> DP2 (engine.load_checkpoint)", "-", "-", "deepspeed is not installed: not run",
+                _load_average())
+    tag = os.path.join(folder, "global_step1")
+    drop_cache(tag)
+    seconds = max(run_distributed(_deepspeed_load, 2, model + ["--train-iters", "1"], folder, timeout=3600))
+    return ("load DeepSpeed DP2 -> DP2 (engine.load_checkpoint)", f"{seconds:.2f}",
+            f"ours same layout {ours / seconds:.2f} x DeepSpeed", f"input {folder_bytes(tag) / MIB:.0f} MiB",
+            _load_average())
+
+
+def ds_to_universal_row(folder: str | None, ours: float, cp_s: float) -> tuple[str, str, str, str]:
+    """DeepSpeed's own converter on its ZeRO-1 DP2 save of the same model (``folder``)."""
+    if folder is None:
+        return ("ds_to_universal (DeepSpeed)", "-", "-", "deepspeed is not installed: not run")
+    tag = os.path.join(folder, "global_step1")
     drop_cache(tag)
     script = os.path.join(os.path.dirname(importlib.util.find_spec("deepspeed").origin), "checkpoint",
                           "ds_to_universal.py")
@@ -270,7 +307,7 @@ def ds_to_universal_row(workdir: str, model: list[str], ours: float, cp_s: float
     row = ("ds_to_universal (DeepSpeed 2+2 workers) on its DP2 save", f"{seconds:.2f}", f"{seconds / cp_s:.2f}",
            f"input {folder_bytes(tag) / MIB:.0f} MiB, wrote {written / MIB:.0f} MiB, peak RSS (largest process) "
            f"{rss:.0f} MiB; ours {seconds / ours:.2f}x faster")
-    shutil.rmtree(folder)
+    shutil.rmtree(output)
     return row
 
 
@@ -291,8 +328,10 @@ def main() -> None:
     native = os.path.join(tp2dp2, "global_step1")
     size = folder_bytes(native)
     rows: list[tuple[str, ...]] = []  # operation, seconds, ratio to cp, memory / bytes, load average
+    deepspeed = deepspeed_save(a.workdir, model)
     if a.loads_only:
-        _print_table(a, model, size, load_rows({"tp2dp2": tp2dp2, "tp1dp2": tp1dp2}, model))
+        loads = load_rows({"tp2dp2": tp2dp2, "tp1dp2": tp1dp2}, model)
+        _print_table(a, model, size, loads + [deepspeed_load_row(deepspeed, model, _same_layout_tp1dp2(loads))])
         return
 
     drop_cache(native)
@@ -320,7 +359,7 @@ def main() -> None:
                  _load_average()))
     dp2_rows = convert_rows(dp2, "TP1 DP2", [2], cp_dp2)
     rows += [(n, s, f"{r} x cp TP1 DP2", m, _load_average()) for n, s, r, m in dp2_rows]
-    rows.append(ds_to_universal_row(a.workdir, model, min(float(r[1]) for r in dp2_rows), cp_dp2) + (_load_average(),))
+    rows.append(ds_to_universal_row(deepspeed, min(float(r[1]) for r in dp2_rows), cp_dp2) + (_load_average(),))
     bf16 = os.path.join(a.workdir, "bf16_tp1dp2")
     run_distributed(_train_and_save, 2, model + one_step + ["--bf16", "--save", bf16], timeout=3600)
     bf16_native = os.path.join(bf16, "global_step1")
@@ -328,7 +367,8 @@ def main() -> None:
              for n, s, r, m in convert_rows(bf16_native, "--bf16 TP1 DP2", [2], cp_dp2)]
     shutil.rmtree(bf16)
 
-    rows += load_rows({"tp2dp2": tp2dp2, "tp1dp2": tp1dp2}, model)
+    loads = load_rows({"tp2dp2": tp2dp2, "tp1dp2": tp1dp2}, model)
+    rows += loads + [deepspeed_load_row(deepspeed, model, _same_layout_tp1dp2(loads))]
 
     save_dir = os.path.join(a.workdir, "saves")
     saves = run_distributed(_save, 4, model + ["--tensor-model-parallel-size", "2", "--train-iters", "1",
@@ -336,6 +376,10 @@ def main() -> None:
     rows += [r + (_load_average(),) for r in save_rows(saves)]
 
     _print_table(a, model, size, rows)
+
+
+def _same_layout_tp1dp2(loads: list[tuple[str, ...]]) -> float:
+    return next(float(r[1]) for r in loads if r[0] == "load TP1 DP2 -> TP1 DP2 (same layout)")
 
 
 def _print_table(a: argparse.Namespace, model: list[str], size: int, rows: list[tuple[str, ...]]) -> None:

@@ -128,7 +128,7 @@ def test_spans_written_from_the_mapped_input_equal_the_assembled_chunks(wide_che
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_finite_check_finds_one_bad_value_anywhere(bad) -> None:
-    from megatron.checkpointing.convert import all_finite
+    from megatron.checkpointing.finite import all_finite
 
     values = np.linspace(-3e38, 3e38, 1001, dtype=np.float32)
     assert all_finite(values) and all_finite(torch.from_numpy(values)) and all_finite(values[:0])

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -26,6 +25,7 @@ from megatron.checkpointing.manifest import seal
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, CheckpointReader, saved_states
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter
 from megatron.checkpointing.commit import commit_folder, is_checkpoint, write_atomic
+from megatron.checkpointing.finite import all_finite
 from megatron.checkpointing.locate import POINTERS, checkpoint_folders
 from megatron.core.pieces import Box, box_flat_span, box_runs, box_slices, flat_range_boxes, intersect, translate
 from megatron.progress import progress_bar
@@ -43,16 +43,6 @@ class ConversionReport:
     max_replica_diff: float = 0.0
     max_replica_tensor: str = ""
     files: list[str] = field(default_factory=list)
-
-
-def all_finite(values: np.ndarray | torch.Tensor) -> bool:
-    """True unless ``values`` holds a NaN or an Inf: min and max propagate NaN and show an Inf,
-    in one pass without an array of flags (torch.isfinite costs several times the copy)."""
-    if values.size == 0 if isinstance(values, np.ndarray) else values.numel() == 0:
-        return True
-    if isinstance(values, torch.Tensor):
-        values = values.numpy()
-    return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
 
 
 def _refuse_non_finite(reader: CheckpointReader, name: str, state: str) -> CheckpointError:

@@ -23,6 +23,7 @@ from torch import nn
 from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
 from megatron.checkpointing.async_save import wait_for_async_saves
 from megatron.checkpointing.exchange import planned_fill
+from megatron.checkpointing.finite import all_finite
 from megatron.checkpointing.iolog import MIB, IoStats, describe_io, gather_to_rank0
 from megatron.checkpointing.locate import NEVER, resolve_checkpoint
 from megatron.checkpointing.reader import STATES, WEIGHTS_ONLY, CheckpointReader, saved_states
@@ -114,6 +115,14 @@ def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptim
                   reader.total_bytes, reader.json_bytes_parsed, seconds, from_peers)
 
 
+def _copy_array(dest: torch.Tensor, values: np.ndarray) -> None:
+    """``dest`` = ``values`` (maybe a read-only view of a mapped file), copied once on the CPU."""
+    if dest.device.type == "cpu" and dest.dtype == torch.float32 and values.dtype == np.float32:
+        np.copyto(dest.numpy(), values.reshape(dest.shape))
+    else:
+        dest.copy_(torch.from_numpy(np.array(values)))
+
+
 def _read_into_fragments(path: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,
                          universal: bool, load_optimizer: bool,
                          validate: Callable[[dict], None] | None, progress: bool | None,
@@ -145,10 +154,10 @@ def _read_into_fragments(path: str, model: nn.Module, optimizer: DistributedOpti
         dest = optimizer.fragment_state(f)[s]
         if f.name in stored and f.end > f.start:
             rank = stored[f.name].get("stored_by", topo.rank)
-            dest.copy_(torch.from_numpy(np.array(reader.read_stored(rank, f.name, s, f.start, f.end))))
+            _copy_array(dest, reader.read_stored(rank, f.name, s, f.start, f.end))
         else:
             fill_fragment(reader, params[f.name], f.start, f.end, s, dest)
-        if not bool(torch.isfinite(dest).all()):
+        if not all_finite(dest):
             raise CheckpointError(f"{path}: {f.name} ({s}) holds NaN or Inf values in the checkpoint: "
                                   f"training had diverged when it was saved; load an earlier checkpoint")
 
