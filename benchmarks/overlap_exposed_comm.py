@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from functools import partial
 
-from megatron.testing.distributed import run_distributed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.testing.distributed import run_distributed  # noqa: E402
 
 
 def _measure(rank: int, world: int, argv: list[str], asynchronous: bool, iters: int) -> list[tuple[float, float]]:
