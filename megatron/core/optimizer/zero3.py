@@ -103,7 +103,8 @@ class Unit:
     def pack(self, t: torch.Tensor) -> Any:
         """A tensor autograd saves in this unit's forward: a reference if it lies in a gathered
         parameter (so the gather can be freed), else the tensor and its version."""
-        index = self.storages.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+        dense = t.layout == torch.strided and t.device.type != "meta"
+        index = self.storages.get(t.untyped_storage().data_ptr()) if dense else None
         if index is None:
             return t, t._version
         base = self.params[index]
