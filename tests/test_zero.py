@@ -146,12 +146,19 @@ def _curve_and_master(trainer) -> dict:
     return {"losses": list(trainer.state.losses), "master": torch.cat([g.master for g in trainer.optimizer.groups])}
 
 
-def test_zero3_live_budget_and_recomputation_give_the_same_bits() -> None:
+LLAMA_GQA = ("--num-layers 2 --hidden-size 48 --num-attention-heads 6 --num-key-value-heads 3 --ffn-hidden-size 96 "
+             "--seq-length 16 --micro-batch-size 2 --lr 1e-2 --mock-data --vocab-size 97 --hidden-dropout 0 "
+             "--attention-dropout 0 --log-interval 1000 --swiglu --normalization rmsnorm "
+             "--position-embedding-type rope --untie-embeddings-and-output-weights").split()
+
+
+@pytest.mark.parametrize("model,dp", [(MODEL, 2), (LLAMA_GQA, 3)], ids=["gpt-dp2", "llama-gqa-dp3"])
+def test_zero3_live_budget_and_recomputation_give_the_same_bits(model: list[str], dp: int) -> None:
     """Keeping the forward's values whole, gathering again in backward, a budget that fits only
     some units, and recomputing each unit: one loss curve and one set of master weights."""
     import torch
-    world, layout_flags = layout(3, 2)
-    argv = MODEL + layout_flags + ["--train-iters", "3", "--global-batch-size", "16"]  # two micro-batches
+    world, layout_flags = layout(3, dp)
+    argv = model + layout_flags + ["--train-iters", "3", "--global-batch-size", str(4 * dp)]  # two micro-batches
     runs = {name: inspect_trained(world, argv + flags, _curve_and_master) for name, flags in
             {"kept": [], "strict": STRICT, "partial": ["--zero3-max-live-parameters", "4000"],
              "recomputed": STRICT + ["--checkpoint-activations"]}.items()}
