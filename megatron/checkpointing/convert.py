@@ -9,6 +9,7 @@ and sha256 release the GIL. Coverage and replica agreement are checked for every
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -27,7 +28,8 @@ from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, Chec
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter
 from megatron.checkpointing.commit import commit_folder, is_checkpoint, write_atomic
 from megatron.checkpointing.locate import POINTERS, checkpoint_folders
-from megatron.core.pieces import Box, box_flat_span, box_runs, box_slices, flat_range_boxes, intersect, translate
+from megatron.core.pieces import (Box, box_flat_span, box_runs, box_slices, flat_range_boxes, intersect, run_pairs,
+                                  translate)
 from megatron.progress import progress_bar
 
 REPLICA_POLICIES = ("first", "mean", "strict")
@@ -89,45 +91,55 @@ def assemble(reader: CheckpointReader, name: str, box: Box, state: str, policy: 
     return full, max_diff
 
 
-def stored_spans(reader: CheckpointReader, name: str, box: Box,
-                 state: str) -> list[tuple[SafetensorsReader, str, int, int]] | None:
-    """Where the box's values lie in the input files, in row-major order, as (file, key, start,
-    end) element ranges to write straight from the mapped files: when each owner piece holds its
-    part of the box as one contiguous run (split along the first dimension, or not split) and no
-    replica overlaps the box (replicas are compared in ``assemble``). None otherwise, also when
-    the pieces or fragments do not cover the box exactly (``assemble`` then names what is wrong)."""
+Reads = list[tuple[SafetensorsReader, str, int, int]]  # (file, key, start, end) element ranges read
+
+
+def stored_spans(reader: CheckpointReader, name: str, box: Box, state: str) -> tuple[list[np.ndarray], Reads] | None:
+    """The box's values as views of the mapped input files in row-major order, to write straight
+    from there, and the ranges read (to release once written): each owner piece's part of each
+    stored fragment is read (and verified) once, and cut into the runs that are contiguous both
+    there and in the canonical tensor (one per row of a TP column slice). None when a replica
+    overlaps the box (``assemble`` compares them), or when the pieces or fragments do not cover the
+    box exactly (``assemble`` then names what is wrong). Refuses NaN and Inf."""
     shape = reader.canonical[name]
     if len(box_runs(shape, box)[1]) != 1 or any(intersect(box, (p.canonical_offsets, p.sizes))
                                                 for _, p in reader.replica_pieces(name)):
         return None
-    runs = []  # (canonical flat start, holder, local flat start, elements)
+    runs: list[tuple[int, np.ndarray]] = []  # (canonical flat start, values)
+    reads: Reads = []
     for holder, piece in reader.by_canonical.get(name, []):
         overlap = intersect(box, (piece.canonical_offsets, piece.sizes)) if piece.owner else None
         if overlap is None:
             continue
-        length, local = box_runs(holder.local_shape, translate(overlap, piece.canonical_offsets, piece.local_offsets))
-        canonical_length, canonical = box_runs(shape, overlap)
-        if len(local) != 1 or len(canonical) != 1 or length != canonical_length:
-            return None
-        runs.append((canonical[0][0], holder, local[0][0], length))
+        length, pairs = run_pairs(holder.local_shape, translate(overlap, piece.canonical_offsets, piece.local_offsets),
+                                  shape, overlap)
+        lo, hi = pairs[0][0], pairs[-1][0] + length
+        reader.check_fragment_sizes(holder, state, lo, hi)
+        starts = [local for local, _ in pairs]
+        for f in holder.fragments:
+            a, b = max(lo, f.start), min(hi, f.end)
+            if a >= b:
+                continue
+            file, key = reader.file(f.file), f"{f.key}/{state}"
+            values = file.read(key, a - f.start, b - f.start)
+            reads.append((file, key, a - f.start, b - f.start))
+            first = max(0, bisect.bisect_right(starts, a) - 1)
+            pieces = [(dst + max(a, src) - src, values[max(a, src) - a:min(b, src + length) - a])
+                      for src, dst in pairs[first:bisect.bisect_left(starts, b)] if src + length > a]
+            if sum(len(v) for _, v in pieces) == b - a:
+                finite = all_finite(values)  # the runs tile the read: one pass over it
+            else:
+                finite = all(all_finite(v) for _, v in pieces)
+            if not finite:
+                raise _refuse_non_finite(reader, name, state)
+            runs += pieces
+    runs.sort(key=lambda r: r[0])
     at, end = box_flat_span(shape, box)
-    spans = []
-    for start, holder, lo, length in sorted(runs, key=lambda r: r[0]):
+    for start, values in runs:
         if start != at:
             return None
-        reader._check_fragment_sizes(holder, state, lo, lo + length)
-        pos = lo
-        for f in sorted(holder.fragments, key=lambda f: f.start):
-            if f.end <= pos or f.start >= lo + length:
-                continue
-            if f.start > pos:
-                return None
-            spans.append((reader.file(f.file), f"{f.key}/{state}", pos - f.start, min(lo + length, f.end) - f.start))
-            pos = min(lo + length, f.end)
-        if pos != lo + length:
-            return None
-        at += length
-    return spans if at == end else None
+        at += len(values)
+    return ([values for _, values in runs], reads) if at == end else None
 
 
 def chunk_boxes(shape: tuple[int, ...], chunk_elements: int) -> Iterator[Box]:
@@ -219,13 +231,10 @@ def _write_file(reader: CheckpointReader, tmp: str, index: int, names: list[str]
         for s in states:
             writer.begin(f"{n}/{s}")
             for box in chunk_boxes(reader.canonical[n], chunk_elements):
-                spans = stored_spans(reader, n, box, s)
-                if spans is not None:  # straight from the mapped input into the output file
-                    for file, key, a, b in spans:
-                        values = file.read(key, a, b)
-                        if not all_finite(values):
-                            raise _refuse_non_finite(reader, n, s)
-                        writer.write_chunk(values)
+                stored = stored_spans(reader, n, box, s)
+                if stored is not None:  # straight from the mapped input into the output file
+                    writer.write_chunk(stored[0])
+                    for file, key, a, b in stored[1]:
                         file.release(key, a, b)
                     continue
                 chunk, diff = assemble(reader, n, box, s, policy)

@@ -223,12 +223,14 @@ class CheckpointReader:
         run, starts = box_runs(holder.local_shape, box)
         if not starts:
             return out
-        self._check_fragment_sizes(holder, state, *box_flat_span(holder.local_shape, box))
+        self.check_fragment_sizes(holder, state, *box_flat_span(holder.local_shape, box))
         for start, index in starts:
             self._copy_flat(holder, state, start, start + run, out[index])
         return out
 
-    def _check_fragment_sizes(self, holder: Holder, state: str, lo: int, hi: int) -> None:
+    def check_fragment_sizes(self, holder: Holder, state: str, lo: int, hi: int) -> None:
+        """Refuse a file whose tensor holding part of flat elements [lo, hi) of ``holder`` is not
+        the size the manifest gives its fragment (before any of it is read through the fragment)."""
         for f in holder.fragments:
             if f.start < hi and f.end > lo and self.file(f.file).numel(f"{f.key}/{state}") != f.end - f.start:
                 raise CheckpointError(f"{self.path}: {f.file} holds {self.file(f.file).numel(f'{f.key}/{state}')} "

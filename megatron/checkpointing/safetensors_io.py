@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 BLOCK_SIZE = 1 << 18  # small enough that a partial read verifies little more than it needs
-_DTYPES = {torch.float32: ("F32", np.float32)}
+IOV_MAX = 1024  # buffers per writev call (the Linux limit)
 
 
 class CheckpointError(Exception):
@@ -34,6 +34,31 @@ class FileInfo:
 
     def to_json(self) -> dict:
         return {"size": self.size, "block_size": BLOCK_SIZE, "block_sha256": self.block_sha256}
+
+
+def _writev_fully(fd: int, views: list[memoryview]) -> None:
+    """Write every byte of ``views`` in order, up to IOV_MAX buffers per call, resuming after a
+    short write (Linux writes at most about 2 GiB per call)."""
+    i = 0
+    while i < len(views):
+        written = os.writev(fd, views[i:i + IOV_MAX])
+        if written == 0:
+            raise OSError(f"writev wrote nothing of {sum(len(v) for v in views[i:])} bytes")
+        while i < len(views) and written >= len(views[i]):
+            written -= len(views[i])
+            i += 1
+        if written:
+            views[i] = views[i][written:]
+
+
+def _f32_bytes(values: torch.Tensor | np.ndarray) -> memoryview | None:
+    """The bytes of a float32 array or torch tensor (copied only if it is not contiguous or not on
+    the CPU); None for any other dtype."""
+    if not isinstance(values, np.ndarray):
+        if values.dtype != torch.float32:
+            return None
+        values = values.detach().contiguous().cpu().numpy()
+    return memoryview(np.ascontiguousarray(values)).cast("B") if values.dtype == np.float32 else None
 
 
 class SafetensorsWriter:
@@ -51,27 +76,29 @@ class SafetensorsWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self.f = open(path, "wb")
+        self.f = open(path, "wb", buffering=0)  # data goes out by os.writev, straight from its arrays
         self.blocks: list[str] = []
         self.block = hashlib.sha256()
         self.in_block = 0
         self.size = 0
         self.next = 0
         self.pending = 0  # bytes of the current tensor written so far
-        self._write(struct.pack("<Q", len(raw)) + raw)
+        self._write([memoryview(struct.pack("<Q", len(raw)) + raw)])
 
-    def _write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        self.f.write(view)
-        self.size += len(view)
-        while len(view):
-            take = min(len(view), BLOCK_SIZE - self.in_block)
-            self.block.update(view[:take])
-            self.in_block += take
-            view = view[take:]
-            if self.in_block == BLOCK_SIZE:
-                self.blocks.append(self.block.hexdigest())
-                self.block, self.in_block = hashlib.sha256(), 0
+    def _write(self, views: list[memoryview]) -> None:
+        """Write ``views`` (bytes, in order) several per system call, hashing them on the way."""
+        views = [v for v in views if len(v)]
+        _writev_fully(self.f.fileno(), views)
+        for view in views:
+            self.size += len(view)
+            while len(view):
+                take = min(len(view), BLOCK_SIZE - self.in_block)
+                self.block.update(view[:take])
+                self.in_block += take
+                view = view[take:]
+                if self.in_block == BLOCK_SIZE:
+                    self.blocks.append(self.block.hexdigest())
+                    self.block, self.in_block = hashlib.sha256(), 0
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         """The whole of the next tensor, ``key``."""
@@ -86,19 +113,19 @@ class SafetensorsWriter:
             raise ValueError(f"{self.path}: expected {expected}, got {key}")
         self.pending = 0
 
-    def write_chunk(self, tensor: torch.Tensor | np.ndarray) -> None:
-        """The next elements of the current tensor: a torch tensor, or a float32 array such as a
-        span of a mapped input file (written from where it lies, without a copy)."""
+    def write_chunk(self, data: torch.Tensor | np.ndarray | list[np.ndarray]) -> None:
+        """The next elements of the current tensor: a torch tensor, a float32 array, or a list of
+        float32 arrays written one after the other, such as views of mapped input files (written
+        from where they lie, without a copy, many per system call)."""
         key, nbytes = self.order[self.next]
-        if isinstance(tensor, np.ndarray):
-            fp32, size, data = tensor.dtype == np.float32, tensor.nbytes, np.ascontiguousarray(tensor).data
-        else:
-            fp32, size = tensor.dtype == torch.float32, tensor.numel() * tensor.element_size()
-            data = tensor.detach().contiguous().cpu().numpy().data if fp32 else None
-        if not fp32 or self.pending + size > nbytes:
+        arrays = data if isinstance(data, list) else [data]
+        views = [_f32_bytes(a) for a in arrays]
+        other = next((a.dtype for a, v in zip(arrays, views) if v is None), None)
+        size = sum(v.nbytes for v in views if v is not None)
+        if other is not None or self.pending + size > nbytes:
             raise ValueError(f"{self.path}: {key} takes {nbytes} bytes of F32, got {self.pending} bytes and then "
-                             f"{size} bytes of {tensor.dtype}")
-        self._write(data)
+                             + (f"a tensor of {other}" if other is not None else f"{size} bytes"))
+        self._write(views)
         self.pending += size
 
     def end(self) -> None:
