@@ -33,6 +33,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -216,15 +217,33 @@ def save_rows(saves: list[dict]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+# Runs the command as its child and reports that child's peak RSS: a process forked from this
+# one (which holds torch and more) would count this process's RSS as its own until its exec.
+_LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """Seconds and peak RSS (MiB) of one child process (its largest process where it starts others)."""
+    fd, report = tempfile.mkstemp(suffix=".maxrss")
+    os.close(fd)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
+    code = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, report, *cmd], stdout=subprocess.DEVNULL,
+                          env=env).returncode
+    seconds = time.perf_counter() - start
+    if code:
+        raise RuntimeError(f"{' '.join(cmd)} exited {code}")
+    with open(report) as f:
+        rss = int(f.read()) / 1024
+    os.remove(report)
+    return seconds, rss
 
 
 def convert_rows(native: str, label: str, workers: list[int], cp_s: float) -> list[tuple[str, str, str, str]]:
