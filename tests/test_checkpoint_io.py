@@ -158,3 +158,23 @@ def test_run_pairs_map_every_element_of_the_box_in_row_major_order(src_shape, sr
     assert np.array_equal(np.concatenate([np.arange(s, s + length) for s, _ in pairs]), src)
     assert np.array_equal(np.concatenate([np.arange(d, d + length) for _, d in pairs]), dst)
     assert len(pairs) == runs and length * runs == src.size
+
+
+def test_one_process_converter_never_imports_torch(wide_checkpoint, tmp_path) -> None:
+    """torch's import costs the converter seconds and half a GiB of RSS; nothing it does needs it."""
+    import subprocess
+    import sys
+
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        "convert_to_universal.py")
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['convert_to_universal.py', '--input_folder', {wide_checkpoint!r}, '--output_folder', "
+            f"{str(tmp_path / 'U')!r}, '--no-progress']\n"
+            "try:\n"
+            f"    runpy.run_path({tool!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]", out
+    assert CheckpointReader(str(tmp_path / "U")).kind == "universal"

@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
-from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
+from megatron.checkpointing.agree import as_checkpoint_error, process_group, raise_if_any_failed
 from megatron.checkpointing.manifest import seal
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, CheckpointReader, saved_states
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter
@@ -47,14 +45,11 @@ class ConversionReport:
     files: list[str] = field(default_factory=list)
 
 
-def all_finite(values: np.ndarray | torch.Tensor) -> bool:
+def all_finite(values: np.ndarray) -> bool:
     """True unless ``values`` holds a NaN or an Inf: min and max propagate NaN and show an Inf,
-    in one pass without an array of flags (torch.isfinite costs several times the copy)."""
-    if values.size == 0 if isinstance(values, np.ndarray) else values.numel() == 0:
-        return True
-    if isinstance(values, torch.Tensor):
-        values = values.numpy()
-    return bool(np.isfinite(values.min()) and np.isfinite(values.max()))
+    in one pass without an array of flags (an isfinite array costs several times the copy)."""
+    values = np.asarray(values)
+    return values.size == 0 or bool(np.isfinite(values.min()) and np.isfinite(values.max()))
 
 
 def _refuse_non_finite(reader: CheckpointReader, name: str, state: str) -> CheckpointError:
@@ -62,23 +57,23 @@ def _refuse_non_finite(reader: CheckpointReader, name: str, state: str) -> Check
                            f"when it was saved; convert an earlier checkpoint")
 
 
-def assemble(reader: CheckpointReader, name: str, box: Box, state: str, policy: str) -> tuple[torch.Tensor, float]:
+def assemble(reader: CheckpointReader, name: str, box: Box, state: str, policy: str) -> tuple[np.ndarray, float]:
     """Region ``box`` of a canonical tensor from its owner pieces, checked against every replica
     piece that overlaps it. Returns the region and the largest |owner - replica| difference."""
-    full = reader.read_region(name, box, state)
+    full = reader.read_region_array(name, box, state)
     if not all_finite(full):
         raise _refuse_non_finite(reader, name, state)
     max_diff = 0.0
     replicas = reader.replica_pieces(name)
-    total, count = (full.clone(), torch.ones(box[1])) if policy == "mean" and replicas else (None, None)
+    total, count = ((full.copy(), np.ones(box[1], dtype=np.float32)) if policy == "mean" and replicas
+                    else (None, None))
     for holder, piece in replicas:
         overlap = intersect(box, (piece.canonical_offsets, piece.sizes))
         if overlap is None:
             continue
         region = box_slices(translate(overlap, box[0], (0,) * len(box[0])))
-        values = torch.from_numpy(reader.read_local_box(holder, state, translate(overlap, piece.canonical_offsets,
-                                                                                  piece.local_offsets)))
-        diff = float((values - full[region]).abs().nan_to_num(nan=math.inf).max()) if values.numel() else 0.0
+        values = reader.read_local_box(holder, state, translate(overlap, piece.canonical_offsets, piece.local_offsets))
+        diff = float(np.nan_to_num(np.abs(values - full[region]), nan=math.inf).max()) if values.size else 0.0
         if policy == "strict" and diff > 0:  # a NaN replica counts as an infinite disagreement
             raise CheckpointError(f"{reader.path}: replicas of {name} ({state}) disagree by up to {diff:.3e} "
                                   f"(--replica-policy strict); use --replica-policy first or mean to convert anyway")
@@ -268,9 +263,8 @@ def _manifest(reader: CheckpointReader, states: tuple[str, ...], results: list[_
 
 
 def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    dist = process_group()
+    return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
 
 
 def _agree(error: BaseException | None, rank: int) -> None:
@@ -286,7 +280,7 @@ def _gather(obj):
     if world == 1:
         return [obj]
     out: list = [None] * world
-    dist.all_gather_object(out, obj)
+    process_group().all_gather_object(out, obj)
     return out
 
 

@@ -15,9 +15,12 @@ import math
 import os
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # read_region returns torch tensors; the converter reads arrays without importing torch
+    import torch
 
 from megatron.checkpointing.manifest import STATES, validate, validate_rank_table
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader, SharedHeader
@@ -263,6 +266,12 @@ class CheckpointReader:
 
     def read_region(self, name: str, box: Box, state: str) -> torch.Tensor:
         """Region ``box`` of canonical tensor ``name`` (fp32), from its owner pieces."""
+        import torch  # here, not at the top: see read_region_array
+
+        return torch.from_numpy(self.read_region_array(name, box, state))
+
+    def read_region_array(self, name: str, box: Box, state: str) -> np.ndarray:
+        """``read_region`` as a float32 array, for readers that do without torch (the converter)."""
         if name not in self.canonical:
             raise CheckpointError(f"{self.path} has no tensor {name!r}: the checkpoint is of another model "
                                   f"(check --num-layers, --swiglu, --untie-embeddings-and-output-weights, ...)")
@@ -282,7 +291,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: tensor {name} region offsets {box[0]} sizes {box[1]} is covered "
                                   f"{covered} times element-wise, expected {math.prod(box[1])}: pieces in "
                                   f"{MANIFEST} are missing or overlap")
-        return torch.from_numpy(out)
+        return out
 
     def replica_pieces(self, name: str) -> list[tuple[Holder, Piece]]:
         return [(h, p) for h, p in self.by_canonical.get(name, []) if not p.owner]

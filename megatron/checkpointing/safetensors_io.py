@@ -15,9 +15,12 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch tensors are accepted, but the converter never imports torch
+    import torch
 
 BLOCK_SIZE = 1 << 18  # small enough that a partial read verifies little more than it needs
 IOV_MAX = 1024  # buffers per writev call (the Linux limit)
@@ -55,6 +58,8 @@ def _f32_bytes(values: torch.Tensor | np.ndarray) -> memoryview | None:
     """The bytes of a float32 array or torch tensor (copied only if it is not contiguous or not on
     the CPU); None for any other dtype."""
     if not isinstance(values, np.ndarray):
+        import torch  # a torch tensor came in: torch is imported already
+
         if values.dtype != torch.float32:
             return None
         values = values.detach().contiguous().cpu().numpy()
