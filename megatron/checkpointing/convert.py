@@ -16,6 +16,7 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterator
 
 import numpy as np
@@ -137,6 +138,11 @@ def stored_spans(reader: CheckpointReader, name: str, box: Box, state: str) -> t
     return ([values for _, values in runs], reads) if at == end else None
 
 
+def _release(reads: Reads) -> None:
+    for file, key, start, end in reads:
+        file.release(key, start, end)
+
+
 def chunk_boxes(shape: tuple[int, ...], chunk_elements: int) -> Iterator[Box]:
     """A canonical tensor as boxes of at most ``chunk_elements`` elements, in row-major order
     (so that writing them one after the other writes the tensor)."""
@@ -220,8 +226,18 @@ def _write_file(reader: CheckpointReader, tmp: str, index: int, names: list[str]
     """Stream the canonical tensors ``names`` into ``universal_{index:03d}.safetensors``."""
     file = f"universal_{index:03d}.safetensors"
     entries = [(f"{n}/{s}", reader.canonical[n]) for n in names for s in states]
-    writer = SafetensorsWriter(os.path.join(tmp, file), entries, {"kind": "universal"})
-    result = _FileResult(file, {}, {})
+    writer = SafetensorsWriter(os.path.join(tmp, file), entries, {"kind": "universal"}, hash_in_background=True,
+                               write_behind=True)
+    try:
+        result = _write_tensors(reader, writer, _FileResult(file, {}, {}), names, states, chunk_elements, policy, bar)
+        result.info = writer.close().to_json()
+    finally:
+        writer.stop_hashing()
+    return result
+
+
+def _write_tensors(reader: CheckpointReader, writer: SafetensorsWriter, result: _FileResult, names: list[str],
+                   states: tuple[str, ...], chunk_elements: int, policy: str, bar) -> _FileResult:
     for n in names:
         for s in states:
             writer.begin(f"{n}/{s}")
@@ -229,8 +245,7 @@ def _write_file(reader: CheckpointReader, tmp: str, index: int, names: list[str]
                 stored = stored_spans(reader, n, box, s)
                 if stored is not None:  # straight from the mapped input into the output file
                     writer.write_chunk(stored[0])
-                    for file, key, a, b in stored[1]:
-                        file.release(key, a, b)
+                    writer.after_hashed(partial(_release, stored[1]))  # unmapped once hashed
                     continue
                 chunk, diff = assemble(reader, n, box, s, policy)
                 writer.write_chunk(chunk)
@@ -243,7 +258,6 @@ def _write_file(reader: CheckpointReader, tmp: str, index: int, names: list[str]
                                         "canonical_offsets": [0] * len(shape), "sizes": shape, "owner": True}],
                             "fragments": [[0, math.prod(shape)]]}
         bar.update(1)
-    result.info = writer.close().to_json()
     return result
 
 
@@ -332,7 +346,9 @@ def _convert(reader: CheckpointReader, tmp: str, output_folder: str, num_workers
     plan = _plan_files(reader, max(num_workers, world))
     sizes = [sum(math.prod(reader.canonical[n]) for n in f) for f in plan]
     mine = _ranks_files(plan, sizes, world)[rank]
-    chunk_elements = max(1, chunk_bytes // 4 // max(1, len(mine)))  # each thread holds one chunk (two for 'mean')
+    # Each file's thread holds up to three chunks: one being read and verified, one written and
+    # waiting for its hashing thread, one being hashed (twice that for 'mean').
+    chunk_elements = max(1, chunk_bytes // 4 // max(1, 3 * len(mine)))
     bar = progress_bar(sum(len(plan[i]) for i in mine), "converting", "tensor", progress if rank == 0 else False)
     results, error = [], None
     try:

@@ -12,10 +12,11 @@ import json
 import math
 import mmap
 import os
+import queue
 import struct
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:  # torch tensors are accepted, but the converter never imports
 
 BLOCK_SIZE = 1 << 18  # small enough that a partial read verifies little more than it needs
 IOV_MAX = 1024  # buffers per writev call (the Linux limit)
+HASH_BATCH = 4 << 20  # bytes written before they are handed to a writer's hashing thread
+WRITE_BEHIND = 64 << 20  # write_behind: bytes left to the page cache behind the newest
 
 
 class CheckpointError(Exception):
@@ -67,9 +70,19 @@ def _f32_bytes(values: torch.Tensor | np.ndarray) -> memoryview | None:
 
 
 class SafetensorsWriter:
-    """Write fp32 tensors ``entries`` = [(key, numel)] as 1-D tensors, in that order."""
+    """Write fp32 tensors ``entries`` = [(key, numel)] as 1-D tensors, in that order.
 
-    def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+    ``hash_in_background``: the block checksums are computed by a thread of the writer's own
+    while the caller goes on (reading, verifying and writing the next chunk), so that hashing
+    what was written overlaps the rest. Only for data that stays unchanged until hashed (mapped
+    input files, fresh arrays; ``after_hashed`` says when): a live tensor may change meanwhile.
+
+    ``write_behind``: the file's older bytes are handed to the disk while newer ones are written
+    (``posix_fadvise(DONTNEED)`` starts their writeback, and drops them from the page cache once
+    clean), so that the final fsync finds little left to write; for a file not read back soon."""
+
+    def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None,
+                 hash_in_background: bool = False, write_behind: bool = False):
         self.path = path
         header: dict = {"__metadata__": metadata or {}}
         offset = 0
@@ -88,14 +101,67 @@ class SafetensorsWriter:
         self.size = 0
         self.next = 0
         self.pending = 0  # bytes of the current tensor written so far
+        self._behind = 0 if write_behind else None  # bytes handed to writeback so far
+        self._queue: queue.Queue | None = None
+        self._batch: list = []  # views and callbacks not yet handed to the hashing thread
+        self._batch_bytes = 0
+        self._hash_error: BaseException | None = None
+        if hash_in_background:
+            self._queue = queue.Queue(maxsize=1)  # one chunk waits while one is hashed
+            self._hasher = threading.Thread(target=self._hash_loop, name=f"sha256 {os.path.basename(path)}",
+                                            daemon=True)
+            self._hasher.start()
         self._write([memoryview(struct.pack("<Q", len(raw)) + raw)])
 
     def _write(self, views: list[memoryview]) -> None:
-        """Write ``views`` (bytes, in order) several per system call, hashing them on the way."""
+        """Write ``views`` (bytes, in order) several per system call; hash them here or hand them
+        to the hashing thread."""
         views = [v for v in views if len(v)]
+        if self._hash_error is not None:
+            raise self._hash_error
         _writev_fully(self.f.fileno(), views)
+        self.size += sum(len(v) for v in views)
+        if self._behind is not None and self.size - WRITE_BEHIND - self._behind >= WRITE_BEHIND:
+            os.posix_fadvise(self.f.fileno(), self._behind, self.size - WRITE_BEHIND - self._behind,
+                             os.POSIX_FADV_DONTNEED)
+            self._behind = self.size - WRITE_BEHIND
+        if self._queue is None:
+            self._hash(views)
+            return
+        self._batch.append(views)
+        self._batch_bytes += sum(len(v) for v in views)
+        if self._batch_bytes >= HASH_BATCH:
+            self._hand_over()
+
+    def after_hashed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every byte written so far is hashed (at once without a hashing
+        thread): the caller may then unmap or reuse what it wrote from."""
+        if self._queue is None:
+            callback()
+        else:
+            self._batch.append(callback)
+
+    def _hand_over(self) -> None:
+        """Queue what was written since the last hand-over (small writes go together: one thread
+        switch per few MiB, not per bias vector)."""
+        if self._batch:
+            self._queue.put(self._batch)
+            self._batch, self._batch_bytes = [], 0
+
+    def _hash_loop(self) -> None:
+        """The hashing thread: written views and callbacks in the order they came, until None."""
+        while (batch := self._queue.get()) is not None:
+            for item in batch:
+                try:
+                    if callable(item):
+                        item()
+                    elif self._hash_error is None:
+                        self._hash(item)
+                except BaseException as e:  # noqa: BLE001 - raised in the writing thread at its next call
+                    self._hash_error = e
+
+    def _hash(self, views: list[memoryview]) -> None:
         for view in views:
-            self.size += len(view)
             while len(view):
                 take = min(len(view), BLOCK_SIZE - self.in_block)
                 self.block.update(view[:take])
@@ -142,12 +208,24 @@ class SafetensorsWriter:
     def close(self) -> FileInfo:
         if self.next != len(self.order):
             raise ValueError(f"{self.path}: {len(self.order) - self.next} tensors were not written")
+        self.stop_hashing()
+        if self._hash_error is not None:
+            raise self._hash_error
         if self.in_block:
             self.blocks.append(self.block.hexdigest())
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
         return FileInfo(self.size, self.blocks)
+
+    def stop_hashing(self) -> None:
+        """Wait for the hashing thread to finish what it was given, and end it (also on failure:
+        the thread must not outlive the writer)."""
+        if self._queue is not None:
+            self._hand_over()
+            self._queue.put(None)
+            self._hasher.join()
+            self._queue = None
 
 
 MAX_HEADER_BYTES = 1 << 28  # a header of 256 MiB would describe millions of tensors: corruption
