@@ -339,7 +339,12 @@ def main() -> None:
                  _load_average()))
     dp2_rows = convert_rows(dp2, "TP1 DP2", [2], cp_dp2)
     rows += [(n, s, f"{r} x cp TP1 DP2", m, _load_average()) for n, s, r, m in dp2_rows]
-    rows.append(ds_to_universal_row(a.workdir, model, min(float(r[1]) for r in dp2_rows), cp_dp2) + (_load_average(),))
+    try:
+        ds_row = ds_to_universal_row(a.workdir, model, min(float(r[1]) for r in dp2_rows), cp_dp2)
+    except RuntimeError as e:  # e.g. its training step killed for memory on a shared machine: keep the other rows
+        shutil.rmtree(os.path.join(a.workdir, "deepspeed_dp2"), ignore_errors=True)
+        ds_row = ("ds_to_universal (DeepSpeed)", "-", "-", f"not run: {str(e).splitlines()[0][:200]}")
+    rows.append(ds_row + (_load_average(),))
     bf16 = os.path.join(a.workdir, "bf16_tp1dp2")
     run_distributed(_train_and_save, 2, model + one_step + ["--bf16", "--save", bf16], timeout=3600)
     bf16_native = os.path.join(bf16, "global_step1")
