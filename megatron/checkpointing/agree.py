@@ -33,13 +33,26 @@ def process_group() -> ModuleType | None:
 
 
 def raise_if_any_failed(error: CheckpointError | None) -> None:
-    """Collective: raise the lowest failing rank's error on every rank, or return if none failed."""
+    """Collective: raise the lowest failing rank's error on every rank, or return if none failed.
+    One small all_reduce when none failed (every planned-load round agrees this way); the
+    messages are gathered only when one did."""
     dist = process_group()
-    if dist is not None and dist.get_world_size() > 1:
-        messages: list = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, None if error is None else str(error))
-        first = next((m for m in messages if m is not None), None)
-        if first is not None:
-            raise CheckpointError(first)
-    elif error is not None:
-        raise error
+    if dist is None or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    if not _any_rank(dist, error is not None):
+        return
+    messages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else str(error))
+    raise CheckpointError(next(m for m in messages if m is not None))
+
+
+def _any_rank(dist: ModuleType, flag: bool) -> bool:
+    """Collective: is ``flag`` set on any rank (on the backend's device: CUDA under NCCL)."""
+    import torch  # a process group exists, so torch is imported already
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flags = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags.item())
