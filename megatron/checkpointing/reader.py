@@ -100,6 +100,7 @@ class CheckpointReader:
         self._holders: dict[tuple, Holder] | None = None
         self._by_canonical: dict[str, list[tuple[Holder, Piece]]] = {}
         self._files: dict[str, SafetensorsReader] = {}
+        self._router: object | None = None  # see route
         self._lock = threading.Lock()  # the converter reads from several threads
         self._index_lock = threading.Lock()
 
@@ -207,8 +208,14 @@ class CheckpointReader:
 
     def route(self, router: object | None) -> None:
         """Send every open file's reads through ``router`` (None: straight from the files again)."""
+        self._router = router
         for f in self._files.values():
             f.router = router
+
+    @property
+    def recording(self) -> bool:
+        """True while a planned load walks its reads only to record them (they return zeros)."""
+        return getattr(self._router, "recording", None) is not None
 
     @property
     def bytes_read(self) -> int:
