@@ -34,6 +34,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -217,15 +218,33 @@ def save_rows(saves: list[dict]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+# Runs the command as its child and reports that child's peak RSS: a process forked from this
+# one (which holds torch and more) would count this process's RSS as its own until its exec.
+_LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """Seconds and peak RSS (MiB) of one child process (its largest process where it starts others)."""
+    fd, report = tempfile.mkstemp(suffix=".maxrss")
+    os.close(fd)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
+    code = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, report, *cmd], stdout=subprocess.DEVNULL,
+                          env=env).returncode
+    seconds = time.perf_counter() - start
+    if code:
+        raise RuntimeError(f"{' '.join(cmd)} exited {code}")
+    with open(report) as f:
+        rss = int(f.read()) / 1024
+    os.remove(report)
+    return seconds, rss
 
 
 def convert_rows(native: str, label: str, workers: list[int], cp_s: float) -> list[tuple[str, str, str, str]]:
@@ -249,18 +268,22 @@ def convert_rows(native: str, label: str, workers: list[int], cp_s: float) -> li
 DEEPSPEED_ZERO1 = {"zero_optimization": {"stage": 1}}
 
 
-def deepspeed_save(workdir: str, model: list[str]) -> str | None:
-    """A DeepSpeed ZeRO-1 DP2 save of the same model (its folder), None without deepspeed."""
+def deepspeed_save(workdir: str, model: list[str]) -> tuple[str | None, str]:
+    """A DeepSpeed ZeRO-1 DP2 save of the same model: (its folder, "") or (None, why not)."""
     if importlib.util.find_spec("deepspeed") is None:
-        return None
+        return None, "deepspeed is not installed: not run"
     from megatron.testing.deepspeed_engine import deepspeed_checkpoint
 
     os.environ.update(DS_ACCELERATOR="cpu", DS_BUILD_OPS="0")
     folder = os.path.join(workdir, "deepspeed_dp2")
-    deepspeed_checkpoint(folder, 2, model + ["--train-iters", "1"], DEEPSPEED_ZERO1, 1, 1)
+    try:
+        deepspeed_checkpoint(folder, 2, model + ["--train-iters", "1"], DEEPSPEED_ZERO1, 1, 1)
+    except RuntimeError as e:  # e.g. its training step killed for memory on a shared machine: keep the other rows
+        shutil.rmtree(folder, ignore_errors=True)
+        return None, f"not run: {str(e).splitlines()[0][:200]}"
     for extra in glob.glob(os.path.join(folder, "global_step1", "expected_fp32_*")):
         os.remove(extra)  # the test helper's reference copy, not part of DeepSpeed's checkpoint
-    return folder
+    return folder, ""
 
 
 def _deepspeed_load(rank: int, world: int, argv: list[str], folder: str) -> float:
@@ -276,23 +299,28 @@ def _deepspeed_load(rank: int, world: int, argv: list[str], folder: str) -> floa
     return time.perf_counter() - start
 
 
-def deepspeed_load_row(folder: str | None, model: list[str], ours: float) -> tuple[str, ...]:
+def deepspeed_load_row(deepspeed: tuple[str | None, str], model: list[str], ours: float) -> tuple[str, ...]:
     """DeepSpeed's normal load of its DP2 save against our same-layout TP1 DP2 load (``ours`` s)."""
+    folder, why_not = deepspeed
     if folder is None:
-        return ("load DeepSpeed DP2 -> DP2 (engine.load_checkpoint)", "-", "-", "deepspeed is not installed: not run",
-                _load_average())
+        return ("load DeepSpeed DP2 -> DP2 (engine.load_checkpoint)", "-", "-", why_not, _load_average())
     tag = os.path.join(folder, "global_step1")
     drop_cache(tag)
-    seconds = max(run_distributed(_deepspeed_load, 2, model + ["--train-iters", "1"], folder, timeout=3600))
+    try:
+        seconds = max(run_distributed(_deepspeed_load, 2, model + ["--train-iters", "1"], folder, timeout=3600))
+    except RuntimeError as e:  # as in deepspeed_save: keep the other rows
+        return ("load DeepSpeed DP2 -> DP2 (engine.load_checkpoint)", "-", "-",
+                f"not run: {str(e).splitlines()[0][:200]}", _load_average())
     return ("load DeepSpeed DP2 -> DP2 (engine.load_checkpoint)", f"{seconds:.2f}",
             f"ours same layout {ours / seconds:.2f} x DeepSpeed", f"input {folder_bytes(tag) / MIB:.0f} MiB",
             _load_average())
 
 
-def ds_to_universal_row(folder: str | None, ours: float, cp_s: float) -> tuple[str, str, str, str]:
-    """DeepSpeed's own converter on its ZeRO-1 DP2 save of the same model (``folder``)."""
+def ds_to_universal_row(deepspeed: tuple[str | None, str], ours: float, cp_s: float) -> tuple[str, str, str, str]:
+    """DeepSpeed's own converter on its ZeRO-1 DP2 save of the same model."""
+    folder, why_not = deepspeed
     if folder is None:
-        return ("ds_to_universal (DeepSpeed)", "-", "-", "deepspeed is not installed: not run")
+        return ("ds_to_universal (DeepSpeed)", "-", "-", why_not)
     tag = os.path.join(folder, "global_step1")
     drop_cache(tag)
     script = os.path.join(os.path.dirname(importlib.util.find_spec("deepspeed").origin), "checkpoint",

@@ -102,28 +102,32 @@ def test_streaming_converter_writes_the_whole_tensor_bytes_in_bounded_memory(wid
 
 def test_spans_written_from_the_mapped_input_equal_the_assembled_chunks(wide_checkpoint, tmp_path,
                                                                         monkeypatch) -> None:
-    """Row-split and unsplit tensors go from the mapped input straight to the output, column-split
-    ones (TP row-parallel weights) through ``assemble``; forcing every chunk through ``assemble``
-    writes the same bytes."""
+    """Row-split, unsplit and column-split tensors (TP row-parallel weights, one run per row and
+    piece) go from the mapped input straight to the output; only chunks that a replica overlaps go
+    through ``assemble``; forcing every chunk through ``assemble`` writes the same bytes."""
     from megatron.checkpointing import convert
 
-    used = {"direct": 0, "assembled": 0}
+    used: dict[str, set[str]] = {"direct": set(), "assembled": set()}
     spans = convert.stored_spans
 
     def counted(reader, name, box, state):
         found = spans(reader, name, box, state)
-        used["direct" if found is not None else "assembled"] += 1
+        used["direct" if found is not None else "assembled"].add(name)
         return found
 
     monkeypatch.setattr(convert, "stored_spans", counted)
     direct = convert_to_universal(wide_checkpoint, str(tmp_path / "direct"), num_workers=2, progress=False,
                                   chunk_bytes=64 << 10)
-    assert used["direct"] > 0 and used["assembled"] > 0, used
+    source = CheckpointReader(wide_checkpoint)
+    column_split = {n for n in source.canonical if any(p.sizes[-1] < source.canonical[n][-1]
+                                                       for _, p in source.by_canonical[n])}
+    assert column_split and column_split <= used["direct"], (column_split, used)
+    assert used["assembled"] and all(source.replica_pieces(n) for n in used["assembled"]), used
     monkeypatch.setattr(convert, "stored_spans", lambda *args: None)
     assembled = convert_to_universal(wide_checkpoint, str(tmp_path / "assembled"), num_workers=2, progress=False,
                                      chunk_bytes=64 << 10)
     assert _files(direct.output) == _files(assembled.output)
-    assert direct.bytes_read == assembled.bytes_read <= CheckpointReader(wide_checkpoint).total_bytes
+    assert direct.bytes_read == assembled.bytes_read <= source.total_bytes
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -136,3 +140,41 @@ def test_finite_check_finds_one_bad_value_anywhere(bad) -> None:
         poisoned = values.copy()
         poisoned[at] = bad
         assert not all_finite(poisoned) and not all_finite(torch.from_numpy(poisoned)), at
+
+
+@pytest.mark.parametrize("src_shape,src_box,dst_shape,dst_box,runs", [
+    ((6, 4), ((0, 0), (6, 4)), (6, 8), ((0, 4), (6, 4)), 6),  # a TP column slice: one run per row
+    ((6, 8), ((2, 0), (3, 8)), (12, 8), ((5, 0), (3, 8)), 1),  # whole rows in both: a single run
+    ((3, 4, 5), ((1, 1, 0), (2, 2, 5)), (4, 4, 5), ((0, 2, 0), (2, 2, 5)), 2),  # rows of a slab
+    ((2, 3, 4), ((0, 0, 1), (2, 3, 2)), (5, 3, 4), ((3, 0, 2), (2, 3, 2)), 6),
+])
+def test_run_pairs_map_every_element_of_the_box_in_row_major_order(src_shape, src_box, dst_shape, dst_box,
+                                                                   runs) -> None:
+    from megatron.core.pieces import box_slices, run_pairs
+
+    length, pairs = run_pairs(src_shape, src_box, dst_shape, dst_box)
+    src = np.arange(np.prod(src_shape)).reshape(src_shape)[box_slices(src_box)].reshape(-1)
+    dst = np.arange(np.prod(dst_shape)).reshape(dst_shape)[box_slices(dst_box)].reshape(-1)
+    assert np.array_equal(np.concatenate([np.arange(s, s + length) for s, _ in pairs]), src)
+    assert np.array_equal(np.concatenate([np.arange(d, d + length) for _, d in pairs]), dst)
+    assert len(pairs) == runs and length * runs == src.size
+
+
+def test_one_process_converter_never_imports_torch(wide_checkpoint, tmp_path) -> None:
+    """torch's import costs the converter seconds and half a GiB of RSS; nothing it does needs it."""
+    import subprocess
+    import sys
+
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        "convert_to_universal.py")
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['convert_to_universal.py', '--input_folder', {wide_checkpoint!r}, '--output_folder', "
+            f"{str(tmp_path / 'U')!r}, '--no-progress']\n"
+            "try:\n"
+            f"    runpy.run_path({tool!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]", out
+    assert CheckpointReader(str(tmp_path / "U")).kind == "universal"

@@ -210,3 +210,21 @@ def test_corrupted_block_gives_every_rank_the_same_clear_error(sources, tmp_path
     messages = run_distributed(_load_corrupted, 3, ARGV + ["--tensor-model-parallel-size", "3"], folder)
     assert len(set(messages)) == 1, messages
     assert f"checksum mismatch in {path}" in messages[0] and "layers.1.mlp.fc2.weight/fp32" in messages[0]
+
+
+def test_nan_in_a_resharded_load_gives_every_rank_the_same_error_naming_it(sources, tmp_path) -> None:
+    """The recording walk reads zeros and checks nothing; the fill that reads the NaN refuses it."""
+    from megatron.testing.tamper import read_header, reseal, write_file_with_header
+
+    folder = str(tmp_path / "global_step1")
+    shutil.copytree(sources["tp1"], folder)
+    path = os.path.join(folder, "rank_00000.safetensors")
+    header, data = read_header(path)
+    start = header["layers.1.mlp.fc2.weight/exp_avg"]["data_offsets"][0] + 4 * 5  # row 0: TP3 rank 0's columns
+    data = bytearray(data)
+    data[start:start + 4] = np.array([np.nan], dtype=np.float32).tobytes()
+    write_file_with_header(path, header, bytes(data))
+    reseal(folder)
+    messages = run_distributed(_load_corrupted, 3, ARGV + ["--tensor-model-parallel-size", "3"], folder)
+    assert len(set(messages)) == 1, messages
+    assert "layers.1.mlp.fc2.weight (exp_avg) holds NaN or Inf" in messages[0], messages[0]

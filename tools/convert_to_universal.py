@@ -31,9 +31,8 @@ from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch.distributed as dist  # noqa: E402
-
 from megatron.checkpointing import CheckpointError, convert_to_universal  # noqa: E402
+from megatron.checkpointing.agree import process_group  # noqa: E402
 from megatron.checkpointing.convert import CHUNK_BYTES  # noqa: E402
 
 
@@ -46,7 +45,7 @@ def _model_config(path: str | None):
 
 
 def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return process_group() is None or process_group().get_rank() == 0
 
 
 def _convert_native(args: argparse.Namespace, output: str) -> None:
@@ -57,8 +56,8 @@ def _convert_native(args: argparse.Namespace, output: str) -> None:
     seconds = time.perf_counter() - start
     if not _rank0():
         return
-    if dist.is_initialized():
-        print(f"{dist.get_world_size()} ranks; totals over all of them:")
+    if process_group() is not None:
+        print(f"{process_group().get_world_size()} ranks; totals over all of them:")
     print(f"wrote {report.tensors} canonical tensors ({report.bytes_written / 2**20:.1f} MiB in "
           f"{len(report.files)} files) to {report.output} in {seconds:.2f} s "
           f"({report.bytes_written / 2**20 / max(seconds, 1e-9):.1f} MiB/s); read and verified "
@@ -131,13 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--output-format dcp needs --output_folder")
     output = args.output_folder or args.input_folder.rstrip("/") + "_universal"
     native = args.input_format == "native" and args.output_format == "universal"
-    ranks = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    dist = process_group()
+    ranks = dist.get_world_size() if dist is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if ranks > 1 and not native:
         p.error(f"under torchrun ({ranks} ranks) only native -> universal conversions are "
                 f"split over ranks; run --input-format {args.input_format} --output-format {args.output_format} "
                 f"as one process: python tools/convert_to_universal.py ...")
-    started = ranks > 1 and not dist.is_initialized()
-    if started:
+    started = ranks > 1 and dist is None
+    if started:  # torch only under torchrun: one process converts without importing it
+        import torch.distributed as dist
+
         dist.init_process_group("gloo")
     first = _rank0()
     try:

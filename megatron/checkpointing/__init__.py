@@ -1,15 +1,30 @@
-"""Universal checkpointing: save, convert, load and inspect (DESIGN §3, §6)."""
-from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
-from megatron.checkpointing.async_save import AsyncSaver, wait_for_async_saves
-from megatron.checkpointing.convert import ConversionReport, convert_to_universal
-from megatron.checkpointing.load import Loaded, load_checkpoint
-from megatron.checkpointing.locate import ALWAYS, IF_NEW, NEVER, resolve_checkpoint
-from megatron.checkpointing.lock import acquire_folder_lock, release_folder_lock
-from megatron.checkpointing.reader import CheckpointReader, read_manifest
-from megatron.checkpointing.safetensors_io import CheckpointError
-from megatron.checkpointing.save import check_save_folder, save_checkpoint
+"""Universal checkpointing: save, convert, load and inspect (DESIGN §3, §6).
 
-__all__ = ["ALWAYS", "AsyncSaver", "IF_NEW", "NEVER", "CheckpointError", "CheckpointReader", "ConversionReport", "Loaded",
-           "acquire_folder_lock", "as_checkpoint_error", "check_save_folder", "convert_to_universal",
-           "load_checkpoint", "raise_if_any_failed", "read_manifest", "release_folder_lock", "resolve_checkpoint",
-           "save_checkpoint", "wait_for_async_saves"]
+The names below are imported on first use: the one-process converter (convert, reader,
+safetensors_io) never imports torch, which costs it seconds and half a GiB of RSS; saving and
+loading do.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "as_checkpoint_error": "agree", "raise_if_any_failed": "agree",
+    "AsyncSaver": "async_save", "wait_for_async_saves": "async_save",
+    "ConversionReport": "convert", "convert_to_universal": "convert",
+    "Loaded": "load", "load_checkpoint": "load",
+    "ALWAYS": "locate", "IF_NEW": "locate", "NEVER": "locate", "resolve_checkpoint": "locate",
+    "acquire_folder_lock": "lock", "release_folder_lock": "lock",
+    "CheckpointReader": "reader", "read_manifest": "reader",
+    "CheckpointError": "safetensors_io",
+    "check_save_folder": "save", "save_checkpoint": "save",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

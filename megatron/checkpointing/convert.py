@@ -9,25 +9,27 @@ and sha256 release the GIL. Coverage and replica agreement are checked for every
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterator
 
-import torch
-import torch.distributed as dist
+import numpy as np
 
-from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
+from megatron.checkpointing.agree import as_checkpoint_error, process_group, raise_if_any_failed
 from megatron.checkpointing.manifest import seal
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, CheckpointReader, saved_states
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter
 from megatron.checkpointing.commit import commit_folder, is_checkpoint, write_atomic
 from megatron.checkpointing.finite import all_finite
 from megatron.checkpointing.locate import POINTERS, checkpoint_folders
-from megatron.core.pieces import Box, box_flat_span, box_runs, box_slices, flat_range_boxes, intersect, translate
+from megatron.core.pieces import (Box, box_flat_span, box_runs, box_slices, flat_range_boxes, intersect, run_pairs,
+                                  translate)
 from megatron.progress import progress_bar
 
 REPLICA_POLICIES = ("first", "mean", "strict")
@@ -50,23 +52,23 @@ def _refuse_non_finite(reader: CheckpointReader, name: str, state: str) -> Check
                            f"when it was saved; convert an earlier checkpoint")
 
 
-def assemble(reader: CheckpointReader, name: str, box: Box, state: str, policy: str) -> tuple[torch.Tensor, float]:
+def assemble(reader: CheckpointReader, name: str, box: Box, state: str, policy: str) -> tuple[np.ndarray, float]:
     """Region ``box`` of a canonical tensor from its owner pieces, checked against every replica
     piece that overlaps it. Returns the region and the largest |owner - replica| difference."""
-    full = reader.read_region(name, box, state)
+    full = reader.read_region_array(name, box, state)
     if not all_finite(full):
         raise _refuse_non_finite(reader, name, state)
     max_diff = 0.0
     replicas = reader.replica_pieces(name)
-    total, count = (full.clone(), torch.ones(box[1])) if policy == "mean" and replicas else (None, None)
+    total, count = ((full.copy(), np.ones(box[1], dtype=np.float32)) if policy == "mean" and replicas
+                    else (None, None))
     for holder, piece in replicas:
         overlap = intersect(box, (piece.canonical_offsets, piece.sizes))
         if overlap is None:
             continue
         region = box_slices(translate(overlap, box[0], (0,) * len(box[0])))
-        values = torch.from_numpy(reader.read_local_box(holder, state, translate(overlap, piece.canonical_offsets,
-                                                                                  piece.local_offsets)))
-        diff = float((values - full[region]).abs().nan_to_num(nan=math.inf).max()) if values.numel() else 0.0
+        values = reader.read_local_box(holder, state, translate(overlap, piece.canonical_offsets, piece.local_offsets))
+        diff = float(np.nan_to_num(np.abs(values - full[region]), nan=math.inf).max()) if values.size else 0.0
         if policy == "strict" and diff > 0:  # a NaN replica counts as an infinite disagreement
             raise CheckpointError(f"{reader.path}: replicas of {name} ({state}) disagree by up to {diff:.3e} "
                                   f"(--replica-policy strict); use --replica-policy first or mean to convert anyway")
@@ -79,45 +81,60 @@ def assemble(reader: CheckpointReader, name: str, box: Box, state: str, policy: 
     return full, max_diff
 
 
-def stored_spans(reader: CheckpointReader, name: str, box: Box,
-                 state: str) -> list[tuple[SafetensorsReader, str, int, int]] | None:
-    """Where the box's values lie in the input files, in row-major order, as (file, key, start,
-    end) element ranges to write straight from the mapped files: when each owner piece holds its
-    part of the box as one contiguous run (split along the first dimension, or not split) and no
-    replica overlaps the box (replicas are compared in ``assemble``). None otherwise, also when
-    the pieces or fragments do not cover the box exactly (``assemble`` then names what is wrong)."""
+Reads = list[tuple[SafetensorsReader, str, int, int]]  # (file, key, start, end) element ranges read
+
+
+def stored_spans(reader: CheckpointReader, name: str, box: Box, state: str) -> tuple[list[np.ndarray], Reads] | None:
+    """The box's values as views of the mapped input files in row-major order, to write straight
+    from there, and the ranges read (to release once written): each owner piece's part of each
+    stored fragment is read (and verified) once, and cut into the runs that are contiguous both
+    there and in the canonical tensor (one per row of a TP column slice). None when a replica
+    overlaps the box (``assemble`` compares them), or when the pieces or fragments do not cover the
+    box exactly (``assemble`` then names what is wrong). Refuses NaN and Inf."""
     shape = reader.canonical[name]
     if len(box_runs(shape, box)[1]) != 1 or any(intersect(box, (p.canonical_offsets, p.sizes))
                                                 for _, p in reader.replica_pieces(name)):
         return None
-    runs = []  # (canonical flat start, holder, local flat start, elements)
+    runs: list[tuple[int, np.ndarray]] = []  # (canonical flat start, values)
+    reads: Reads = []
     for holder, piece in reader.by_canonical.get(name, []):
         overlap = intersect(box, (piece.canonical_offsets, piece.sizes)) if piece.owner else None
         if overlap is None:
             continue
-        length, local = box_runs(holder.local_shape, translate(overlap, piece.canonical_offsets, piece.local_offsets))
-        canonical_length, canonical = box_runs(shape, overlap)
-        if len(local) != 1 or len(canonical) != 1 or length != canonical_length:
-            return None
-        runs.append((canonical[0][0], holder, local[0][0], length))
+        length, pairs = run_pairs(holder.local_shape, translate(overlap, piece.canonical_offsets, piece.local_offsets),
+                                  shape, overlap)
+        lo, hi = pairs[0][0], pairs[-1][0] + length
+        reader.check_fragment_sizes(holder, state, lo, hi)
+        starts = [local for local, _ in pairs]
+        for f in holder.fragments:
+            a, b = max(lo, f.start), min(hi, f.end)
+            if a >= b:
+                continue
+            file, key = reader.file(f.file), f"{f.key}/{state}"
+            values = file.read(key, a - f.start, b - f.start)
+            reads.append((file, key, a - f.start, b - f.start))
+            first = max(0, bisect.bisect_right(starts, a) - 1)
+            pieces = [(dst + max(a, src) - src, values[max(a, src) - a:min(b, src + length) - a])
+                      for src, dst in pairs[first:bisect.bisect_left(starts, b)] if src + length > a]
+            if sum(len(v) for _, v in pieces) == b - a:
+                finite = all_finite(values)  # the runs tile the read: one pass over it
+            else:
+                finite = all(all_finite(v) for _, v in pieces)
+            if not finite:
+                raise _refuse_non_finite(reader, name, state)
+            runs += pieces
+    runs.sort(key=lambda r: r[0])
     at, end = box_flat_span(shape, box)
-    spans = []
-    for start, holder, lo, length in sorted(runs, key=lambda r: r[0]):
+    for start, values in runs:
         if start != at:
             return None
-        reader._check_fragment_sizes(holder, state, lo, lo + length)
-        pos = lo
-        for f in sorted(holder.fragments, key=lambda f: f.start):
-            if f.end <= pos or f.start >= lo + length:
-                continue
-            if f.start > pos:
-                return None
-            spans.append((reader.file(f.file), f"{f.key}/{state}", pos - f.start, min(lo + length, f.end) - f.start))
-            pos = min(lo + length, f.end)
-        if pos != lo + length:
-            return None
-        at += length
-    return spans if at == end else None
+        at += len(values)
+    return ([values for _, values in runs], reads) if at == end else None
+
+
+def _release(reads: Reads) -> None:
+    for file, key, start, end in reads:
+        file.release(key, start, end)
 
 
 def chunk_boxes(shape: tuple[int, ...], chunk_elements: int) -> Iterator[Box]:
@@ -203,20 +220,26 @@ def _write_file(reader: CheckpointReader, tmp: str, index: int, names: list[str]
     """Stream the canonical tensors ``names`` into ``universal_{index:03d}.safetensors``."""
     file = f"universal_{index:03d}.safetensors"
     entries = [(f"{n}/{s}", reader.canonical[n]) for n in names for s in states]
-    writer = SafetensorsWriter(os.path.join(tmp, file), entries, {"kind": "universal"})
-    result = _FileResult(file, {}, {})
+    writer = SafetensorsWriter(os.path.join(tmp, file), entries, {"kind": "universal"}, hash_in_background=True,
+                               write_behind=True)
+    try:
+        result = _write_tensors(reader, writer, _FileResult(file, {}, {}), names, states, chunk_elements, policy, bar)
+        result.info = writer.close().to_json()
+    finally:
+        writer.stop_hashing()
+    return result
+
+
+def _write_tensors(reader: CheckpointReader, writer: SafetensorsWriter, result: _FileResult, names: list[str],
+                   states: tuple[str, ...], chunk_elements: int, policy: str, bar) -> _FileResult:
     for n in names:
         for s in states:
             writer.begin(f"{n}/{s}")
             for box in chunk_boxes(reader.canonical[n], chunk_elements):
-                spans = stored_spans(reader, n, box, s)
-                if spans is not None:  # straight from the mapped input into the output file
-                    for file, key, a, b in spans:
-                        values = file.read(key, a, b)
-                        if not all_finite(values):
-                            raise _refuse_non_finite(reader, n, s)
-                        writer.write_chunk(values)
-                        file.release(key, a, b)
+                stored = stored_spans(reader, n, box, s)
+                if stored is not None:  # straight from the mapped input into the output file
+                    writer.write_chunk(stored[0])
+                    writer.after_hashed(partial(_release, stored[1]))  # unmapped once hashed
                     continue
                 chunk, diff = assemble(reader, n, box, s, policy)
                 writer.write_chunk(chunk)
@@ -229,7 +252,6 @@ def _write_file(reader: CheckpointReader, tmp: str, index: int, names: list[str]
                                         "canonical_offsets": [0] * len(shape), "sizes": shape, "owner": True}],
                             "fragments": [[0, math.prod(shape)]]}
         bar.update(1)
-    result.info = writer.close().to_json()
     return result
 
 
@@ -249,9 +271,8 @@ def _manifest(reader: CheckpointReader, states: tuple[str, ...], results: list[_
 
 
 def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    dist = process_group()
+    return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
 
 
 def _agree(error: BaseException | None, rank: int) -> None:
@@ -267,7 +288,7 @@ def _gather(obj):
     if world == 1:
         return [obj]
     out: list = [None] * world
-    dist.all_gather_object(out, obj)
+    process_group().all_gather_object(out, obj)
     return out
 
 
@@ -319,7 +340,9 @@ def _convert(reader: CheckpointReader, tmp: str, output_folder: str, num_workers
     plan = _plan_files(reader, max(num_workers, world))
     sizes = [sum(math.prod(reader.canonical[n]) for n in f) for f in plan]
     mine = _ranks_files(plan, sizes, world)[rank]
-    chunk_elements = max(1, chunk_bytes // 4 // max(1, len(mine)))  # each thread holds one chunk (two for 'mean')
+    # Each file's thread holds up to three chunks: one being read and verified, one written and
+    # waiting for its hashing thread, one being hashed (twice that for 'mean').
+    chunk_elements = max(1, chunk_bytes // 4 // max(1, 3 * len(mine)))
     bar = progress_bar(sum(len(plan[i]) for i in mine), "converting", "tensor", progress if rank == 0 else False)
     results, error = [], None
     try:

@@ -2,15 +2,16 @@
 which sends the other ranks the slices of it they need.
 
 1. Headers: rank ``i % world`` reads and verifies file ``i``'s header; one all_gather_object
-   hands it to the others.
+   hands it to the others (with any rank's failure).
 2. Needs: every rank walks its load once with the reads recorded, not done (``BlockRouter``),
    and groups its items into rounds of at most ``EXCHANGE_BUDGET`` bytes; one
-   all_gather_object shares every rank's byte intervals by round.
+   all_gather_object shares every rank's byte intervals by round (with any rank's failure).
 3. Plan: ``read_plan.assign_owners``, the same on every rank, gives each needed block one owner.
 4. Rounds: owners verify and pack what each rank needs in the round, one batch_isend_irecv
    moves it, and each rank fills its round's items (its own blocks straight from the file).
 A failure on any rank (a corrupted block, found by its owner) is agreed before the next
-transfer, so every rank raises the same error instead of waiting for a peer that stopped.
+transfer (one small all_reduce per round while none fails), so every rank raises the same
+error instead of waiting for a peer that stopped.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
 from megatron.checkpointing.read_plan import FileBlocks, assign_owners, merge_intervals, split_by_owner
 from megatron.checkpointing.reader import CheckpointReader
-from megatron.checkpointing.safetensors_io import BLOCK_SIZE, CheckpointError, SafetensorsReader
+from megatron.checkpointing.safetensors_io import BLOCK_SIZE, CheckpointError, SafetensorsReader, SharedHeader
 from megatron.core.parallel_state import Topology
 
 EXCHANGE_BUDGET = 128 << 20  # bytes a rank receives and fills per round: bounds the load's extra memory
@@ -125,32 +126,37 @@ class BlockRouter:
                                    np.array([p[1] for p in got], dtype=np.int64), [p[2] for p in got])
 
 
-def _agreed(fn: Callable[[], T], what: str) -> T:
-    """Collective: ``fn()``, or the lowest failing rank's error raised on every rank."""
+def _gathered(fn: Callable[[], T], world: int, what: str) -> list[T]:
+    """Collective: every rank's ``fn()``, gathered on every rank by one all_gather_object that
+    also carries failures: the lowest failing rank's error is raised on every rank instead."""
     result, error = None, None
     try:
         result = fn()
     except (OSError, CheckpointError) as e:
-        error = as_checkpoint_error(e, what)
-    raise_if_any_failed(error)
-    return result
-
-
-def _share_headers(reader: CheckpointReader, rank: int, world: int) -> dict[str, dict[int, int]]:
-    """Each file's header read by one rank and given to all; returns the blocks each read."""
-    names = sorted(reader.manifest["files"])
-    mine = _agreed(lambda: {n: reader.file(n).shared_header() for i, n in enumerate(names) if i % world == rank},
-                   f"loading {reader.path}")
+        error = str(as_checkpoint_error(e, what))
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, mine)
-    pinned: dict[str, dict[int, int]] = {}
+    dist.all_gather_object(gathered, (result, error))
+    first = next((e for _, e in gathered if e is not None), None)
+    if first is not None:
+        raise CheckpointError(first)
+    return [r for r, _ in gathered]
 
-    def adopt() -> None:
-        for r, headers in enumerate(gathered):
-            for name, shared in headers.items():
-                f = reader.file(name) if r == rank else reader.adopt_file(name, shared)
-                pinned[name] = {b: r for b in range((8 + shared.length - 1) // _block_size(f) + 1)}
-    _agreed(adopt, f"loading {reader.path}")
+
+def _share_headers(reader: CheckpointReader, rank: int, world: int) -> list[dict[str, SharedHeader]]:
+    """Each file's header read and verified by one rank (``i % world``) and given to all."""
+    names = sorted(reader.manifest["files"])
+    return _gathered(lambda: {n: reader.file(n).shared_header() for i, n in enumerate(names) if i % world == rank},
+                     world, f"loading {reader.path}")
+
+
+def _adopt_headers(reader: CheckpointReader, gathered: list[dict[str, SharedHeader]],
+                   rank: int) -> dict[str, dict[int, int]]:
+    """Open every file with the header its reader sent; returns the blocks each rank read."""
+    pinned: dict[str, dict[int, int]] = {}
+    for r, headers in enumerate(gathered):
+        for name, shared in headers.items():
+            f = reader.file(name) if r == rank else reader.adopt_file(name, shared)
+            pinned[name] = {b: r for b in range((8 + shared.length - 1) // _block_size(f) + 1)}
     return pinned
 
 
@@ -197,11 +203,10 @@ def planned_fill(reader: CheckpointReader, items: Sequence[T], fill: Callable[[T
     and verified by one rank only (``on_filled()`` after each). Returns the bytes this rank
     received from other ranks."""
     rank, world, what = topo.rank, topo.world_size, f"loading {reader.path}"
-    pinned = _share_headers(reader, rank, world)
+    headers = _share_headers(reader, rank, world)
     router = BlockRouter(rank)
-    reader.route(router)
     try:
-        return _run(reader, router, items, fill, topo, pinned, EXCHANGE_BUDGET if budget is None else budget, what,
+        return _run(reader, router, items, fill, topo, headers, EXCHANGE_BUDGET if budget is None else budget, what,
                     on_filled or (lambda: None))
     finally:
         reader.route(None)
@@ -218,13 +223,20 @@ def _record(router: BlockRouter, items: Sequence[T], fill: Callable[[T], None]) 
 
 
 def _run(reader: CheckpointReader, router: BlockRouter, items: Sequence[T], fill: Callable[[T], None],
-         topo: Topology, pinned: dict[str, dict[int, int]], budget: int, what: str,
+         topo: Topology, headers: list[dict[str, SharedHeader]], budget: int, what: str,
          on_filled: Callable[[], None]) -> int:
     rank, world = topo.rank, topo.world_size
-    per_item = _agreed(lambda: _record(router, items, fill), what)
-    mine, needs = _rounds(per_item, budget)
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, needs)
+    pinned: dict[str, dict[int, int]] = {}
+    mine: list[list[int]] = []
+
+    def plan() -> list[Needs]:  # this rank's reads by round; in one collective with any failure
+        nonlocal pinned, mine
+        pinned = _adopt_headers(reader, headers, rank)
+        reader.route(router)
+        mine, needs = _rounds(_record(router, items, fill), budget)
+        return needs
+    everyone = _gathered(plan, world, what)
+    needs = everyone[rank]
     names = sorted(reader.manifest["files"])
     files = {n: reader.file(n) for n in names}
     blocks = [FileBlocks(n, reader.manifest["files"][n]["size"], _block_size(files[n])) for n in names]

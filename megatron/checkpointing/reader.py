@@ -15,9 +15,12 @@ import math
 import os
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # read_region returns torch tensors; the converter reads arrays without importing torch
+    import torch
 
 from megatron.checkpointing.manifest import STATES, validate, validate_rank_table
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader, SharedHeader
@@ -97,6 +100,7 @@ class CheckpointReader:
         self._holders: dict[tuple, Holder] | None = None
         self._by_canonical: dict[str, list[tuple[Holder, Piece]]] = {}
         self._files: dict[str, SafetensorsReader] = {}
+        self._router: object | None = None  # see route
         self._lock = threading.Lock()  # the converter reads from several threads
         self._index_lock = threading.Lock()
 
@@ -204,8 +208,14 @@ class CheckpointReader:
 
     def route(self, router: object | None) -> None:
         """Send every open file's reads through ``router`` (None: straight from the files again)."""
+        self._router = router
         for f in self._files.values():
             f.router = router
+
+    @property
+    def recording(self) -> bool:
+        """True while a planned load walks its reads only to record them (they return zeros)."""
+        return getattr(self._router, "recording", None) is not None
 
     @property
     def bytes_read(self) -> int:
@@ -223,12 +233,14 @@ class CheckpointReader:
         run, starts = box_runs(holder.local_shape, box)
         if not starts:
             return out
-        self._check_fragment_sizes(holder, state, *box_flat_span(holder.local_shape, box))
+        self.check_fragment_sizes(holder, state, *box_flat_span(holder.local_shape, box))
         for start, index in starts:
             self._copy_flat(holder, state, start, start + run, out[index])
         return out
 
-    def _check_fragment_sizes(self, holder: Holder, state: str, lo: int, hi: int) -> None:
+    def check_fragment_sizes(self, holder: Holder, state: str, lo: int, hi: int) -> None:
+        """Refuse a file whose tensor holding part of flat elements [lo, hi) of ``holder`` is not
+        the size the manifest gives its fragment (before any of it is read through the fragment)."""
         for f in holder.fragments:
             if f.start < hi and f.end > lo and self.file(f.file).numel(f"{f.key}/{state}") != f.end - f.start:
                 raise CheckpointError(f"{self.path}: {f.file} holds {self.file(f.file).numel(f'{f.key}/{state}')} "
@@ -261,6 +273,12 @@ class CheckpointReader:
 
     def read_region(self, name: str, box: Box, state: str) -> torch.Tensor:
         """Region ``box`` of canonical tensor ``name`` (fp32), from its owner pieces."""
+        import torch  # here, not at the top: see read_region_array
+
+        return torch.from_numpy(self.read_region_array(name, box, state))
+
+    def read_region_array(self, name: str, box: Box, state: str) -> np.ndarray:
+        """``read_region`` as a float32 array, for readers that do without torch (the converter)."""
         if name not in self.canonical:
             raise CheckpointError(f"{self.path} has no tensor {name!r}: the checkpoint is of another model "
                                   f"(check --num-layers, --swiglu, --untie-embeddings-and-output-weights, ...)")
@@ -280,7 +298,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: tensor {name} region offsets {box[0]} sizes {box[1]} is covered "
                                   f"{covered} times element-wise, expected {math.prod(box[1])}: pieces in "
                                   f"{MANIFEST} are missing or overlap")
-        return torch.from_numpy(out)
+        return out
 
     def replica_pieces(self, name: str) -> list[tuple[Holder, Piece]]:
         return [(h, p) for h, p in self.by_canonical.get(name, []) if not p.owner]

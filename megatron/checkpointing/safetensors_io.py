@@ -12,15 +12,21 @@ import json
 import math
 import mmap
 import os
+import queue
 import struct
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch tensors are accepted, but the converter never imports torch
+    import torch
 
 BLOCK_SIZE = 1 << 18  # small enough that a partial read verifies little more than it needs
-_DTYPES = {torch.float32: ("F32", np.float32)}
+IOV_MAX = 1024  # buffers per writev call (the Linux limit)
+HASH_BATCH = 4 << 20  # bytes written before they are handed to a writer's hashing thread
+WRITE_BEHIND = 64 << 20  # write_behind: bytes left to the page cache behind the newest
 
 
 class CheckpointError(Exception):
@@ -36,10 +42,47 @@ class FileInfo:
         return {"size": self.size, "block_size": BLOCK_SIZE, "block_sha256": self.block_sha256}
 
 
-class SafetensorsWriter:
-    """Write fp32 tensors ``entries`` = [(key, numel)] as 1-D tensors, in that order."""
+def _writev_fully(fd: int, views: list[memoryview]) -> None:
+    """Write every byte of ``views`` in order, up to IOV_MAX buffers per call, resuming after a
+    short write (Linux writes at most about 2 GiB per call)."""
+    i = 0
+    while i < len(views):
+        written = os.writev(fd, views[i:i + IOV_MAX])
+        if written == 0:
+            raise OSError(f"writev wrote nothing of {sum(len(v) for v in views[i:])} bytes")
+        while i < len(views) and written >= len(views[i]):
+            written -= len(views[i])
+            i += 1
+        if written:
+            views[i] = views[i][written:]
 
-    def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+
+def _f32_bytes(values: torch.Tensor | np.ndarray) -> memoryview | None:
+    """The bytes of a float32 array or torch tensor (copied only if it is not contiguous or not on
+    the CPU); None for any other dtype."""
+    if not isinstance(values, np.ndarray):
+        import torch  # a torch tensor came in: torch is imported already
+
+        if values.dtype != torch.float32:
+            return None
+        values = values.detach().contiguous().cpu().numpy()
+    return memoryview(np.ascontiguousarray(values)).cast("B") if values.dtype == np.float32 else None
+
+
+class SafetensorsWriter:
+    """Write fp32 tensors ``entries`` = [(key, numel)] as 1-D tensors, in that order.
+
+    ``hash_in_background``: the block checksums are computed by a thread of the writer's own
+    while the caller goes on (reading, verifying and writing the next chunk), so that hashing
+    what was written overlaps the rest. Only for data that stays unchanged until hashed (mapped
+    input files, fresh arrays; ``after_hashed`` says when): a live tensor may change meanwhile.
+
+    ``write_behind``: the file's older bytes are handed to the disk while newer ones are written
+    (``posix_fadvise(DONTNEED)`` starts their writeback, and drops them from the page cache once
+    clean), so that the final fsync finds little left to write; for a file not read back soon."""
+
+    def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None,
+                 hash_in_background: bool = False, write_behind: bool = False):
         self.path = path
         header: dict = {"__metadata__": metadata or {}}
         offset = 0
@@ -51,27 +94,82 @@ class SafetensorsWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self.f = open(path, "wb")
+        self.f = open(path, "wb", buffering=0)  # data goes out by os.writev, straight from its arrays
         self.blocks: list[str] = []
         self.block = hashlib.sha256()
         self.in_block = 0
         self.size = 0
         self.next = 0
         self.pending = 0  # bytes of the current tensor written so far
-        self._write(struct.pack("<Q", len(raw)) + raw)
+        self._behind = 0 if write_behind else None  # bytes handed to writeback so far
+        self._queue: queue.Queue | None = None
+        self._batch: list = []  # views and callbacks not yet handed to the hashing thread
+        self._batch_bytes = 0
+        self._hash_error: BaseException | None = None
+        if hash_in_background:
+            self._queue = queue.Queue(maxsize=1)  # one chunk waits while one is hashed
+            self._hasher = threading.Thread(target=self._hash_loop, name=f"sha256 {os.path.basename(path)}",
+                                            daemon=True)
+            self._hasher.start()
+        self._write([memoryview(struct.pack("<Q", len(raw)) + raw)])
 
-    def _write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        self.f.write(view)
-        self.size += len(view)
-        while len(view):
-            take = min(len(view), BLOCK_SIZE - self.in_block)
-            self.block.update(view[:take])
-            self.in_block += take
-            view = view[take:]
-            if self.in_block == BLOCK_SIZE:
-                self.blocks.append(self.block.hexdigest())
-                self.block, self.in_block = hashlib.sha256(), 0
+    def _write(self, views: list[memoryview]) -> None:
+        """Write ``views`` (bytes, in order) several per system call; hash them here or hand them
+        to the hashing thread."""
+        views = [v for v in views if len(v)]
+        if self._hash_error is not None:
+            raise self._hash_error
+        _writev_fully(self.f.fileno(), views)
+        self.size += sum(len(v) for v in views)
+        if self._behind is not None and self.size - WRITE_BEHIND - self._behind >= WRITE_BEHIND:
+            os.posix_fadvise(self.f.fileno(), self._behind, self.size - WRITE_BEHIND - self._behind,
+                             os.POSIX_FADV_DONTNEED)
+            self._behind = self.size - WRITE_BEHIND
+        if self._queue is None:
+            self._hash(views)
+            return
+        self._batch.append(views)
+        self._batch_bytes += sum(len(v) for v in views)
+        if self._batch_bytes >= HASH_BATCH:
+            self._hand_over()
+
+    def after_hashed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every byte written so far is hashed (at once without a hashing
+        thread): the caller may then unmap or reuse what it wrote from."""
+        if self._queue is None:
+            callback()
+        else:
+            self._batch.append(callback)
+
+    def _hand_over(self) -> None:
+        """Queue what was written since the last hand-over (small writes go together: one thread
+        switch per few MiB, not per bias vector)."""
+        if self._batch:
+            self._queue.put(self._batch)
+            self._batch, self._batch_bytes = [], 0
+
+    def _hash_loop(self) -> None:
+        """The hashing thread: written views and callbacks in the order they came, until None."""
+        while (batch := self._queue.get()) is not None:
+            for item in batch:
+                try:
+                    if callable(item):
+                        item()
+                    elif self._hash_error is None:
+                        self._hash(item)
+                except BaseException as e:  # noqa: BLE001 - raised in the writing thread at its next call
+                    self._hash_error = e
+
+    def _hash(self, views: list[memoryview]) -> None:
+        for view in views:
+            while len(view):
+                take = min(len(view), BLOCK_SIZE - self.in_block)
+                self.block.update(view[:take])
+                self.in_block += take
+                view = view[take:]
+                if self.in_block == BLOCK_SIZE:
+                    self.blocks.append(self.block.hexdigest())
+                    self.block, self.in_block = hashlib.sha256(), 0
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         """The whole of the next tensor, ``key``."""
@@ -86,19 +184,19 @@ class SafetensorsWriter:
             raise ValueError(f"{self.path}: expected {expected}, got {key}")
         self.pending = 0
 
-    def write_chunk(self, tensor: torch.Tensor | np.ndarray) -> None:
-        """The next elements of the current tensor: a torch tensor, or a float32 array such as a
-        span of a mapped input file (written from where it lies, without a copy)."""
+    def write_chunk(self, data: torch.Tensor | np.ndarray | list[np.ndarray]) -> None:
+        """The next elements of the current tensor: a torch tensor, a float32 array, or a list of
+        float32 arrays written one after the other, such as views of mapped input files (written
+        from where they lie, without a copy, many per system call)."""
         key, nbytes = self.order[self.next]
-        if isinstance(tensor, np.ndarray):
-            fp32, size, data = tensor.dtype == np.float32, tensor.nbytes, np.ascontiguousarray(tensor).data
-        else:
-            fp32, size = tensor.dtype == torch.float32, tensor.numel() * tensor.element_size()
-            data = tensor.detach().contiguous().cpu().numpy().data if fp32 else None
-        if not fp32 or self.pending + size > nbytes:
+        arrays = data if isinstance(data, list) else [data]
+        views = [_f32_bytes(a) for a in arrays]
+        other = next((a.dtype for a, v in zip(arrays, views) if v is None), None)
+        size = sum(v.nbytes for v in views if v is not None)
+        if other is not None or self.pending + size > nbytes:
             raise ValueError(f"{self.path}: {key} takes {nbytes} bytes of F32, got {self.pending} bytes and then "
-                             f"{size} bytes of {tensor.dtype}")
-        self._write(data)
+                             + (f"a tensor of {other}" if other is not None else f"{size} bytes"))
+        self._write(views)
         self.pending += size
 
     def end(self) -> None:
@@ -110,12 +208,24 @@ class SafetensorsWriter:
     def close(self) -> FileInfo:
         if self.next != len(self.order):
             raise ValueError(f"{self.path}: {len(self.order) - self.next} tensors were not written")
+        self.stop_hashing()
+        if self._hash_error is not None:
+            raise self._hash_error
         if self.in_block:
             self.blocks.append(self.block.hexdigest())
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
         return FileInfo(self.size, self.blocks)
+
+    def stop_hashing(self) -> None:
+        """Wait for the hashing thread to finish what it was given, and end it (also on failure:
+        the thread must not outlive the writer)."""
+        if self._queue is not None:
+            self._hand_over()
+            self._queue.put(None)
+            self._hasher.join()
+            self._queue = None
 
 
 MAX_HEADER_BYTES = 1 << 28  # a header of 256 MiB would describe millions of tensors: corruption

@@ -160,6 +160,32 @@ def box_runs(shape: Sequence[int], box: Box) -> tuple[int, list[tuple[int, tuple
     return sizes[k] * strides[k], runs
 
 
+def run_pairs(src_shape: Sequence[int], src_box: Box, dst_shape: Sequence[int],
+              dst_box: Box) -> tuple[int, list[tuple[int, int]]]:
+    """The same box (equal sizes) in two row-major tensors, as runs contiguous in both: (run
+    length, [(flat start in src, flat start in dst)]) in row-major order of the box. Trailing
+    dims are folded into the runs only where the box spans them whole in both tensors, so a
+    TP column slice of a matrix is one run per row and whole rows of an unsplit one are one run."""
+    sizes = tuple(src_box[1])
+    if tuple(dst_box[1]) != sizes:
+        raise ValueError(f"boxes of sizes {sizes} and {tuple(dst_box[1])} differ")
+    if math.prod(sizes) == 0:
+        return 0, []
+    if not sizes:
+        return 1, [(0, 0)]
+    k = len(sizes) - 1
+    while k > 0 and sizes[k] == src_shape[k] == dst_shape[k]:
+        k -= 1
+    src_strides = [math.prod(src_shape[d + 1:]) for d in range(len(sizes))]
+    dst_strides = [math.prod(dst_shape[d + 1:]) for d in range(len(sizes))]
+    src_base = sum(o * s for o, s in zip(src_box[0], src_strides))
+    dst_base = sum(o * s for o, s in zip(dst_box[0], dst_strides))
+    pairs = [(src_base + sum(i * s for i, s in zip(index, src_strides)),
+              dst_base + sum(i * s for i, s in zip(index, dst_strides)))
+             for index in itertools.product(*(range(n) for n in sizes[:k]))]
+    return sizes[k] * src_strides[k], pairs
+
+
 def box_flat_span(shape: Sequence[int], box: Box) -> tuple[int, int]:
     """The smallest flat range [lo, hi) of a row-major tensor that contains ``box``."""
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
