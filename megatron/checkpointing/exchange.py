@@ -79,6 +79,41 @@ class BlockRouter:
             out[a - lo:b - lo] = self._segment(file, name, int(owner[a // bs]), a, b)
         return out
 
+    def read_runs(self, file: SafetensorsReader, lo: np.ndarray, nbytes: int) -> np.ndarray:
+        """File bytes [a, a + nbytes) for every a of ``lo``, as rows (uint8): ``read`` for many
+        short runs, with the owner lookups done for all of them at once."""
+        name = os.path.basename(file.path)
+        if self.recording is not None:
+            if nbytes > 0:
+                self.recording.extend((name, a, a + nbytes) for a in lo.tolist())
+            return np.zeros((len(lo), max(nbytes, 0)), dtype=np.uint8)
+        out = np.empty((len(lo), nbytes), dtype=np.uint8)
+        if not len(lo) or nbytes <= 0:
+            return out
+        owner, bs = self.owners[name], _block_size(file)
+        first, last = lo // bs, (lo + nbytes - 1) // bs
+        whole = (last - first <= 1) & (owner[first] == owner[last])  # one owner (runs over 2 blocks: read apart)
+        mine = whole & (owner[first] == self.rank)
+        if mine.any():
+            file.verify_ranges(lo[mine], lo[mine] + nbytes)
+            for i, a in zip(np.flatnonzero(mine).tolist(), lo[mine].tolist()):
+                out[i] = file.mm[a:a + nbytes]
+        theirs = whole & ~mine
+        if theirs.any():
+            starts, ends, parts = self.received.get(name, (np.zeros(0, np.int64), np.zeros(0, np.int64), []))
+            k = np.searchsorted(starts, lo[theirs], side="right") - 1
+            served = (k >= 0) & (lo[theirs] + nbytes <= ends[np.maximum(k, 0)]) if len(starts) else k >= 0
+            if not served.all():
+                a = int(lo[theirs][~served][0])
+                raise RuntimeError(f"planned load: bytes [{a}, {a + nbytes}) of {file.path} were neither read here "
+                                   f"nor received from rank {int(owner[a // bs])}: the read plan and the load disagree")
+            first_byte = starts.tolist()
+            for i, a, j in zip(np.flatnonzero(theirs).tolist(), lo[theirs].tolist(), k.tolist()):
+                out[i] = parts[j][a - first_byte[j]:a - first_byte[j] + nbytes]
+        for i in np.flatnonzero(~whole).tolist():
+            out[i] = self.read(file, int(lo[i]), int(lo[i]) + nbytes)
+        return out
+
     def _segment(self, file: SafetensorsReader, name: str, owner: int, a: int, b: int) -> np.ndarray:
         if owner == self.rank:
             file.verify(a, b)
@@ -105,16 +140,15 @@ class BlockRouter:
 
     def pack(self, files: dict[str, SafetensorsReader], needs: Needs) -> np.ndarray:
         """This rank's blocks' bytes that ``needs`` asks for, verified, in ``segments`` order."""
-        parts = []
-        for name, starts, ends in self.segments(needs, self.rank):
+        parts, segments = [], self.segments(needs, self.rank)
+        for name, starts, ends in segments:
             f = files[name]
-            for a, b in zip(starts.tolist(), ends.tolist()):
-                f.verify(a, b)
-                parts.append(f.mm[a:b])
+            f.verify_ranges(starts, ends)
+            parts += [f.mm[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
         out = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
-        for name, starts, ends in self.segments(needs, self.rank):
-            for a, b in zip(starts.tolist(), ends.tolist()):
-                files[name].release_bytes(a, b)  # copied out: keep only what is still needed mapped
+        for name, starts, ends in segments:
+            if len(starts):  # copied out: keep only what is still needed mapped
+                files[name].release_bytes(int(starts.min()), int(ends.max()))
         return out
 
     def receive(self, pieces: dict[str, list[tuple[int, int, np.ndarray]]]) -> None:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # read_region returns torch tensors; the converter reads arra
 
 from megatron.checkpointing.manifest import STATES, validate, validate_rank_table
 from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader, SharedHeader
-from megatron.core.pieces import Box, Piece, box_flat_span, box_runs, box_slices, intersect, translate
+from megatron.core.pieces import Box, Piece, box_flat_span, box_run_starts, box_slices, intersect, translate
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron-ucp"
@@ -230,12 +230,30 @@ class CheckpointReader:
         allocated if None) run by contiguous run: a column slice reads its rows' spans, never
         the whole tensor."""
         out = np.empty(box[1], dtype=np.float32) if out is None else out
-        run, starts = box_runs(holder.local_shape, box)
-        if not starts:
+        run, starts = box_run_starts(holder.local_shape, box)
+        if not len(starts):
             return out
-        self.check_fragment_sizes(holder, state, *box_flat_span(holder.local_shape, box))
-        for start, index in starts:
-            self._copy_flat(holder, state, start, start + run, out[index])
+        lo, hi = box_flat_span(holder.local_shape, box)
+        self.check_fragment_sizes(holder, state, lo, hi)
+        if len(starts) == 1:
+            self._copy_flat(holder, state, lo, lo + run, out)
+            return out
+        # Many runs (a column slice's rows): those inside one fragment are read in one call per
+        # fragment; a run across a fragment boundary is copied on its own.
+        direct = out.flags.c_contiguous  # else the rows are gathered apart and copied in at the end
+        rows = out.reshape(len(starts), run) if direct else np.empty((len(starts), run), np.float32)
+        done = np.zeros(len(starts), dtype=bool)
+        for f in holder.fragments:
+            inside = (starts >= f.start) & (starts + run <= f.end)
+            if inside.any():
+                key, file = f"{f.key}/{state}", self.file(f.file)
+                rows[inside] = file.read_runs(key, starts[inside] - f.start, run)
+                file.release(key, max(lo, f.start) - f.start, min(hi, f.end) - f.start)
+                done |= inside
+        for i in np.flatnonzero(~done).tolist():
+            self._copy_flat(holder, state, int(starts[i]), int(starts[i]) + run, rows[i])
+        if not direct:
+            np.copyto(out, rows.reshape(out.shape))
         return out
 
     def check_fragment_sizes(self, holder: Holder, state: str, lo: int, hi: int) -> None:

@@ -16,7 +16,7 @@ import queue
 import struct
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -338,12 +338,16 @@ class SafetensorsReader:
         """Hash every block of [lo, hi) not yet verified, each exactly once whatever the number of
         threads reading: a block is claimed under the lock, hashed outside it (hashlib releases the
         GIL), and a thread that needs a block another is hashing waits for that hash."""
+        bs = self.info.get("block_size", BLOCK_SIZE)
+        self._verify_blocks(range(lo // bs, (hi - 1) // bs + 1))
+
+    def _verify_blocks(self, wanted: Sequence[int]) -> None:
+        """``_verify`` for the blocks ``wanted`` (indices)."""
         blocks = self.info["block_sha256"]
         bs = self.info.get("block_size", BLOCK_SIZE)
         if len(blocks) != -(-len(self.mm) // bs):
             raise CheckpointError(f"{self.path}: the manifest lists {len(blocks)} checksum blocks of {bs} bytes "
                                   f"for a file of {len(self.mm)} bytes: the manifest is corrupted")
-        wanted = range(lo // bs, (hi - 1) // bs + 1)
         with self._verify_lock:
             mine = [b for b in wanted if b not in self.verified and b not in self._hashing]
             for b in mine:
@@ -359,7 +363,7 @@ class SafetensorsReader:
         for event in theirs:
             event.wait()
         if any(b not in self.verified for b in wanted):  # another thread found a block corrupted
-            self._verify(lo, hi)  # hash it here too, to raise the same error in this thread
+            self._verify_blocks(wanted)  # hash it here too, to raise the same error in this thread
 
     def _hash_block(self, b: int, bs: int, expected: str) -> None:
         chunk = self.mm[b * bs:min((b + 1) * bs, len(self.mm))]
@@ -399,6 +403,38 @@ class SafetensorsReader:
         if len(span) != end - start:  # parse_header makes this impossible; never hand out a short span
             raise CheckpointError(f"{self.path}: tensor {key} runs past the end of the file")
         return span
+
+    def read_runs(self, key: str, starts: np.ndarray, run: int) -> np.ndarray:
+        """Elements [s, s + run) of the flattened fp32 tensor ``key`` for every s of ``starts``,
+        as rows of a new array: many short runs (a column slice's rows) at a small cost each."""
+        e = self.entry(key)
+        if e["dtype"] != "F32":
+            raise CheckpointError(f"{self.path}: tensor {key} is {e['dtype']}, expected F32")
+        if len(starts) and (starts.min() < 0 or starts.max() + run > self.numel(key)):
+            raise CheckpointError(f"{self.path}: runs of {run} from {starts.min()} to {starts.max()} go past tensor "
+                                  f"{key} of {self.numel(key)} elements")
+        lo = self.data_start + e["data_offsets"][0] + 4 * starts
+        if self.router is not None:
+            return self.router.read_runs(self, lo, 4 * run).view(np.float32)
+        self.verify_ranges(lo, lo + 4 * run)
+        out = np.empty((len(lo), 4 * run), dtype=np.uint8)
+        for row, a in zip(out, lo.tolist()):
+            row[:] = self.mm[a:a + 4 * run]
+        return out.view(np.float32)
+
+    def verify_ranges(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Verify every block that file bytes [lo[i], hi[i]) touch, for every non-empty range i."""
+        keep = hi > lo
+        lo, hi = lo[keep], hi[keep]
+        if not len(lo):
+            return
+        bs = self.info.get("block_size", BLOCK_SIZE)
+        first, last = lo // bs, (hi - 1) // bs
+        if int((last - first).max()) <= 1:
+            wanted = np.union1d(first, last)
+        else:
+            wanted = np.unique(np.concatenate([np.arange(a, b + 1) for a, b in zip(first.tolist(), last.tolist())]))
+        self._verify_blocks(wanted.tolist())
 
     def release(self, key: str, start: int, end: int) -> None:
         """Unmap the whole pages of elements [start, end) of ``key`` once they are copied out, so

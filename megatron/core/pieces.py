@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
 
@@ -145,19 +147,37 @@ def box_runs(shape: Sequence[int], box: Box) -> tuple[int, list[tuple[int, tuple
     """A box of a row-major tensor as contiguous runs: (run length, [(flat start, index of the run
     in the box's leading dims)]). Trailing dims the box spans whole are folded into each run, so a
     column slice of a matrix is one run per row and a block of whole rows is a single run."""
-    shape, (offsets, sizes) = tuple(shape), box
-    if math.prod(sizes) == 0:
-        return 0, []
-    if not shape:
-        return 1, [(0, ())]
+    run, starts = box_run_starts(shape, box)
+    return run, list(zip(starts.tolist(), box_run_indices(shape, box)))
+
+
+def box_run_indices(shape: Sequence[int], box: Box) -> Iterator[tuple[int, ...]]:
+    """The index of each of ``box_runs``'s runs in the box's leading dims, in the same order."""
+    return itertools.product(*(range(n) for n in box[1][:_run_dim(shape, box[1])]))
+
+
+def _run_dim(shape: Sequence[int], sizes: Sequence[int]) -> int:
+    """The first dim a run covers: trailing dims the box spans whole fold into the run."""
     k = len(shape) - 1
     while k > 0 and sizes[k] == shape[k]:
         k -= 1
+    return k
+
+
+def box_run_starts(shape: Sequence[int], box: Box) -> tuple[int, np.ndarray]:
+    """``box_runs`` without the indices, as an array: (run length, flat starts in row-major
+    order of the box's leading dims), for reading many short runs at once."""
+    shape, (offsets, sizes) = tuple(shape), box
+    if math.prod(sizes) == 0:
+        return 0, np.zeros(0, dtype=np.int64)
+    if not shape:
+        return 1, np.zeros(1, dtype=np.int64)
+    k = _run_dim(shape, sizes)
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-    base = sum(o * s for o, s in zip(offsets, strides))
-    runs = [(base + sum(i * s for i, s in zip(index, strides)), index)
-            for index in itertools.product(*(range(n) for n in sizes[:k]))]
-    return sizes[k] * strides[k], runs
+    starts = np.full(1, sum(o * s for o, s in zip(offsets, strides)), dtype=np.int64)
+    for n, stride in zip(sizes[:k], strides[:k]):  # row-major: the last leading dim varies fastest
+        starts = (starts[:, None] + np.arange(n, dtype=np.int64) * stride).reshape(-1)
+    return sizes[k] * strides[k], starts
 
 
 def run_pairs(src_shape: Sequence[int], src_box: Box, dst_shape: Sequence[int],
