@@ -13,7 +13,8 @@
 4. loads TP2 DP2 -> TP2 DP2 (same layout), -> TP1 DP4, TP1 DP2 -> TP1 DP2 (same),
    -> TP4 (planned and per-rank reads), -> DP1, -> ZeRO-3 DP2, and DeepSpeed's engine.load_checkpoint
    of its own DP2 save (against our same-layout TP1 DP2 load), and reports seconds against the
-   same-layout load, bytes read in all against the checkpoint's, the largest rank's reads
+   same-layout load of the source and of the target layout (a checkpoint saved in the target
+   layout, loaded there: the resume a resharded load replaces), bytes read in all against the checkpoint's, the largest rank's reads
    against an equal share, bytes sent between ranks, and peak RSS (--loads-only: just these);
 5. times a synchronous save of the TP2 DP2 state, torch.distributed.checkpoint.save of the same
    tensors, two --async-save saves and two DCP async_save saves: blocking and total.
@@ -103,32 +104,53 @@ def _load(rank: int, world: int, argv: list[str], folder: str, exchange: bool) -
             "needed": needed, "total": loaded.total_bytes, "rss": _peak_rss_mib()}
 
 
-LOADS = [  # (row, source, world, flags, planned); a row's source is loaded on its own layout first
-    ("TP2 DP2 -> TP2 DP2 (same layout)", "tp2dp2", 4, ["--tensor-model-parallel-size", "2"], True),
-    ("TP2 DP2 -> TP1 DP4", "tp2dp2", 4, ["--tensor-model-parallel-size", "1"], True),
-    ("TP1 DP2 -> TP1 DP2 (same layout)", "tp1dp2", 2, [], True),
-    ("TP1 DP2 -> TP4", "tp1dp2", 4, ["--tensor-model-parallel-size", "4"], True),
-    ("TP1 DP2 -> TP4, per-rank reads (no exchange)", "tp1dp2", 4, ["--tensor-model-parallel-size", "4"], False),
-    ("TP1 DP2 -> DP1 (one process: per-rank path)", "tp1dp2", 1, [], True),
-    ("TP1 DP2 ZeRO-1 -> ZeRO-3 DP2", "tp1dp2", 2, ["--zero-stage", "3"], True),
+LOADS = [  # (row, source, world, flags, planned, target); a row's source is loaded on its own layout first
+    ("TP2 DP2 -> TP2 DP2 (same layout)", "tp2dp2", 4, ["--tensor-model-parallel-size", "2"], True, None),
+    ("TP2 DP2 -> TP1 DP4", "tp2dp2", 4, ["--tensor-model-parallel-size", "1"], True, "TP1 DP4"),
+    ("TP1 DP2 -> TP1 DP2 (same layout)", "tp1dp2", 2, [], True, None),
+    ("TP1 DP2 -> TP4", "tp1dp2", 4, ["--tensor-model-parallel-size", "4"], True, "TP4"),
+    ("TP1 DP2 -> TP4, per-rank reads (no exchange)", "tp1dp2", 4, ["--tensor-model-parallel-size", "4"], False, "TP4"),
+    ("TP1 DP2 -> DP1 (one process: per-rank path)", "tp1dp2", 1, [], True, "DP1"),
+    ("TP1 DP2 ZeRO-1 -> ZeRO-3 DP2", "tp1dp2", 2, ["--zero-stage", "3"], True, "ZeRO-3 DP2"),
 ]
 
 
-def load_rows(folders: dict[str, str], model: list[str]) -> list[tuple[str, ...]]:
-    """One row per load of LOADS: seconds against the same-layout load of its source; bytes read
-    from storage against the checkpoint (every byte is needed once), the largest rank's reads
-    against an equal share, bytes sent between ranks, and per rank reads against its own needs."""
-    rows, same = [], {}
-    for name, source, world, flags, planned in LOADS:
-        folder = os.path.join(folders[source], "global_step1")
-        drop_cache(folder)
-        stats = run_distributed(_load, world, model + flags + ["--train-iters", "1"], folder, planned, timeout=3600)
+def _timed_load(folder: str, world: int, argv: list[str], planned: bool) -> list[dict]:
+    drop_cache(folder)
+    return run_distributed(_load, world, argv + ["--train-iters", "1"], folder, planned, timeout=3600)
+
+
+def _target_reference(workdir: str, model: list[str], target: str, world: int, flags: list[str]) -> tuple[str, float]:
+    """A checkpoint saved in a resharded load's target layout, loaded in that layout: the resume
+    the resharding is compared with (it pays the target layout's own costs, e.g. gathering the
+    whole model over DP4). Returns (row name, seconds)."""
+    folder = os.path.join(workdir, "target_" + target.replace(" ", "_"))
+    run_distributed(_train_and_save, world, model + flags + ["--train-iters", "1", "--save", folder], timeout=3600)
+    stats = _timed_load(os.path.join(folder, "global_step1"), world, model + flags, True)
+    shutil.rmtree(folder)
+    return f"{target} -> {target} (target's same layout)", max(s["seconds"] for s in stats)
+
+
+def load_rows(folders: dict[str, str], model: list[str], workdir: str) -> list[tuple[str, ...]]:
+    """One row per load of LOADS: seconds against the same-layout load of its source and (for a
+    resharded load) of its target layout; bytes read from storage against the checkpoint (every
+    byte is needed once), the largest rank's reads against an equal share, bytes sent between
+    ranks, and per rank reads against its own needs."""
+    rows, same, targets = [], {}, {}
+    for name, source, world, flags, planned, target in LOADS:
+        stats = _timed_load(os.path.join(folders[source], "global_step1"), world, model + flags, planned)
         seconds = max(s["seconds"] for s in stats)
         same.setdefault(source, seconds)
+        ratio = f"{seconds / same[source]:.2f} x same layout"
+        if target is not None:
+            if target not in targets:
+                targets[target] = _target_reference(workdir, model, target, world, flags)
+                rows.append((f"load {targets[target][0]}", f"{targets[target][1]:.2f}", "", "", _load_average()))
+            ratio += f", {seconds / targets[target][1]:.2f} x target's"
         read, total = sum(s["read"] for s in stats), stats[0]["total"]
         share = max(s["read"] for s in stats) / (read / world)
         per_rank = ", ".join(f"{s['read'] / s['needed']:.2f}x" for s in stats)
-        rows.append((f"load {name}", f"{seconds:.2f}", f"{seconds / same[source]:.2f} x same layout",
+        rows.append((f"load {name}", f"{seconds:.2f}", ratio,
                      f"read {read / MIB:.0f} MiB for {total / MIB:.0f} MiB needed ({read / total:.3f}x); max rank "
                      f"{share:.2f}x its share; {sum(s['from_peers'] for s in stats) / MIB:.0f} MiB from other ranks; "
                      f"per rank read / own needs {per_rank}; RSS {max(s['rss'] for s in stats):.0f} MiB",
@@ -358,7 +380,7 @@ def main() -> None:
     rows: list[tuple[str, ...]] = []  # operation, seconds, ratio to cp, memory / bytes, load average
     deepspeed = deepspeed_save(a.workdir, model)
     if a.loads_only:
-        loads = load_rows({"tp2dp2": tp2dp2, "tp1dp2": tp1dp2}, model)
+        loads = load_rows({"tp2dp2": tp2dp2, "tp1dp2": tp1dp2}, model, a.workdir)
         _print_table(a, model, size, loads + [deepspeed_load_row(deepspeed, model, _same_layout_tp1dp2(loads))])
         return
 
@@ -395,7 +417,7 @@ def main() -> None:
              for n, s, r, m in convert_rows(bf16_native, "--bf16 TP1 DP2", [2], cp_dp2)]
     shutil.rmtree(bf16)
 
-    loads = load_rows({"tp2dp2": tp2dp2, "tp1dp2": tp1dp2}, model)
+    loads = load_rows({"tp2dp2": tp2dp2, "tp1dp2": tp1dp2}, model, a.workdir)
     rows += loads + [deepspeed_load_row(deepspeed, model, _same_layout_tp1dp2(loads))]
 
     save_dir = os.path.join(a.workdir, "saves")

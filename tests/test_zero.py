@@ -13,6 +13,7 @@ from megatron.checkpointing import convert_to_universal
 from megatron.core.optimizer.footprint import resident_bytes
 from megatron.core.parallel_state import ParallelDims, Topology
 from megatron.model.gpt import GPTModel
+from megatron.testing.distributed import run_distributed
 from megatron.testing.training import inspect_trained, train_losses
 from megatron.training import model_config_from_args
 
@@ -240,6 +241,40 @@ def test_resume_on_another_zero_stage_and_dp_continues_loss(saved, reference, so
     argv = MODEL + flags + ["--train-iters", str(ITERS), "--load", folder]
     losses = train_losses(world, argv + (["--universal-checkpoint"] if universal else []))
     assert_curves_close(losses, reference[HALF:], f"{source} -> {target} ({'universal' if universal else 'native'})")
+
+
+def _native_and_universal_states(rank: int, world: int, argv: list[str], folder: str) -> dict:
+    """Load one checkpoint natively (counting reads straight from the rank's own file) and its
+    universal conversion into the same trainer; whether the two states are bit for bit equal."""
+    from megatron.checkpointing import load_checkpoint
+    from megatron.checkpointing.reader import CheckpointReader
+    from megatron.training import build_trainer
+
+    trainer = build_trainer(argv)
+    opt, direct, states = trainer.optimizer, [], []
+    read_stored = CheckpointReader.read_stored
+
+    def counting(self, *a):
+        direct.append(1)
+        return read_stored(self, *a)
+    CheckpointReader.read_stored = counting
+    for universal in (False, True):
+        path = os.path.join(folder, f"global_step{HALF}" + "_universal" * universal)
+        load_checkpoint(path, trainer.model, opt, trainer.topo, universal=universal)
+        states.append({(f.name, k): v.clone() for f in opt.fragments() for k, v in opt.fragment_state(f).items()})
+    CheckpointReader.read_stored = read_stored
+    return {"direct": len(direct), "equal": all(states[0][k].equal(v) for k, v in states[1].items())}
+
+
+@pytest.mark.parametrize("source,stage", [("z1dp2", 3), ("z3dp2", 2)], ids=["z1-to-z3", "z3-to-z2"])
+def test_same_topology_on_another_zero_stage_reads_the_rank_files_directly(saved, source: str, stage: int) -> None:
+    """ZeRO stages 1-3 partition alike: a native checkpoint of the same topology is copied
+    fragment by fragment from the rank's own file, and gives the universal load's bits."""
+    world, flags = layout(stage, 2)
+    for rank, got in enumerate(run_distributed(_native_and_universal_states, world, MODEL + flags + ["--train-iters", "1"],
+                                               saved(source))):
+        assert got["direct"] > 0, f"rank {rank}: the native load did not read its own rank file directly"
+        assert got["equal"], f"rank {rank}: native and universal loads differ"
 
 
 # --- hyperparameters survive a stage-3 round trip -------------------------------------

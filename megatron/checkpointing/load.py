@@ -141,10 +141,12 @@ def _read_into_fragments(path: str, model: nn.Module, optimizer: DistributedOpti
         raise_if_any_failed(error)
     params = dict(model.named_parameters())
     states = STATES if load_optimizer else WEIGHTS_ONLY
+    saved_stage = reader.manifest.get("zero_stage")  # native checkpoints only
     same_files = (reader.kind == "native" and reader.manifest["topology"] == topo.describe()
-                  and reader.manifest["zero_stage"] == optimizer.stage)
-    # Same layout: copy this rank's fragments straight from the file that stored them, parsing
-    # only that rank's table. Otherwise go through the canonical tensors (all tables).
+                  and (saved_stage == optimizer.stage or min(saved_stage, optimizer.stage) >= 1))
+    # Same layout (ZeRO stages 1-3 partition alike): copy this rank's fragments straight from the
+    # file that stored them, parsing only that rank's table. Otherwise go through the canonical
+    # tensors (all tables).
     stored = reader.rank_table(topo.rank)["params"] if same_files else {}
     items = [(f, s) for f in optimizer.fragments() for s in states]
     bar = progress_bar(len(items), f"loading {os.path.basename(path)}", "state", progress)

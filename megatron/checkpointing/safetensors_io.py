@@ -15,6 +15,7 @@ import os
 import queue
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -293,6 +294,20 @@ class SharedHeader:
     metadata: dict
 
 
+PARALLEL_HASH_BLOCKS = 8  # a verification of this many blocks or more is spread over threads
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """This process's hashing threads, one per core up to 4 (made again after a fork: a
+    parent's threads are not the child's)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                                 thread_name_prefix="sha256"))
+    return _pool[1]
+
+
 class SafetensorsReader:
     """Byte-range reads from one checkpoint file, verified against the manifest's checksums.
 
@@ -354,8 +369,11 @@ class SafetensorsReader:
                 self._hashing[b] = threading.Event()
             theirs = [self._hashing[b] for b in wanted if b in self._hashing and b not in mine]
         try:
-            for b in mine:
-                self._hash_block(b, bs, blocks[b])
+            if len(mine) >= PARALLEL_HASH_BLOCKS:  # hashlib releases the GIL: hash on several cores
+                list(_hash_pool().map(lambda b: self._hash_block(b, bs, blocks[b]), mine))
+            else:
+                for b in mine:
+                    self._hash_block(b, bs, blocks[b])
         finally:
             with self._verify_lock:
                 for b in mine:
