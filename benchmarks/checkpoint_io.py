@@ -120,13 +120,28 @@ def _timed_load(folder: str, world: int, argv: list[str], planned: bool) -> list
     return run_distributed(_load, world, argv + ["--train-iters", "1"], folder, planned, timeout=3600)
 
 
-def _target_reference(workdir: str, model: list[str], target: str, world: int, flags: list[str]) -> tuple[str, float]:
-    """A checkpoint saved in a resharded load's target layout, loaded in that layout: the resume
+def _resave(rank: int, world: int, argv: list[str], source: str) -> str:
+    """Load ``source`` into the layout of ``argv`` and save it there (no training step: the
+    memory of a step of a big model on 4 ranks is not needed to get the same state)."""
+    from megatron.checkpointing import load_checkpoint
+    from megatron.training import build_trainer
+
+    trainer = build_trainer(argv)
+    load_checkpoint(source, trainer.model, trainer.optimizer, trainer.topo)
+    trainer.state.iteration = 1
+    trainer.save()
+    return os.path.join(trainer.args.save, "global_step1")
+
+
+def _target_reference(workdir: str, model: list[str], target: str, world: int, flags: list[str],
+                      source: str) -> tuple[str, float]:
+    """``source`` saved again in a resharded load's target layout and loaded there: the resume
     the resharding is compared with (it pays the target layout's own costs, e.g. gathering the
     whole model over DP4). Returns (row name, seconds)."""
     folder = os.path.join(workdir, "target_" + target.replace(" ", "_"))
-    run_distributed(_train_and_save, world, model + flags + ["--train-iters", "1", "--save", folder], timeout=3600)
-    stats = _timed_load(os.path.join(folder, "global_step1"), world, model + flags, True)
+    saved = run_distributed(_resave, world, model + flags + ["--train-iters", "1", "--save", folder], source,
+                            timeout=3600)[0]
+    stats = _timed_load(saved, world, model + flags, True)
     shutil.rmtree(folder)
     return f"{target} -> {target} (target's same layout)", max(s["seconds"] for s in stats)
 
@@ -138,13 +153,14 @@ def load_rows(folders: dict[str, str], model: list[str], workdir: str) -> list[t
     ranks, and per rank reads against its own needs."""
     rows, same, targets = [], {}, {}
     for name, source, world, flags, planned, target in LOADS:
-        stats = _timed_load(os.path.join(folders[source], "global_step1"), world, model + flags, planned)
+        folder = os.path.join(folders[source], "global_step1")
+        stats = _timed_load(folder, world, model + flags, planned)
         seconds = max(s["seconds"] for s in stats)
         same.setdefault(source, seconds)
         ratio = f"{seconds / same[source]:.2f} x same layout"
         if target is not None:
             if target not in targets:
-                targets[target] = _target_reference(workdir, model, target, world, flags)
+                targets[target] = _target_reference(workdir, model, target, world, flags, folder)
                 rows.append((f"load {targets[target][0]}", f"{targets[target][1]:.2f}", "", "", _load_average()))
             ratio += f", {seconds / targets[target][1]:.2f} x target's"
         read, total = sum(s["read"] for s in stats), stats[0]["total"]
