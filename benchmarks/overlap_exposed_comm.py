@@ -22,6 +22,7 @@ from functools import partial
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.testing.distributed import run_distributed  # noqa: E402
+from megatron.testing.throughput import add_model_shape_args  # noqa: E402
 
 
 def _measure(rank: int, world: int, argv: list[str], asynchronous: bool, iters: int) -> list[tuple[float, float]]:
@@ -50,10 +51,7 @@ def _summary(per_rank: list[list[tuple[float, float]]]) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
+    add_model_shape_args(p)
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--gbs", type=int, default=16)
     p.add_argument("--iters", type=int, default=6)

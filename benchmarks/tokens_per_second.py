@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import sys
 import time
 from typing import Callable
@@ -34,6 +33,7 @@ from megatron.core.optimizer.grad_scaler import LossScaler  # noqa: E402
 from megatron.core.parallel_state import ParallelDims, Topology  # noqa: E402
 from megatron.model.config import ModelConfig  # noqa: E402
 from megatron.model.gpt import GPTModel  # noqa: E402
+from megatron.testing.throughput import Figure, add_model_shape_args, print_figures, print_ratios  # noqa: E402
 
 Step = Callable[[torch.Tensor], None]
 
@@ -107,36 +107,21 @@ def compare(kind: str, a: argparse.Namespace) -> float:
     runs = {"ours": ours(cfg), label: theirs(kind, cfg)}
     for step in runs.values():  # warm-up
         step(tokens)
-    figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in runs}
+    figures: dict[str, list[Figure]] = {name: [] for name in runs}
     for _ in range(a.runs):
         for name, step in runs.items():
             figures[name].append(timed_run(step, tokens, a.steps))
     print(f"{kind}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads} "
           f"(KV {cfg.num_key_value_heads}), ffn {cfg.ffn_hidden_size}, seq {cfg.seq_length}, batch {a.batch}, "
           f"vocab {cfg.vocab_size}; {torch.get_num_threads()} threads, fp32, {a.runs} runs x {a.steps} steps each")
-    for name, figs in figures.items():
-        cells = "  ".join(f"{t:7.1f} (load {load:.2f})" for t, _, load in figs)
-        print(f"  {name:30s} median {statistics.median(t for t, _, _ in figs):7.1f} tokens/s | runs: {cells}")
-    for name, figs in figures.items():
-        cells = "  ".join(f"{c:7.1f}" for _, c, _ in figs)
-        print(f"  {name:30s} median {statistics.median(c for _, c, _ in figs):7.1f} tokens per CPU-second | "
-              f"runs: {cells}")
-    ours_figs, theirs_figs = figures["ours"], figures[label]
-    ratios = []
-    for what, i in (("tokens/s", 0), ("tokens per CPU-second", 1)):
-        ratios.append(statistics.median(f[i] for f in ours_figs) / statistics.median(f[i] for f in theirs_figs))
-        per_run = statistics.median(o[i] / t[i] for o, t in zip(ours_figs, theirs_figs))
-        print(f"  ratio ours / transformers, {what}: {ratios[-1]:.2f}x (median of the per-run ratios {per_run:.2f}x)")
-    return ratios[0]
+    print_figures(figures, 30)
+    return print_ratios(figures["ours"], figures[label], "transformers")
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", choices=["gpt2", "llama"], default=["gpt2", "llama"])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
+    add_model_shape_args(p)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--runs", type=int, default=5, help="timed runs per implementation (median reported)")
     p.add_argument("--steps", type=int, default=2, help="training steps per timed run")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import sys
 import time
 from typing import Callable
@@ -31,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.testing.distributed import run_distributed  # noqa: E402
+from megatron.testing.throughput import add_model_shape_args, print_figures, print_ratios  # noqa: E402
 
 Step = Callable[[], float]
 
@@ -94,10 +94,7 @@ def _worker(rank: int, world: int, a: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
+    add_model_shape_args(p)
     p.add_argument("--vocab", type=int, default=50257)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--global-batch", type=int, default=8)
@@ -121,23 +118,12 @@ def main() -> None:
           f"{a.runs} runs x {a.steps} steps each{'; ours with --overlap-grad-reduce' * a.overlap_grad_reduce}"
           f"{'; ours ZeRO-3 with --overlap-param-gather' * a.overlap_param_gather}")
     print("  first-step loss: " + ", ".join(f"{n} {v:.6f}" for n, v in ranks[0]["first_loss"].items()))
-    for name, figs in figures.items():
-        cells = "  ".join(f"{t:7.1f} (load {load:.2f})" for t, _, load in figs)
-        print(f"  {name:20s} median {statistics.median(f[0] for f in figs):7.1f} tokens/s | runs: {cells}")
-    for name, figs in figures.items():
-        cells = "  ".join(f"{f[1]:7.1f}" for f in figs)
-        print(f"  {name:20s} median {statistics.median(f[1] for f in figs):7.1f} tokens per CPU-second (both "
-              f"ranks) | runs: {cells}")
+    print_figures(figures, 20, " (both ranks)")
     if not a.deepspeed:
         print("deepspeed is not installed: only our figures are shown")
         return
     for stage in (1, 3):
-        o, t = figures[f"ours ZeRO-{stage}"], figures[f"DeepSpeed ZeRO-{stage}"]
-        for what, i in (("tokens/s", 0), ("tokens per CPU-second", 1)):
-            ratio = statistics.median(x[i] for x in o) / statistics.median(x[i] for x in t)
-            per_run = statistics.median(x[i] / y[i] for x, y in zip(o, t))
-            print(f"  ratio ours / DeepSpeed at ZeRO-{stage}, {what}: {ratio:.2f}x "
-                  f"(median of the per-run ratios {per_run:.2f}x)")
+        print_ratios(figures[f"ours ZeRO-{stage}"], figures[f"DeepSpeed ZeRO-{stage}"], f"DeepSpeed at ZeRO-{stage}")
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ import numpy as np
 from megatron.checkpointing.agree import as_checkpoint_error, process_group, raise_if_any_failed
 from megatron.checkpointing.manifest import seal
 from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, CheckpointReader, saved_states
-from megatron.checkpointing.safetensors_io import CheckpointError, SafetensorsReader, SafetensorsWriter
+from megatron.checkpointing.safetensors_io import HASH_BATCH, CheckpointError, SafetensorsReader, SafetensorsWriter
 from megatron.checkpointing.commit import commit_folder, is_checkpoint, write_atomic
 from megatron.checkpointing.finite import all_finite
 from megatron.checkpointing.locate import POINTERS, checkpoint_folders
@@ -221,7 +221,7 @@ def _write_file(reader: CheckpointReader, tmp: str, index: int, names: list[str]
     file = f"universal_{index:03d}.safetensors"
     entries = [(f"{n}/{s}", reader.canonical[n]) for n in names for s in states]
     writer = SafetensorsWriter(os.path.join(tmp, file), entries, {"kind": "universal"}, hash_in_background=True,
-                               write_behind=True)
+                               write_behind=True, hash_batch=min(HASH_BATCH, 4 * chunk_elements))
     try:
         result = _write_tensors(reader, writer, _FileResult(file, {}, {}), names, states, chunk_elements, policy, bar)
         result.info = writer.close().to_json()

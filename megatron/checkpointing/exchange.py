@@ -79,17 +79,17 @@ class BlockRouter:
             out[a - lo:b - lo] = self._segment(file, name, int(owner[a // bs]), a, b)
         return out
 
-    def read_runs(self, file: SafetensorsReader, lo: np.ndarray, nbytes: int) -> np.ndarray:
-        """File bytes [a, a + nbytes) for every a of ``lo``, as rows (uint8): ``read`` for many
-        short runs, with the owner lookups done for all of them at once."""
+    def read_runs(self, file: SafetensorsReader, lo: np.ndarray, nbytes: int, out: np.ndarray) -> None:
+        """File bytes [a, a + nbytes) for every a of ``lo`` into the rows of ``out`` (float32):
+        ``read`` for many short runs, with the owner lookups done for all of them at once."""
         name = os.path.basename(file.path)
         if self.recording is not None:
             if nbytes > 0:
                 self.recording.extend((name, a, a + nbytes) for a in lo.tolist())
-            return np.zeros((len(lo), max(nbytes, 0)), dtype=np.uint8)
-        out = np.empty((len(lo), nbytes), dtype=np.uint8)
+            out[...] = 0
+            return
         if not len(lo) or nbytes <= 0:
-            return out
+            return
         owner, bs = self.owners[name], _block_size(file)
         first, last = lo // bs, (lo + nbytes - 1) // bs
         whole = (last - first <= 1) & (owner[first] == owner[last])  # one owner (runs over 2 blocks: read apart)
@@ -97,7 +97,7 @@ class BlockRouter:
         if mine.any():
             file.verify_ranges(lo[mine], lo[mine] + nbytes)
             for i, a in zip(np.flatnonzero(mine).tolist(), lo[mine].tolist()):
-                out[i] = file.mm[a:a + nbytes]
+                out[i] = file.mm[a:a + nbytes].view(np.float32)
         theirs = whole & ~mine
         if theirs.any():
             starts, ends, parts = self.received.get(name, (np.zeros(0, np.int64), np.zeros(0, np.int64), []))
@@ -105,14 +105,12 @@ class BlockRouter:
             served = (k >= 0) & (lo[theirs] + nbytes <= ends[np.maximum(k, 0)]) if len(starts) else k >= 0
             if not served.all():
                 a = int(lo[theirs][~served][0])
-                raise RuntimeError(f"planned load: bytes [{a}, {a + nbytes}) of {file.path} were neither read here "
-                                   f"nor received from rank {int(owner[a // bs])}: the read plan and the load disagree")
+                raise _unserved(file, a, a + nbytes, int(owner[a // bs]))
             first_byte = starts.tolist()
             for i, a, j in zip(np.flatnonzero(theirs).tolist(), lo[theirs].tolist(), k.tolist()):
-                out[i] = parts[j][a - first_byte[j]:a - first_byte[j] + nbytes]
+                out[i] = parts[j][a - first_byte[j]:a - first_byte[j] + nbytes].view(np.float32)
         for i in np.flatnonzero(~whole).tolist():
-            out[i] = self.read(file, int(lo[i]), int(lo[i]) + nbytes)
-        return out
+            out[i] = self.read(file, int(lo[i]), int(lo[i]) + nbytes).view(np.float32)
 
     def _segment(self, file: SafetensorsReader, name: str, owner: int, a: int, b: int) -> np.ndarray:
         if owner == self.rank:
@@ -124,8 +122,7 @@ class BlockRouter:
             k = int(np.searchsorted(starts, a, side="right")) - 1
             if k >= 0 and b <= ends[k]:
                 return parts[k][a - starts[k]:b - starts[k]]
-        raise RuntimeError(f"planned load: bytes [{a}, {b}) of {file.path} were neither read here nor received "
-                           f"from rank {owner}: the read plan and the load disagree")
+        raise _unserved(file, a, b, owner)
 
     def segments(self, needs: Needs, src: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """The parts of ``needs`` whose blocks rank ``src`` owns: (file, starts, ends), in the
@@ -158,6 +155,11 @@ class BlockRouter:
             got.sort(key=lambda p: p[0])
             self.received[name] = (np.array([p[0] for p in got], dtype=np.int64),
                                    np.array([p[1] for p in got], dtype=np.int64), [p[2] for p in got])
+
+
+def _unserved(file: SafetensorsReader, a: int, b: int, owner: int) -> RuntimeError:
+    return RuntimeError(f"planned load: bytes [{a}, {b}) of {file.path} were neither read here nor received "
+                        f"from rank {owner}: the read plan and the load disagree")
 
 
 def _gathered(fn: Callable[[], T], world: int, what: str) -> list[T]:

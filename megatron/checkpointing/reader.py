@@ -238,21 +238,25 @@ class CheckpointReader:
         if len(starts) == 1:
             self._copy_flat(holder, state, lo, lo + run, out)
             return out
-        # Many runs (a column slice's rows): those inside one fragment are read in one call per
-        # fragment; a run across a fragment boundary is copied on its own.
-        direct = out.flags.c_contiguous  # else the rows are gathered apart and copied in at the end
-        rows = out.reshape(len(starts), run) if direct else np.empty((len(starts), run), np.float32)
+        # Many runs (a column slice's rows), in ascending order: those inside one fragment are a
+        # slice of them, read in one call straight into their rows of ``out``; a run across a
+        # fragment boundary is copied on its own.
+        rows, own_rows = out.view(), False
+        try:
+            rows.shape = (len(starts), run)  # a view of out's elements: no copy
+        except AttributeError:  # the run's dims are not contiguous in out: go through rows of our own
+            rows, own_rows = np.empty((len(starts), run), np.float32), True
         done = np.zeros(len(starts), dtype=bool)
         for f in holder.fragments:
-            inside = (starts >= f.start) & (starts + run <= f.end)
-            if inside.any():
+            i, j = np.searchsorted(starts, f.start), np.searchsorted(starts, f.end - run, side="right")
+            if i < j:
                 key, file = f"{f.key}/{state}", self.file(f.file)
-                rows[inside] = file.read_runs(key, starts[inside] - f.start, run)
+                file.read_runs(key, starts[i:j] - f.start, run, rows[i:j])
                 file.release(key, max(lo, f.start) - f.start, min(hi, f.end) - f.start)
-                done |= inside
+                done[i:j] = True
         for i in np.flatnonzero(~done).tolist():
             self._copy_flat(holder, state, int(starts[i]), int(starts[i]) + run, rows[i])
-        if not direct:
+        if own_rows:
             np.copyto(out, rows.reshape(out.shape))
         return out
 

@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from megatron.checkpointing.read_plan import FileBlocks, blocks_touched
+
 if TYPE_CHECKING:  # torch tensors are accepted, but the converter never imports torch
     import torch
 
 BLOCK_SIZE = 1 << 18  # small enough that a partial read verifies little more than it needs
 IOV_MAX = 1024  # buffers per writev call (the Linux limit)
-HASH_BATCH = 4 << 20  # bytes written before they are handed to a writer's hashing thread
+HASH_BATCH = 4 << 20  # default bytes written before they are handed to a writer's hashing thread
 WRITE_BEHIND = 64 << 20  # write_behind: bytes left to the page cache behind the newest
 
 
@@ -77,14 +79,16 @@ class SafetensorsWriter:
     while the caller goes on (reading, verifying and writing the next chunk), so that hashing
     what was written overlaps the rest. Only for data that stays unchanged until hashed (mapped
     input files, fresh arrays; ``after_hashed`` says when): a live tensor may change meanwhile.
+    Written data is handed over ``hash_batch`` bytes at a time, so that the writer holds up to
+    about three batches (filling, queued, hashing): give the caller's chunk size to bound that.
 
     ``write_behind``: the file's older bytes are handed to the disk while newer ones are written
     (``posix_fadvise(DONTNEED)`` starts their writeback, and drops them from the page cache once
     clean), so that the final fsync finds little left to write; for a file not read back soon."""
 
     def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None,
-                 hash_in_background: bool = False, write_behind: bool = False):
-        self.path = path
+                 hash_in_background: bool = False, write_behind: bool = False, hash_batch: int = HASH_BATCH):
+        self.path, self.hash_batch = path, hash_batch
         header: dict = {"__metadata__": metadata or {}}
         offset = 0
         self.order = []
@@ -131,7 +135,7 @@ class SafetensorsWriter:
             return
         self._batch.append(views)
         self._batch_bytes += sum(len(v) for v in views)
-        if self._batch_bytes >= HASH_BATCH:
+        if self._batch_bytes >= self.hash_batch:
             self._hand_over()
 
     def after_hashed(self, callback: Callable[[], None]) -> None:
@@ -404,15 +408,19 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.path} has no tensor {key!r}; the manifest and the file disagree")
         return self.header[key]
 
-    def read(self, key: str, start: int, end: int) -> np.ndarray:
-        """Elements [start, end) of the flattened fp32 tensor ``key`` (a read-only view)."""
+    def _f32_start(self, key: str) -> int:
+        """The file byte where fp32 tensor ``key`` starts (a tensor of another dtype is refused)."""
         e = self.entry(key)
         if e["dtype"] != "F32":
             raise CheckpointError(f"{self.path}: tensor {key} is {e['dtype']}, expected F32")
+        return self.data_start + e["data_offsets"][0]
+
+    def read(self, key: str, start: int, end: int) -> np.ndarray:
+        """Elements [start, end) of the flattened fp32 tensor ``key`` (a read-only view)."""
+        base = self._f32_start(key)
         if not 0 <= start <= end <= self.numel(key):
             raise CheckpointError(f"{self.path}: read [{start}, {end}) past tensor {key} of {self.numel(key)} elements")
-        lo = self.data_start + e["data_offsets"][0] + 4 * start
-        hi = self.data_start + e["data_offsets"][0] + 4 * end
+        lo, hi = base + 4 * start, base + 4 * end
         if self.router is not None:
             return self.router.read(self, lo, hi).view(np.float32)
         if hi > lo:
@@ -422,23 +430,21 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.path}: tensor {key} runs past the end of the file")
         return span
 
-    def read_runs(self, key: str, starts: np.ndarray, run: int) -> np.ndarray:
-        """Elements [s, s + run) of the flattened fp32 tensor ``key`` for every s of ``starts``,
-        as rows of a new array: many short runs (a column slice's rows) at a small cost each."""
-        e = self.entry(key)
-        if e["dtype"] != "F32":
-            raise CheckpointError(f"{self.path}: tensor {key} is {e['dtype']}, expected F32")
+    def read_runs(self, key: str, starts: np.ndarray, run: int, out: np.ndarray) -> None:
+        """Elements [s, s + run) of the flattened fp32 tensor ``key`` for every s of ``starts``
+        into the rows of ``out`` (float32, [len(starts), run], any strides): many short runs (a
+        column slice's rows) at a small cost each."""
+        base = self._f32_start(key)
         if len(starts) and (starts.min() < 0 or starts.max() + run > self.numel(key)):
             raise CheckpointError(f"{self.path}: runs of {run} from {starts.min()} to {starts.max()} go past tensor "
                                   f"{key} of {self.numel(key)} elements")
-        lo = self.data_start + e["data_offsets"][0] + 4 * starts
+        lo = base + 4 * starts
         if self.router is not None:
-            return self.router.read_runs(self, lo, 4 * run).view(np.float32)
+            self.router.read_runs(self, lo, 4 * run, out)
+            return
         self.verify_ranges(lo, lo + 4 * run)
-        out = np.empty((len(lo), 4 * run), dtype=np.uint8)
         for row, a in zip(out, lo.tolist()):
-            row[:] = self.mm[a:a + 4 * run]
-        return out.view(np.float32)
+            row[:] = self.mm[a:a + 4 * run].view(np.float32)
 
     def verify_ranges(self, lo: np.ndarray, hi: np.ndarray) -> None:
         """Verify every block that file bytes [lo[i], hi[i]) touch, for every non-empty range i."""
@@ -446,13 +452,8 @@ class SafetensorsReader:
         lo, hi = lo[keep], hi[keep]
         if not len(lo):
             return
-        bs = self.info.get("block_size", BLOCK_SIZE)
-        first, last = lo // bs, (hi - 1) // bs
-        if int((last - first).max()) <= 1:
-            wanted = np.union1d(first, last)
-        else:
-            wanted = np.unique(np.concatenate([np.arange(a, b + 1) for a, b in zip(first.tolist(), last.tolist())]))
-        self._verify_blocks(wanted.tolist())
+        blocks = FileBlocks(self.path, len(self.mm), self.info.get("block_size", BLOCK_SIZE))
+        self._verify_blocks(np.flatnonzero(blocks_touched(np.stack([lo, hi], axis=1), blocks)).tolist())
 
     def release(self, key: str, start: int, end: int) -> None:
         """Unmap the whole pages of elements [start, end) of ``key`` once they are copied out, so

@@ -178,7 +178,7 @@ class ParamGatherer:
     def __init__(self, overlap: bool = False, max_live: int = 0) -> None:
         self.overlap, self.max_live, self.live = overlap, max_live, 0
         self.units: list[Unit] = []
-        self.readers: dict[int, list[Unit]] = {}  # id(parameter) -> the units that read it
+        self.readers: dict[int, list[tuple[Unit, int]]] = {}  # id(parameter) -> (unit, its index there)
         self.pending: _Gather | None = None
         self.active = 0  # units gathered right now (more than one when nested)
         self.hits = self.dropped = 0  # prefetches used / waited and discarded
@@ -223,25 +223,20 @@ class ParamGatherer:
             self.live -= unit.numel
             unit.kept = None
 
-    def _whole_elsewhere(self, unit: Unit) -> dict[int, torch.Tensor]:
-        """The unit's parameters that another unit keeps whole (and valid), by index."""
+    def _whole_elsewhere(self, unit: Unit) -> tuple[dict[int, torch.Tensor], tuple[int, ...]]:
+        """The unit's parameters that another unit keeps whole (and valid), by index, and the
+        indices of the others: those a gather must bring."""
         values = {}
         for i, p in enumerate(unit.params):
-            for other in self.readers.get(id(p), []):
+            for other, j in self.readers.get(id(p), []):
                 if other is not unit and self._valid_kept(other) is not None:
-                    values[i] = other.kept.values[other.params.index(p)]
+                    values[i] = other.kept.values[j]
                     break
-        return values
-
-    def _missing(self, unit: Unit) -> tuple[int, ...]:
-        """The unit's parameters a gather must bring: those no other unit keeps whole."""
-        elsewhere = self._whole_elsewhere(unit)
-        return tuple(i for i in range(len(unit.params)) if i not in elsewhere)
+        return values, tuple(i for i in range(len(unit.params)) if i not in values)
 
     def _values(self, unit: Unit) -> list[torch.Tensor]:
         """Every parameter of ``unit`` whole: kept by another unit, else gathered."""
-        values = self._whole_elsewhere(unit)
-        missing = tuple(i for i in range(len(unit.params)) if i not in values)
+        values, missing = self._whole_elsewhere(unit)
         if missing:
             values.update(unit.assemble(self._take(unit, missing)))
         return [values[i] for i in range(len(unit.params))]
@@ -268,7 +263,7 @@ class ParamGatherer:
         while 0 <= index < len(self.units):
             unit = self.units[index]
             if not unit.nested and unit.params and self._valid_kept(unit) is None:
-                missing = self._missing(unit)
+                _, missing = self._whole_elsewhere(unit)
                 if missing:
                     self.pending = unit.start_gather(async_op=True, which=missing)
                     return
@@ -412,8 +407,8 @@ def partition_parameters(model: nn.Module, topo: Topology, optimizer: Distribute
         setattr(owner, method, _wrap(unit, getattr(owner, method), recompute))
         gatherer.units.append(unit)
     for unit in gatherer.units:
-        for p in unit.params:
-            gatherer.readers.setdefault(id(p), []).append(unit)
+        for j, p in enumerate(unit.params):
+            gatherer.readers.setdefault(id(p), []).append((unit, j))
     for p in named.values():
         optimizer.sum_before_reducing(p, len(gatherer.readers.get(id(p), [])))
     unused = sorted(names[i] for i in by_id if i not in covered)
