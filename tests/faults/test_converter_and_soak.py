@@ -68,16 +68,21 @@ SOAK_MODEL = os.environ.get("SOAK_MODEL", "--num-layers 2 --hidden-size 64 --num
 
 
 def _reader(folder: str, stop, result) -> None:
-    """Load whatever 'latest' names, over and over; record loads and any error."""
+    """Load whatever 'latest' names, over and over; record loads and any error. A checkpoint
+    that --keep-last-k removed while it was being read (the job saves every step, and two
+    saves can finish within one read) is gone, not damaged: that read is started again."""
     loads, errors = 0, []
     while not stop.is_set():
         if not os.path.exists(os.path.join(folder, "latest")):
             continue
+        path = None
         try:
             path = resolve_checkpoint(folder, universal=False)
             load_everything(folder, universal=False) if path else None
             loads += 1
         except CheckpointError as e:
+            if path is not None and not os.path.isdir(path):
+                continue
             errors.append(str(e))
     result.put((loads, errors))
 
