@@ -130,6 +130,39 @@ def test_spans_written_from_the_mapped_input_equal_the_assembled_chunks(wide_che
     assert direct.bytes_read == assembled.bytes_read <= source.total_bytes
 
 
+def test_converter_starts_every_storage_read_before_it_needs_the_bytes(wide_checkpoint, tmp_path,
+                                                                      monkeypatch) -> None:
+    """Each chunk's input ranges are handed to the kernel (MADV_WILLNEED) chunks ahead of their
+    reading, so that the disk reads while the CPU hashes and writes: every read lies in a range
+    prefetched before it, and the output is the same."""
+    asked: list[tuple[str, str, int, int]] = []
+    late: list[tuple[str, str, int, int]] = []
+    asked_at_first_read: list[int] = []
+    prefetch, read = SafetensorsReader.prefetch, SafetensorsReader.read
+
+    def recorded(self, key, start, end):
+        asked.append((self.path, key, start, end))
+        prefetch(self, key, start, end)
+
+    def checked(self, key, start, end):
+        if not asked_at_first_read:
+            asked_at_first_read.append(len(asked))
+        if end > start and not any(p == self.path and k == key and a <= start and end <= b
+                                   for p, k, a, b in list(asked)):
+            late.append((self.path, key, start, end))
+        return read(self, key, start, end)
+
+    plain = convert_to_universal(wide_checkpoint, str(tmp_path / "plain"), num_workers=2, progress=False,
+                                 chunk_bytes=256 << 10)
+    monkeypatch.setattr(SafetensorsReader, "prefetch", recorded)
+    monkeypatch.setattr(SafetensorsReader, "read", checked)
+    ahead = convert_to_universal(wide_checkpoint, str(tmp_path / "ahead"), num_workers=2, progress=False,
+                                 chunk_bytes=256 << 10)
+    assert asked and not late, late[:3]
+    assert asked_at_first_read[0] >= 2  # the first chunks are asked for before any is read
+    assert _files(plain.output) == _files(ahead.output)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_finite_check_finds_one_bad_value_anywhere(bad) -> None:
     from megatron.checkpointing.finite import all_finite

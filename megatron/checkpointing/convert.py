@@ -34,6 +34,7 @@ from megatron.progress import progress_bar
 
 REPLICA_POLICIES = ("first", "mean", "strict")
 CHUNK_BYTES = 256 << 20  # tensor data held at once by all workers together
+PREFETCH_CHUNKS = 2  # chunks whose storage reads are started ahead of the one being written
 
 
 @dataclass
@@ -232,10 +233,20 @@ def _write_file(reader: CheckpointReader, tmp: str, index: int, names: list[str]
 
 def _write_tensors(reader: CheckpointReader, writer: SafetensorsWriter, result: _FileResult, names: list[str],
                    states: tuple[str, ...], chunk_elements: int, policy: str, bar) -> _FileResult:
+    # The chunks in writing order; the storage reads of the chunk PREFETCH_CHUNKS ahead start
+    # while this one is verified, written and hashed, so that the disk never waits for the CPU.
+    work = [(n, s, box) for n in names for s in states for box in chunk_boxes(reader.canonical[n], chunk_elements)]
+    for ahead in work[:PREFETCH_CHUNKS]:
+        reader.prefetch(ahead[0], ahead[2], ahead[1])
+    at = 0
     for n in names:
         for s in states:
             writer.begin(f"{n}/{s}")
             for box in chunk_boxes(reader.canonical[n], chunk_elements):
+                if at + PREFETCH_CHUNKS < len(work):
+                    ahead = work[at + PREFETCH_CHUNKS]
+                    reader.prefetch(ahead[0], ahead[2], ahead[1])
+                at += 1
                 stored = stored_spans(reader, n, box, s)
                 if stored is not None:  # straight from the mapped input into the output file
                     writer.write_chunk(stored[0])

@@ -260,6 +260,19 @@ class CheckpointReader:
             np.copyto(out, rows.reshape(out.shape))
         return out
 
+    def prefetch(self, name: str, box: Box, state: str) -> None:
+        """Start reading from storage, in the background, the stored bytes that region ``box``
+        of canonical tensor ``name`` will be read from (every piece that overlaps it)."""
+        for holder, piece in self.by_canonical.get(name, []):
+            overlap = intersect(box, (piece.canonical_offsets, piece.sizes))
+            if overlap is None:
+                continue
+            lo, hi = box_flat_span(holder.local_shape, translate(overlap, piece.canonical_offsets, piece.local_offsets))
+            for f in holder.fragments:
+                a, b = max(lo, f.start), min(hi, f.end)
+                if a < b:
+                    self.file(f.file).prefetch(f"{f.key}/{state}", a - f.start, b - f.start)
+
     def check_fragment_sizes(self, holder: Holder, state: str, lo: int, hi: int) -> None:
         """Refuse a file whose tensor holding part of flat elements [lo, hi) of ``holder`` is not
         the size the manifest gives its fragment (before any of it is read through the fragment)."""
