@@ -200,7 +200,12 @@ def build_for_deepspeed(rank: int, world: int, argv: list[str]):
     # DeepSpeed joins the process group the caller made, but looks for torchrun's variables first.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
-    return build_trainer(argv)
+    trainer = build_trainer(argv)
+    # DeepSpeed's engine brings its own optimizer: ours (master weights, gradient buffers, Adam
+    # state; ~3 GiB a rank at 250M parameters) would only take memory.
+    trainer.optimizer.detach_from_model()
+    trainer.optimizer = None
+    return trainer
 
 
 def _adamw(modules: list[_Renamed], args: argparse.Namespace) -> torch.optim.AdamW:

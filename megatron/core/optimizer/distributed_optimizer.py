@@ -239,6 +239,7 @@ class DistributedOptimizer:
         self.overlapped_buckets = 0  # stages 2-3: reduce-scatters the last step's backward started
         self._contributions: dict[int, int] = {}  # stages 2-3: gradients per backward of a tied parameter
         self._held: dict[int, _HeldGrad] = {}  # their sum so far
+        self._grad_hooks: list = []  # handles of the hooks that take each parameter's gradient
         for g in self.groups:
             if g.main_grad_flat is not None:
                 offset = 0
@@ -251,8 +252,15 @@ class DistributedOptimizer:
                     self.launchers[g.index] = BucketLauncher(
                         g.main_grad_flat, g.params, self.cfg.bucket_numel, group,
                         lambda p, records=records: sum_row_partials(records[id(p)], self.main_grads[id(p)], self.topo))
-            for f, p, r in zip(g.fragments, g.params, g.records):
-                p.register_post_accumulate_grad_hook(self._make_hook(g, f, r))
+            self._grad_hooks += [p.register_post_accumulate_grad_hook(self._make_hook(g, f, r))
+                                 for f, p, r in zip(g.fragments, g.params, g.records)]
+
+    def detach_from_model(self) -> None:
+        """Stop taking the model's gradients (remove the hooks), so that another optimizer can
+        train the model and this one, no longer referenced by it, can be freed."""
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []
 
     def _make_hook(self, g: ParamGroup, f: Fragment, record):
         def hook(p: nn.Parameter) -> None:
