@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 
 from megatron.checkpointing.agree import as_checkpoint_error, raise_if_any_failed
-from megatron.checkpointing.read_plan import FileBlocks, assign_owners, merge_intervals, split_by_owner
+from megatron.checkpointing.read_plan import FileBlocks, assign_owners, block_runs, merge_intervals, split_by_owner
 from megatron.checkpointing.reader import CheckpointReader
-from megatron.checkpointing.safetensors_io import BLOCK_SIZE, CheckpointError, SafetensorsReader, SharedHeader
+from megatron.checkpointing.safetensors_io import (BLOCK_SIZE, CheckpointError, SafetensorsReader, SharedHeader,
+                                                   copy_runs)
 from megatron.core.parallel_state import Topology
 
 EXCHANGE_BUDGET = 128 << 20  # bytes a rank receives and fills per round: bounds the load's extra memory
@@ -49,7 +50,9 @@ class BlockRouter:
         self.owners: dict[str, np.ndarray] = {}
         self._cuts: dict[str, np.ndarray] = {}  # blocks where the owner changes
         self._block_sizes: dict[str, int] = {}
-        self.received: dict[str, tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = {}
+        self._split: dict[int, tuple[Needs, dict]] = {}  # needs cut by owner (segments), by id
+        self.received: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # starts, ends, offsets
+        self.buffer = np.zeros(0, dtype=np.uint8)  # this round's bytes from other ranks
         self._zeros = np.zeros(0, dtype=np.uint8)
 
     def set_owners(self, owners: dict[str, np.ndarray], block_sizes: dict[str, int]) -> None:
@@ -96,19 +99,26 @@ class BlockRouter:
         mine = whole & (owner[first] == self.rank)
         if mine.any():
             file.verify_ranges(lo[mine], lo[mine] + nbytes)
-            for i, a in zip(np.flatnonzero(mine).tolist(), lo[mine].tolist()):
-                out[i] = file.mm[a:a + nbytes].view(np.float32)
+            if mine.all():
+                copy_runs(file.mm, lo, nbytes, out)
+            else:
+                for i, a in zip(np.flatnonzero(mine).tolist(), lo[mine].tolist()):
+                    out[i] = file.mm[a:a + nbytes].view(np.float32)
         theirs = whole & ~mine
         if theirs.any():
-            starts, ends, parts = self.received.get(name, (np.zeros(0, np.int64), np.zeros(0, np.int64), []))
+            starts, ends, offsets = self.received.get(name, (np.zeros(0, np.int64),) * 3)
             k = np.searchsorted(starts, lo[theirs], side="right") - 1
             served = (k >= 0) & (lo[theirs] + nbytes <= ends[np.maximum(k, 0)]) if len(starts) else k >= 0
             if not served.all():
                 a = int(lo[theirs][~served][0])
                 raise _unserved(file, a, a + nbytes, int(owner[a // bs]))
-            first_byte = starts.tolist()
-            for i, a, j in zip(np.flatnonzero(theirs).tolist(), lo[theirs].tolist(), k.tolist()):
-                out[i] = parts[j][a - first_byte[j]:a - first_byte[j] + nbytes].view(np.float32)
+            at = offsets[k] + lo[theirs] - starts[k]  # where each run lies in the received bytes
+            if theirs.all():
+                copy_runs(self.buffer, at, nbytes, out)
+            else:
+                rows = np.empty((len(at), nbytes // 4), dtype=np.float32)
+                copy_runs(self.buffer, at, nbytes, rows)
+                out[np.flatnonzero(theirs)] = rows
         for i in np.flatnonzero(~whole).tolist():
             out[i] = self.read(file, int(lo[i]), int(lo[i]) + nbytes).view(np.float32)
 
@@ -118,43 +128,63 @@ class BlockRouter:
             return file.mm[a:b]
         got = self.received.get(name)
         if got is not None:
-            starts, ends, parts = got
+            starts, ends, offsets = got
             k = int(np.searchsorted(starts, a, side="right")) - 1
             if k >= 0 and b <= ends[k]:
-                return parts[k][a - starts[k]:b - starts[k]]
+                at = int(offsets[k] + a - starts[k])
+                return self.buffer[at:at + b - a]
         raise _unserved(file, a, b, owner)
 
     def segments(self, needs: Needs, src: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """The parts of ``needs`` whose blocks rank ``src`` owns: (file, starts, ends), in the
         order both the sender and the receiver lay them out."""
         out = []
-        for name in sorted(needs):
-            lo, hi, own = split_by_owner(needs[name], self.owners[name], self._block_sizes[name])
+        split = self._split.get(id(needs))
+        if split is None or split[0] is not needs:  # cut once per needs, for every owner
+            split = self._split[id(needs)] = (needs, {name: split_by_owner(needs[name], self.owners[name],
+                                                                          self._block_sizes[name])
+                                                      for name in sorted(needs)})
+        for name, (lo, hi, own) in split[1].items():
             keep = own == src
             if keep.any():
                 out.append((name, lo[keep], hi[keep]))
         return out
 
-    def pack(self, files: dict[str, SafetensorsReader], needs: Needs) -> np.ndarray:
-        """This rank's blocks' bytes that ``needs`` asks for, verified, in ``segments`` order."""
-        parts, segments = [], self.segments(needs, self.rank)
+    def pack(self, files: dict[str, SafetensorsReader], needs: Needs, out: np.ndarray) -> np.ndarray:
+        """This rank's blocks' bytes that ``needs`` asks for, verified, in ``segments`` order,
+        copied into the start of ``out`` (uint8, large enough: ``packed_size``); returns that part."""
+        at, segments = 0, self.segments(needs, self.rank)
         for name, starts, ends in segments:
             f = files[name]
             f.verify_ranges(starts, ends)
-            parts += [f.mm[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
-        out = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                out[at:at + b - a] = f.mm[a:b]
+                at += b - a
         for name, starts, ends in segments:
             if len(starts):  # copied out: keep only what is still needed mapped
                 files[name].release_bytes(int(starts.min()), int(ends.max()))
-        return out
+        return out[:at]
 
-    def receive(self, pieces: dict[str, list[tuple[int, int, np.ndarray]]]) -> None:
-        """This round's bytes from other ranks, by file: (start, end, bytes)."""
-        self.received = {}
+    def packed_size(self, needs: Needs, src: int) -> int:
+        """Bytes of ``needs`` whose blocks rank ``src`` owns."""
+        return int(sum((e - s).sum() for _, s, e in self.segments(needs, src)))
+
+    def prefetch(self, files: dict[str, SafetensorsReader], needs: Sequence[Needs]) -> None:
+        """Start reading from storage, in the background, the blocks of this rank's that
+        ``needs`` (every rank's, for one round) ask for: whole blocks, which verification reads."""
+        for each in needs:
+            for name, starts, ends in self.segments(each, self.rank):
+                for a, b in block_runs(starts, ends, self._block_sizes[name]):
+                    files[name].prefetch_bytes(a, b)
+
+    def receive(self, buffer: np.ndarray, pieces: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]) -> None:
+        """This round's bytes from other ranks: ``buffer``, and by file the file ranges [starts,
+        ends) it holds with the ``offsets`` in ``buffer`` where they begin (arrays, by source)."""
+        self.buffer, self.received, self._split = buffer, {}, {}
         for name, got in pieces.items():
-            got.sort(key=lambda p: p[0])
-            self.received[name] = (np.array([p[0] for p in got], dtype=np.int64),
-                                   np.array([p[1] for p in got], dtype=np.int64), [p[2] for p in got])
+            starts, ends, offsets = (np.concatenate([g[i] for g in got]) for i in range(3))
+            order = np.argsort(starts, kind="stable")
+            self.received[name] = (starts[order], ends[order], offsets[order])
 
 
 def _unserved(file: SafetensorsReader, a: int, b: int, owner: int) -> RuntimeError:
@@ -215,22 +245,46 @@ def _rounds(per_item: list[list[tuple[str, int, int]]], budget: int) -> tuple[li
     return rounds, [{n: merge_intervals(np.array(v)) for n, v in r.items()} for r in raw]
 
 
-def _transfer(sends: dict[int, np.ndarray], sizes: dict[int, int], device: torch.device) -> dict[int, np.ndarray]:
-    """One batch_isend_irecv: ``sends`` by destination, receives of ``sizes`` bytes by source."""
-    ops, keep, recvs = [], [], {}
+class _Staging:
+    """The send and receive buffers of the rounds, allocated once and reused (fresh memory each
+    round costs its page faults and zeroing again)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.send = np.zeros(0, dtype=np.uint8)
+        self.recv = torch.zeros(0, dtype=torch.uint8, device=device)
+
+    def send_buffer(self, nbytes: int) -> np.ndarray:
+        if len(self.send) < nbytes:
+            self.send = np.empty(nbytes, dtype=np.uint8)
+        return self.send
+
+    def recv_buffer(self, nbytes: int) -> torch.Tensor:
+        if self.recv.numel() < nbytes:
+            self.recv = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self.recv
+
+
+def _transfer(sends: dict[int, np.ndarray], sizes: dict[int, int], staging: _Staging) -> np.ndarray:
+    """One batch_isend_irecv: ``sends`` by destination, receives of ``sizes`` bytes by source.
+    Returns the bytes received, source after source in rank order (a view of the staging
+    buffer on the CPU: valid until the next transfer)."""
+    ops, keep = [], []
     for dst, buf in sorted(sends.items()):
         if len(buf):
-            t = torch.from_numpy(buf).to(device)
+            t = torch.from_numpy(buf).to(staging.device)
             keep.append(t)
             ops.append(dist.P2POp(dist.isend, t, dst))
+    total = sum(sizes.values())
+    buffer, at = staging.recv_buffer(total), 0
     for src, size in sorted(sizes.items()):
         if size:
-            recvs[src] = torch.empty(size, dtype=torch.uint8, device=device)
-            ops.append(dist.P2POp(dist.irecv, recvs[src], src))
+            ops.append(dist.P2POp(dist.irecv, buffer[at:at + size], src))
+            at += size
     if ops:
         for request in dist.batch_isend_irecv(ops):
             request.wait()
-    return {src: t.cpu().numpy() for src, t in recvs.items()}
+    return buffer[:total].cpu().numpy()
 
 
 def planned_fill(reader: CheckpointReader, items: Sequence[T], fill: Callable[[T], None], topo: Topology,
@@ -280,34 +334,47 @@ def _run(reader: CheckpointReader, router: BlockRouter, items: Sequence[T], fill
                for n in names if any(n in r for r in rounds)} for rounds in everyone]
     router.set_owners(assign_owners(blocks, totals, pinned), {b.name: b.block_size for b in blocks})
     received, error = 0, None
-    for r in range(max(len(rounds) for rounds in everyone)):
+    staging = _Staging(topo.device)
+    rounds = max(len(each) for each in everyone)
+
+    def round_needs(r: int) -> list[Needs]:
+        return [each[r] for each in everyone if r < len(each)]
+
+    router.prefetch(files, round_needs(0))
+    for r in range(rounds):
+        # The disk reads the next round's blocks while this one is verified, sent and filled.
+        router.prefetch(files, round_needs(r + 1))
         sends: dict[int, np.ndarray] = {}
         if error is None:
             try:
-                sends = {dst: router.pack(files, everyone[dst][r]) for dst in range(world)
-                         if dst != rank and r < len(everyone[dst])}
+                targets = [dst for dst in range(world) if dst != rank and r < len(everyone[dst])]
+                sizes = [router.packed_size(everyone[dst][r], rank) for dst in targets]
+                buffer, at = staging.send_buffer(sum(sizes)), 0
+                for dst, size in zip(targets, sizes):
+                    sends[dst] = router.pack(files, everyone[dst][r], buffer[at:at + size])
+                    at += size
             except (OSError, CheckpointError) as e:
                 error = as_checkpoint_error(e, what)
         raise_if_any_failed(error)  # a corrupted block stops every rank here, before the transfer
         layout = {src: router.segments(needs[r], src) for src in range(world) if src != rank} if r < len(needs) else {}
         sizes = {src: int(sum((e - s).sum() for _, s, e in segs)) for src, segs in layout.items()}
-        got = _transfer(sends, sizes, topo.device)
-        pieces: dict[str, list[tuple[int, int, np.ndarray]]] = {}
-        for src, segs in layout.items():
-            at = 0
-            for name, starts, ends in segs:
-                for a, b in zip(starts.tolist(), ends.tolist()):
-                    pieces.setdefault(name, []).append((a, b, got[src][at:at + b - a]))
-                    at += b - a
+        got = _transfer(sends, sizes, staging)
+        pieces: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        at = 0
+        for src in sorted(layout):  # the order _transfer laid the sources out in
+            for name, starts, ends in layout[src]:
+                lengths = ends - starts
+                pieces.setdefault(name, []).append((starts, ends, at + np.cumsum(lengths) - lengths))
+                at += int(lengths.sum())
         received += sum(sizes.values())
-        router.receive(pieces)
+        router.receive(got, pieces)
         try:
             for i in mine[r] if r < len(mine) else []:
                 fill(items[i])
                 on_filled()
         except (OSError, CheckpointError) as e:
             error = as_checkpoint_error(e, what)
-    router.receive({})
+    router.receive(np.zeros(0, dtype=np.uint8), {})
     if error is not None:
         raise error  # load_checkpoint agrees on it with the other ranks
     return received

@@ -51,20 +51,29 @@ class Loaded:
 
 def fill_fragment(reader: CheckpointReader, param: nn.Parameter, start: int, end: int, state: str,
                   dest: torch.Tensor) -> None:
-    """Fill ``dest`` (the flat elements [start, end) of ``param``) with ``state`` from the checkpoint."""
-    dest.zero_()
+    """Fill ``dest`` (the flat elements [start, end) of ``param``) with ``state`` from the checkpoint:
+    each piece's region straight into its place in ``dest`` on the CPU; elements no piece covers
+    (vocabulary padding) are zero."""
     record = sharding_of(param)
     shape = tuple(record.local_shape)  # under ZeRO-3 the parameter itself is empty here
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    parts = []  # (canonical tensor, its region, the region's box in dest's flat elements)
     for box in flat_range_boxes(shape, start, end):
         for piece in record.piece_map.pieces:
             overlap = intersect(box, (piece.local_offsets, piece.sizes))
-            if overlap is None:
-                continue
-            region = translate(overlap, piece.local_offsets, piece.canonical_offsets)
-            values = reader.read_region(piece.canonical, region, state)
-            origin = sum(o * s for o, s in zip(overlap[0], strides)) - start
-            dest.as_strided(overlap[1], strides, dest.storage_offset() + origin).copy_(values)
+            if overlap is not None:
+                origin = sum(o * s for o, s in zip(overlap[0], strides)) - start
+                parts.append((piece.canonical, translate(overlap, piece.local_offsets, piece.canonical_offsets),
+                              overlap[1], origin))
+    if sum(math.prod(sizes) for _, _, sizes, _ in parts) < end - start:
+        dest.zero_()
+    on_host = dest.device.type == "cpu" and dest.dtype == torch.float32
+    for name, region, sizes, origin in parts:
+        view = dest.as_strided(sizes, strides, dest.storage_offset() + origin)
+        if on_host:
+            reader.read_region_array(name, region, state, out=view.numpy())
+        else:
+            view.copy_(reader.read_region(name, region, state))
 
 
 def load_checkpoint(load_dir: str, model: nn.Module, optimizer: DistributedOptimizer, topo: Topology,

@@ -109,10 +109,25 @@ def split_by_owner(intervals: np.ndarray, owner: np.ndarray, block_size: int) ->
     if len(iv) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty
-    changes = np.flatnonzero(owner[1:] != owner[:-1]) + 1
-    points = np.unique(np.concatenate((iv.ravel(), changes * block_size)))
+    changes = (np.flatnonzero(owner[1:] != owner[:-1]) + 1) * block_size
+    changes = changes[(changes > iv[0, 0]) & (changes < iv[-1, 1])]  # only those inside the intervals
+    points = np.sort(np.concatenate((iv.ravel(), changes)))
+    points = points[np.concatenate(([True], points[1:] != points[:-1]))]
     lo, hi = points[:-1], points[1:]
     index = np.searchsorted(iv[:, 0], lo, side="right") - 1
     inside = (index >= 0) & (lo < iv[np.maximum(index, 0), 1])
     lo, hi = lo[inside], hi[inside]
     return lo, hi, owner[lo // block_size]
+
+
+def block_runs(starts: np.ndarray, ends: np.ndarray, block_size: int) -> list[tuple[int, int]]:
+    """The byte ranges of the whole blocks that sorted disjoint intervals [starts, ends) touch,
+    consecutive blocks as one range."""
+    if not len(starts):
+        return []
+    first, last = starts // block_size, (ends - 1) // block_size
+    reach = np.maximum.accumulate(last)
+    new = np.concatenate(([True], first[1:] > reach[:-1] + 1))
+    heads = np.flatnonzero(new)
+    tails = np.concatenate((heads[1:] - 1, [len(first) - 1]))
+    return [(a * block_size, (b + 1) * block_size) for a, b in zip(first[heads].tolist(), reach[tails].tolist())]

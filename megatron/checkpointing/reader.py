@@ -312,12 +312,14 @@ class CheckpointReader:
 
         return torch.from_numpy(self.read_region_array(name, box, state))
 
-    def read_region_array(self, name: str, box: Box, state: str) -> np.ndarray:
-        """``read_region`` as a float32 array, for readers that do without torch (the converter)."""
+    def read_region_array(self, name: str, box: Box, state: str, out: np.ndarray | None = None) -> np.ndarray:
+        """``read_region`` as a float32 array, for readers that do without torch (the converter);
+        into ``out`` (a float32 array of the box's shape, any strides: say a view of the tensor
+        being loaded) when given, so that the values are copied once, from the file to there."""
         if name not in self.canonical:
             raise CheckpointError(f"{self.path} has no tensor {name!r}: the checkpoint is of another model "
                                   f"(check --num-layers, --swiglu, --untie-embeddings-and-output-weights, ...)")
-        out = np.empty(box[1], dtype=np.float32)
+        out = np.empty(box[1], dtype=np.float32) if out is None else out
         covered = 0
         for holder, piece in self.by_canonical.get(name, []):
             if not piece.owner:
