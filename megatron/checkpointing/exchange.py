@@ -41,7 +41,7 @@ def _block_size(f: SafetensorsReader) -> int:
 
 class BlockRouter:
     """What ``SafetensorsReader.read`` does on a planned load: record the byte ranges asked for
-    (planning; zeros are returned), or serve them: blocks this rank owns are verified and read
+    (planning: nothing is read, the values are left as they are), or serve them: blocks this rank owns are verified and read
     from the file, the others come from the bytes their owners sent this round."""
 
     def __init__(self, rank: int) -> None:
@@ -53,34 +53,39 @@ class BlockRouter:
         self._split: dict[int, tuple[Needs, dict]] = {}  # needs cut by owner (segments), by id
         self.received: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # starts, ends, offsets
         self.buffer = np.zeros(0, dtype=np.uint8)  # this round's bytes from other ranks
-        self._zeros = np.zeros(0, dtype=np.uint8)
 
     def set_owners(self, owners: dict[str, np.ndarray], block_sizes: dict[str, int]) -> None:
         self.owners, self._block_sizes = owners, block_sizes
         self._cuts = {n: np.flatnonzero(o[1:] != o[:-1]) + 1 for n, o in owners.items()}
 
     def read(self, file: SafetensorsReader, lo: int, hi: int) -> np.ndarray:
-        """File bytes [lo, hi) as uint8."""
+        """File bytes [lo, hi) as uint8 (a view where one rank owns them all)."""
+        if self.recording is None and hi > lo:
+            owner, bs = self.owners[os.path.basename(file.path)], _block_size(file)
+            first, last = lo // bs, (hi - 1) // bs
+            if first == last or (owner[first:last + 1] == owner[first]).all():
+                return self._segment(file, os.path.basename(file.path), int(owner[first]), lo, hi)
+        out = np.zeros(max(hi - lo, 0), dtype=np.uint8)
+        self.read_into(file, lo, hi, out)
+        return out
+
+    def read_into(self, file: SafetensorsReader, lo: int, hi: int, out: np.ndarray | None) -> None:
+        """File bytes [lo, hi) into ``out`` (uint8, contiguous), segment by owner; while
+        recording, nothing is written (``out`` may be None)."""
         name = os.path.basename(file.path)
         if self.recording is not None:
             if hi > lo:
                 self.recording.append((name, lo, hi))
-            if len(self._zeros) < hi - lo:
-                self._zeros = np.zeros(hi - lo, dtype=np.uint8)
-            return self._zeros[:max(hi - lo, 0)]
+            return
         if hi <= lo:
-            return file.mm[lo:lo]
+            return
         owner, bs = self.owners[name], _block_size(file)
         first, last = lo // bs, (hi - 1) // bs
-        if first == last or (owner[first:last + 1] == owner[first]).all():
-            return self._segment(file, name, int(owner[first]), lo, hi)
         cuts = self._cuts[name]
         inner = cuts[np.searchsorted(cuts, first + 1):np.searchsorted(cuts, last, side="right")] * bs
         points = [lo, *inner.tolist(), hi]
-        out = np.empty(hi - lo, dtype=np.uint8)
         for a, b in zip(points, points[1:]):
             out[a - lo:b - lo] = self._segment(file, name, int(owner[a // bs]), a, b)
-        return out
 
     def read_runs(self, file: SafetensorsReader, lo: np.ndarray, nbytes: int, out: np.ndarray) -> None:
         """File bytes [a, a + nbytes) for every a of ``lo`` into the rows of ``out`` (float32):
@@ -89,7 +94,6 @@ class BlockRouter:
         if self.recording is not None:
             if nbytes > 0:
                 self.recording.extend((name, a, a + nbytes) for a in lo.tolist())
-            out[...] = 0
             return
         if not len(lo) or nbytes <= 0:
             return

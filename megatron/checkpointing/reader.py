@@ -293,15 +293,11 @@ class CheckpointReader:
                                   f"{holder.pieces[0].canonical if holder.pieces else '?'} are missing "
                                   f"({missing} not found in any rank file): a rank file is missing "
                                   f"or {MANIFEST} is inconsistent")
-        flat = target.reshape(-1) if len(parts) > 1 and target.flags.c_contiguous else None
-        span = np.empty(hi - lo, dtype=np.float32) if len(parts) > 1 and flat is None else flat
+        flat = target.reshape(-1) if target.flags.c_contiguous else None  # a view: filled in place
+        span = flat if flat is not None or len(parts) == 1 else np.empty(hi - lo, dtype=np.float32)
         for f, a, b in parts:
             key, file = f"{f.key}/{state}", self.file(f.file)
-            values = file.read(key, a - f.start, b - f.start)
-            if span is None:  # one fragment: straight from the mapped file
-                np.copyto(target, values.reshape(target.shape))
-            else:
-                span[a - lo:b - lo] = values
+            file.read_into(key, a - f.start, b - f.start, target if span is None else span[a - lo:b - lo])
             file.release(key, a - f.start, b - f.start)
         if span is not None and flat is None:
             np.copyto(target, span.reshape(target.shape))

@@ -445,6 +445,18 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.path}: tensor {key} runs past the end of the file")
         return span
 
+    def read_into(self, key: str, start: int, end: int, out: np.ndarray) -> None:
+        """``read`` copied into ``out`` (float32, end - start elements, any shape and strides)."""
+        if self.router is None or not (out.flags.c_contiguous or self.router.recording is not None):
+            np.copyto(out, self.read(key, start, end).reshape(out.shape))
+            return
+        base = self._f32_start(key)
+        if not 0 <= start <= end <= self.numel(key):
+            raise CheckpointError(f"{self.path}: read [{start}, {end}) past tensor {key} of {self.numel(key)} elements")
+        # Straight into ``out`` (a recording walk only notes the range)
+        self.router.read_into(self, base + 4 * start, base + 4 * end,
+                              out.reshape(-1).view(np.uint8) if out.flags.c_contiguous else None)
+
     def read_runs(self, key: str, starts: np.ndarray, run: int, out: np.ndarray) -> None:
         """Elements [s, s + run) of the flattened fp32 tensor ``key`` for every s of ``starts``
         into the rows of ``out`` (float32, [len(starts), run], any strides): many short runs (a
