@@ -47,8 +47,35 @@ def all_gather_flat(out: torch.Tensor, shard: torch.Tensor, group, async_op: boo
     if group_size(group) == 1:
         out.copy_(shard)
         return None if async_op else out
+    if dist.get_backend(group) == "gloo":
+        work = _gather_by_broadcasts(out, shard.contiguous(), group)
+        if not async_op:
+            work.wait()
+        return work if async_op else out
     work = dist.all_gather_into_tensor(out, shard.contiguous(), group=group, async_op=async_op)
     return work if async_op else out
+
+
+class _Works:
+    """Several collectives' work handles waited as one."""
+
+    def __init__(self, works: list) -> None:
+        self.works = works
+
+    def wait(self) -> bool:
+        for work in self.works:
+            work.wait()
+        return True
+
+
+def _gather_by_broadcasts(out: torch.Tensor, shard: torch.Tensor, group) -> _Works:
+    """``all_gather_flat`` on gloo as one broadcast per rank into its slice of ``out``: gloo's
+    all-gather moves the same bytes 3-4x slower (1 GiB over 4 CPU ranks here: 2.8 s against
+    0.95 s; over 2 ranks 1.37 s against 0.32 s; benchmarks/gloo_collectives.py)."""
+    n, me = shard.numel(), dist.get_rank(group)
+    out[me * n:(me + 1) * n].copy_(shard)
+    return _Works([dist.broadcast(out[r * n:(r + 1) * n], src=dist.get_global_rank(group, r), group=group,
+                                  async_op=True) for r in range(dist.get_world_size(group))])
 
 
 def reduce_scatter_flat(out: torch.Tensor, full: torch.Tensor, group) -> torch.Tensor:
