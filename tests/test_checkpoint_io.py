@@ -14,7 +14,7 @@ import torch
 
 from megatron.checkpointing import CheckpointReader, convert_to_universal, safetensors_io
 from megatron.checkpointing.reader import STATES
-from megatron.checkpointing.safetensors_io import BLOCK_SIZE, SafetensorsReader, SafetensorsWriter
+from megatron.checkpointing.safetensors_io import BLOCK_SIZE, SafetensorsReader, SafetensorsWriter, copy_runs
 from megatron.checkpointing.universal_writer import CanonicalEntry, write_universal
 from megatron.testing.training import TINY_GPT, train_losses
 
@@ -161,6 +161,22 @@ def test_converter_starts_every_storage_read_before_it_needs_the_bytes(wide_chec
     assert asked and not late, late[:3]
     assert asked_at_first_read[0] >= 2  # the first chunks are asked for before any is read
     assert _files(plain.output) == _files(ahead.output)
+
+
+@pytest.mark.parametrize("starts", [[0, 40, 80, 120], [8, 48, 96, 100], [12], [], [64, 64]])
+@pytest.mark.parametrize("strided_out", [False, True])
+def test_copy_runs_equals_copying_run_by_run(starts, strided_out) -> None:
+    """Evenly spaced runs (a column slice's rows) go in one strided copy, others run by run;
+    into rows of any strides (a column block of the tensor being loaded)."""
+    data = np.arange(64, dtype=np.float32).view(np.uint8)
+    lo, nbytes = np.array(starts, dtype=np.int64), 16
+    whole = np.full((len(starts), 4 * (3 if strided_out else 1)), -1.0, dtype=np.float32)
+    out = whole[:, 4:8] if strided_out else whole
+    copy_runs(data, lo, nbytes, out)
+    expected = [data[a:a + nbytes].view(np.float32) for a in starts]
+    assert np.array_equal(out, np.stack(expected) if starts else out)
+    if strided_out:
+        assert (whole[:, :4] == -1).all() and (whole[:, 8:] == -1).all()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

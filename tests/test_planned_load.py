@@ -9,7 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from megatron.checkpointing.read_plan import FileBlocks, assign_owners, blocks_touched, merge_intervals, split_by_owner
+from megatron.checkpointing.read_plan import (FileBlocks, assign_owners, block_runs, blocks_touched, merge_intervals,
+                                              split_by_owner)
 from megatron.core.pieces import box_runs
 from megatron.testing.distributed import run_distributed
 from megatron.testing.training import train_losses
@@ -63,6 +64,20 @@ def test_blocks_touched_by_strided_runs_match_a_brute_force_count() -> None:
         expected[lo // BS:(hi - 1) // BS + 1] = True
     assert np.array_equal(blocks_touched(runs, f), expected)
     assert 0 < expected.sum() < f.nblocks  # the strided runs touch some blocks, not all
+
+
+def test_block_runs_are_the_touched_blocks_joined_where_consecutive() -> None:
+    """What a planned load prefetches: the whole blocks its reads verify, one range per run."""
+    f = FileBlocks("f", 40 * BS + 100, BS)
+    runs = merge_intervals(np.concatenate(_column_slices(300, 4096, 4, 12345)[1:3] + [np.array([[30 * BS + 7, 33 * BS]])]))
+    got = block_runs(runs[:, 0], runs[:, 1], BS)
+    touched = np.zeros(f.nblocks, dtype=bool)
+    for a, b in got:
+        assert a % BS == 0 and b % BS == 0 and a < b
+        touched[a // BS:b // BS] = True
+    assert np.array_equal(touched, blocks_touched(runs, f))
+    assert all(b < c for (_, b), (c, _) in zip(got, got[1:]))  # disjoint, not touching: joined
+    assert block_runs(np.zeros(0, np.int64), np.zeros(0, np.int64), BS) == []
 
 
 def test_every_needed_block_has_exactly_one_owner_and_reads_balance() -> None:

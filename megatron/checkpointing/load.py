@@ -30,10 +30,13 @@ from megatron.checkpointing.reader import STATES, WEIGHTS_ONLY, CheckpointReader
 from megatron.checkpointing.safetensors_io import CheckpointError
 from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import Topology
-from megatron.core.pieces import flat_range_boxes, intersect, translate
+from megatron.core.pieces import Box, flat_range_boxes, intersect, translate
 from megatron.core.rng import set_rng_state
 from megatron.core.sharding import sharding_of
 from megatron.progress import progress_bar
+
+
+PREFETCH_ITEMS = 2  # fragments whose storage reads a rank reading its own bytes starts ahead
 
 
 @dataclass
@@ -49,26 +52,35 @@ class Loaded:
     from_peers: int = 0  # bytes other ranks read and sent to this one (planned load)
 
 
-def fill_fragment(reader: CheckpointReader, param: nn.Parameter, start: int, end: int, state: str,
-                  dest: torch.Tensor) -> None:
-    """Fill ``dest`` (the flat elements [start, end) of ``param``) with ``state`` from the checkpoint:
-    each piece's region straight into its place in ``dest`` on the CPU; elements no piece covers
-    (vocabulary padding) are zero."""
+def _fragment_regions(param: nn.Parameter, start: int, end: int) -> list[tuple[str, Box, tuple[int, ...], int]]:
+    """Where flat elements [start, end) of ``param`` come from: (canonical tensor, its region, the
+    region's sizes, its first element's offset from ``start``) for every piece they overlap."""
     record = sharding_of(param)
     shape = tuple(record.local_shape)  # under ZeRO-3 the parameter itself is empty here
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-    parts = []  # (canonical tensor, its region, the region's box in dest's flat elements)
+    regions = []
     for box in flat_range_boxes(shape, start, end):
         for piece in record.piece_map.pieces:
             overlap = intersect(box, (piece.local_offsets, piece.sizes))
             if overlap is not None:
                 origin = sum(o * s for o, s in zip(overlap[0], strides)) - start
-                parts.append((piece.canonical, translate(overlap, piece.local_offsets, piece.canonical_offsets),
-                              overlap[1], origin))
-    if sum(math.prod(sizes) for _, _, sizes, _ in parts) < end - start:
+                regions.append((piece.canonical, translate(overlap, piece.local_offsets, piece.canonical_offsets),
+                                overlap[1], origin))
+    return regions
+
+
+def fill_fragment(reader: CheckpointReader, param: nn.Parameter, start: int, end: int, state: str,
+                  dest: torch.Tensor) -> None:
+    """Fill ``dest`` (the flat elements [start, end) of ``param``) with ``state`` from the checkpoint:
+    each piece's region straight into its place in ``dest`` on the CPU; elements no piece covers
+    (vocabulary padding) are zero."""
+    shape = tuple(sharding_of(param).local_shape)
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    regions = _fragment_regions(param, start, end)
+    if sum(math.prod(sizes) for _, _, sizes, _ in regions) < end - start:
         dest.zero_()
     on_host = dest.device.type == "cpu" and dest.dtype == torch.float32
-    for name, region, sizes, origin in parts:
+    for name, region, sizes, origin in regions:
         view = dest.as_strided(sizes, strides, dest.storage_offset() + origin)
         if on_host:
             reader.read_region_array(name, region, state, out=view.numpy())
@@ -172,11 +184,23 @@ def _read_into_fragments(path: str, model: nn.Module, optimizer: DistributedOpti
             raise CheckpointError(f"{path}: {f.name} ({s}) holds NaN or Inf values in the checkpoint: "
                                   f"training had diverged when it was saved; load an earlier checkpoint")
 
+    def prefetch(item: tuple) -> None:  # start the storage reads of what fill(item) will read
+        f, s = item
+        if f.name in stored and f.end > f.start:
+            reader.prefetch_stored(stored[f.name].get("stored_by", topo.rank), f.name, s, f.start, f.end)
+        else:
+            for name, region, _, _ in _fragment_regions(params[f.name], f.start, f.end):
+                reader.prefetch(name, region, s)
+
     from_peers = 0
     if planned and not same_files:
         from_peers = planned_fill(reader, items, fill, topo, on_filled=lambda: bar.update(1))
     else:
-        for item in items:
+        for ahead in items[:PREFETCH_ITEMS]:
+            prefetch(ahead)
+        for i, item in enumerate(items):
+            if i + PREFETCH_ITEMS < len(items):  # the disk reads ahead while this item is verified and copied
+                prefetch(items[i + PREFETCH_ITEMS])
             fill(item)
             bar.update(1)
     bar.close()

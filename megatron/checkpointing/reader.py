@@ -152,10 +152,21 @@ class CheckpointReader:
 
     def read_stored(self, rank: int, local_name: str, state: str, start: int, end: int) -> np.ndarray:
         """Flat elements [start, end) of ``local_name`` as rank ``rank`` stored them (same layout)."""
+        file, first = self._stored(rank, local_name, start, end)
+        return file.read(f"{local_name}/{state}", start - first, end - first)
+
+    def prefetch_stored(self, rank: int, local_name: str, state: str, start: int, end: int) -> None:
+        """Start reading what ``read_stored`` of the same arguments will read (see ``prefetch``)."""
+        file, first = self._stored(rank, local_name, start, end)
+        file.prefetch(f"{local_name}/{state}", start - first, end - first)
+
+    def _stored(self, rank: int, local_name: str, start: int, end: int) -> tuple[SafetensorsReader, int]:
+        """The file holding rank ``rank``'s stored elements [start, end) of ``local_name``, and the
+        first element of its fragment there."""
         source = self.source_of_rank(rank)
         for a, b in self.source_params(source)[local_name]["fragments"]:
             if a <= start and end <= b:
-                return self.file(source["file"]).read(f"{local_name}/{state}", start - a, end - a)
+                return self.file(source["file"]), a
         raise CheckpointError(f"{self.path}: rank {rank} did not store elements [{start}, {end}) of {local_name}")
 
     @property

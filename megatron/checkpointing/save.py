@@ -90,10 +90,17 @@ def write_rank_state(folder: str, rs: RankState) -> tuple[dict, int]:
     small manifest entry and the bytes written."""
     stem = f"rank_{rs.rank:05d}"
     file, table_file = f"{stem}.safetensors", f"{stem}.json"
-    writer = SafetensorsWriter(os.path.join(folder, file), rs.entries, {"rank": str(rs.rank)})
-    for (key, _), tensor in zip(rs.entries, rs.tensors):
-        writer.write(key, tensor)
-    info = writer.close()
+    # The tensors stay unchanged until close() returns (training waits for a synchronous save;
+    # an asynchronous one writes from its own copies), so hashing can trail the writes in the
+    # writer's own thread, and writeback can start before the final fsync.
+    writer = SafetensorsWriter(os.path.join(folder, file), rs.entries, {"rank": str(rs.rank)},
+                               hash_in_background=True, write_behind=True)
+    try:
+        for (key, _), tensor in zip(rs.entries, rs.tensors):
+            writer.write(key, tensor)
+        info = writer.close()
+    finally:
+        writer.stop_hashing()  # also when a write failed: the hashing thread ends with the writer
     table = json.dumps({"rank": rs.rank, "coords": rs.coords, "params": rs.params, "rng": rs.rng}, indent=1)
     write_atomic(os.path.join(folder, table_file), table)
     return ({"file": file, "file_info": info.to_json(), "rank": rs.rank, "coords": rs.coords,
