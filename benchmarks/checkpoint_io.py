@@ -423,7 +423,7 @@ def main() -> None:
     shutil.rmtree(dp2 + "_copy")
     rows.append(("cp -r + sync, TP1 DP2", f"{cp_dp2:.2f}", f"{cp_dp2 / cp_s:.2f}", f"{folder_bytes(dp2) / MIB:.0f} MiB",
                  _load_average()))
-    dp2_rows = convert_rows(dp2, "TP1 DP2", [2], cp_dp2)
+    dp2_rows = convert_rows(dp2, "TP1 DP2", [2, 4], cp_dp2)
     rows += [(n, s, f"{r} x cp TP1 DP2", m, _load_average()) for n, s, r, m in dp2_rows]
     rows.append(ds_to_universal_row(deepspeed, min(float(r[1]) for r in dp2_rows), cp_dp2) + (_load_average(),))
     bf16 = os.path.join(a.workdir, "bf16_tp1dp2")
