@@ -16,8 +16,9 @@
    same-layout load of the source and of the target layout (a checkpoint saved in the target
    layout, loaded there: the resume a resharded load replaces), bytes read in all against the checkpoint's, the largest rank's reads
    against an equal share, bytes sent between ranks, and peak RSS (--loads-only: just these);
-5. times a synchronous save of the TP2 DP2 state, torch.distributed.checkpoint.save of the same
-   tensors, two --async-save saves and two DCP async_save saves: blocking and total.
+5. times a synchronous save of the TP2 DP2 state and torch.distributed.checkpoint.save of the same
+   tensors (twice each, interleaved), two --async-save saves and two DCP async_save saves:
+   blocking and total.
 
 Before every timed read the checkpoint files' pages are dropped from the page cache with
 posix_fadvise(DONTNEED) (only those files: the machine is shared, so the global cache is
@@ -195,14 +196,18 @@ def _save(rank: int, world: int, argv: list[str]) -> dict:
         out[key] = time.perf_counter() - start
         return result
 
-    timed_call("sync", trainer.save)
-    dist.barrier()
-    out["sync_rss"] = _peak_rss_mib()
     # DCP gets this rank's fragments under rank-unique keys: every rank writes its own, as ours do.
     rs = capture_rank_state(trainer.model, trainer.optimizer, trainer.topo)
     state = {f"rank{rank}/{key}": t for (key, _), t in zip(rs.entries, rs.tensors)}
     dcp_dir = os.path.join(trainer.args.save, "dcp")
-    timed_call("dcp", lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(dcp_dir, overwrite=True)))
+    # Twice each, interleaved (the rows take the faster): the run's first big write, whichever
+    # it is, also pays for the kernel reclaiming page cache (here 5.0 s, then 2.7 s, for both).
+    for i in (1, 2):
+        trainer.state.iteration = 100 + i
+        timed_call(f"sync{i}", trainer.save)
+        timed_call(f"dcp{i}", lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(dcp_dir, overwrite=True)))
+    dist.barrier()
+    out["sync_rss"] = _peak_rss_mib()
     saver = AsyncSaver(trainer.topo, trainer.device, trainer.log)
     saver.prepare(trainer.model, trainer.optimizer)  # as training does when it starts
     saver.wait_prepared()
@@ -235,11 +240,11 @@ def save_rows(saves: list[dict]) -> list[tuple[str, str, str, str]]:
     def slowest(key: str) -> float:
         return max(s[key] for s in saves)
 
-    sync, dcp = slowest("sync"), slowest("dcp")
-    rows = [("save TP2 DP2, synchronous (blocks)", f"{sync:.2f}", "1.00 x sync",
-             f"RSS {max(s['sync_rss'] for s in saves):.0f} MiB"),
-            ("save TP2 DP2, torch.distributed.checkpoint.save of the same tensors (blocks)", f"{dcp:.2f}",
-             f"{dcp / sync:.2f} x sync", "")]
+    sync, dcp = min(slowest("sync1"), slowest("sync2")), min(slowest("dcp1"), slowest("dcp2"))
+    rows = [("save TP2 DP2, synchronous (blocks; faster of 2, interleaved with DCP's)", f"{sync:.2f}", "1.00 x sync",
+             f"RSS {max(s['sync_rss'] for s in saves):.0f} MiB; the other {max(slowest('sync1'), slowest('sync2')):.2f} s"),
+            ("save TP2 DP2, torch.distributed.checkpoint.save of the same tensors (blocks; faster of 2)", f"{dcp:.2f}",
+             f"{dcp / sync:.2f} x sync", f"the other {max(slowest('dcp1'), slowest('dcp2')):.2f} s")]
     for i, which in ((1, "first save (host buffer prepared in the background at start-up, "
                          f"{slowest('prepare'):.2f} s)"), (2, "second save")):
         blocked = slowest(f"async_blocked{i}")
