@@ -99,7 +99,8 @@ def test_background_writer_error_is_raised_on_every_rank(tmp_path) -> None:
 
 def _copy_into_prepared_buffer(rank: int, world: int, argv: list[str], sync_dir: str, async_dir: str) -> tuple:
     """A synchronous save, then an asynchronous one of the same state whose live state is
-    changed as soon as the step is released; counts the host allocations the saves made."""
+    changed by the next update as soon as ``before_update`` lets it (the background copy is
+    slowed down, so the update must wait for it); counts the host allocations the saves made."""
     from megatron.checkpointing import async_save, save, save_checkpoint
     from megatron.training import build_trainer
 
@@ -107,27 +108,32 @@ def _copy_into_prepared_buffer(rank: int, world: int, argv: list[str], sync_dir:
     save.write_rank_state = lambda folder, rs: time.sleep(0.3) or write(folder, rs)  # still writing at the update
     trainer = build_trainer(argv)  # not trained: the first save of the run is the one to test
     saver = trainer.async_saver
+    copy = saver._host_copies
+    saver._host_copies = lambda tensors, ready: time.sleep(0.3) or copy(tensors, ready)  # still copying
     saver.wait_prepared()
     prepared = [b.data_ptr() for b in saver._buffers]
     allocations, allocate = [], async_save._allocate
     async_save._allocate = lambda shapes: allocations.append(len(shapes)) or allocate(shapes)
     state = trainer._global_state()
     save_checkpoint(sync_dir, state, trainer.model, trainer.optimizer, trainer.topo)
-    saver.save(async_dir, state, trainer.model, trainer.optimizer)
-    for g in trainer.optimizer.groups:  # the next step's update, while the writer still runs
+    blocked = saver.save(async_dir, state, trainer.model, trainer.optimizer)
+    waited = saver.before_update()  # as the training step does before its optimizer update
+    for g in trainer.optimizer.groups:  # the update, while the writer still runs
         for t in (g.master, g.exp_avg, g.exp_avg_sq):
             t.add_(1.0)
     saver.wait()
-    return allocations, prepared == [b.data_ptr() for b in saver._buffers], len(prepared)
+    return allocations, prepared == [b.data_ptr() for b in saver._buffers], len(prepared), blocked, waited
 
 
 def test_first_save_copies_into_the_buffer_prepared_at_start(tmp_path) -> None:
-    """The step's blocking part is a copy into a buffer allocated when training started: no
-    allocation at the save, and the files hold the state as it was when the step was released."""
+    """The copy goes into a buffer allocated when training started (no allocation at the save),
+    in the background: the save call returns at once, the next update waits for the copy, and the
+    files hold the state as it was at the save."""
     sync, background = str(tmp_path / "sync"), str(tmp_path / "async")
     results = run_distributed(_copy_into_prepared_buffer, 2, TP2 + ["--save",
                                                                    str(tmp_path / "unused"), "--async-save"],
                               sync, background)
-    for allocations, reused, tensors in results:
+    for allocations, reused, tensors, blocked, waited in results:
         assert allocations == [] and reused and tensors > 0
+        assert blocked < 0.25 <= waited  # the call does not copy; the update waits for the copy
     assert _data_files(os.path.join(background, "global_step0")) == _data_files(os.path.join(sync, "global_step0"))

@@ -1,11 +1,13 @@
-"""``--async-save``: the training step blocks only to copy the state to host memory; a background
-thread writes and fsyncs the rank's files; the commit (agreement, manifest, rename, pointers)
-runs in the main thread once every rank's writer is done.
+"""``--async-save``: the save call does not copy the state; a background thread copies it to host
+memory and then writes and fsyncs the rank's files, while the next iteration's forward and
+backward run (they do not change the saved optimizer state). The next optimizer step, the only
+thing that changes it, first waits for the copy (``before_update``); so the step is blocked
+only by whatever of the copy the forward and backward did not hide. The commit (agreement,
+manifest, rename, pointers) runs in the main thread once every rank's writer is done.
 
 The host copy goes into one buffer that is allocated (pinned on a GPU) and touched once, in a
 background thread started by ``prepare`` when training starts, and reused by every save: a
-fresh allocation's page faults cost ten times the copy itself, so the first save would
-otherwise block almost as long as a synchronous one.
+fresh allocation's page faults cost ten times the copy itself.
 
 The background thread never runs a collective, so it never races the training step's own
 collectives. ``poll`` (once per iteration while a save is pending) asks every rank, with one
@@ -24,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron.checkpointing.iolog import describe_io
+from megatron.checkpointing.agree import as_checkpoint_error
+from megatron.checkpointing.iolog import IoStats, describe_io
 from megatron.checkpointing.reader import STATES, WEIGHTS_ONLY
 from megatron.checkpointing.save import PendingSave, begin_save, capture_rank_state, finish_save, write_rank_part
 from megatron.core import comm
@@ -45,6 +48,9 @@ class AsyncSaver:
         self._pending: PendingSave | None = None
         self._thread: threading.Thread | None = None
         self._result: tuple = ()
+        self._copied = threading.Event()  # the pending save's state is in the host buffer
+        self._copied.set()
+        self.fence_seconds = 0.0  # how long the last before_update waited for a copy
         _savers.append(self)
 
     @property
@@ -72,32 +78,52 @@ class AsyncSaver:
             self._preparing.join()
             self._preparing = None
 
-    def _host_copies(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Copies into the reused host buffer (pinned when the state is on a GPU, so the copy is a DMA)."""
+    def _host_copies(self, tensors: list[torch.Tensor], ready: torch.cuda.Event | None) -> list[torch.Tensor]:
+        """Copies into the reused host buffer (pinned when the state is on a GPU, so the copy is a
+        DMA on a stream of its own, after ``ready``: the end of the step that made the state)."""
         self.wait_prepared()
         if [(b.numel(), b.dtype) for b in self._buffers] != [(t.numel(), t.dtype) for t in tensors]:
             self._buffers = _allocate([(t.numel(), t.dtype, t.is_cuda) for t in tensors])
-        for b, t in zip(self._buffers, tensors):
-            b.copy_(t.reshape(-1), non_blocking=t.is_cuda)
-        if any(t.is_cuda for t in tensors):
-            torch.cuda.synchronize()
+        if ready is None:
+            for b, t in zip(self._buffers, tensors):
+                b.copy_(t.reshape(-1))
+            return self._buffers
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_event(ready)
+        with torch.cuda.stream(stream):
+            for b, t in zip(self._buffers, tensors):
+                b.copy_(t.reshape(-1), non_blocking=True)
+        stream.synchronize()
         return self._buffers
 
     def save(self, save_dir: str, state: dict, model: nn.Module, optimizer: DistributedOptimizer,
              save_optim: bool = True, save_rng: bool = True, keep_last_k: int | None = None) -> float:
-        """Collective: wait for the previous save, prepare the folder, copy the state to host
-        memory and start the writer. Returns the seconds the caller was blocked for this save,
-        waiting for the previous one included."""
+        """Collective: wait for the previous save, prepare the folder and start the background
+        copy and write of the state. Returns the seconds the caller was blocked for this save,
+        waiting for the previous one included (the next ``before_update`` may add to it)."""
         start = time.perf_counter()
         self.wait()  # a second save waits for the first
         waited = time.perf_counter() - start
         pending = begin_save(save_dir, state, optimizer, self.topo, save_optim, keep_last_k)
-        rs = capture_rank_state(model, optimizer, self.topo, pending.states, save_rng, copy=self._host_copies)
+        rs = capture_rank_state(model, optimizer, self.topo, pending.states, save_rng)  # views, copied below
+        ready = None
+        if any(t.is_cuda for t in rs.tensors):
+            ready = torch.cuda.Event()
+            ready.record()
 
         def write() -> None:
+            try:
+                rs.tensors = self._host_copies(rs.tensors, ready)
+            except Exception as e:  # noqa: BLE001 - this save's error, agreed by every rank at the commit
+                self._result = (None, IoStats(rs.rank, 0, 0.0),
+                                as_checkpoint_error(e, f"saving {pending.final} (rank {rs.rank})"))
+                return
+            finally:
+                self._copied.set()  # the optimizer may change the live state again
             self._result = write_rank_part(pending, rs)
 
         self._pending, self._result = pending, ()
+        self._copied.clear()
         self._thread = threading.Thread(target=write, name=f"async-save {pending.tag}", daemon=True)
         self._thread.start()
         blocked = time.perf_counter() - start
@@ -105,6 +131,14 @@ class AsyncSaver:
         self.log(f"saving checkpoint at iteration {state['iteration']} to {pending.final} in the background "
                  f"(the step was blocked {blocked:.3f} s{why})")
         return blocked
+
+    def before_update(self) -> float:
+        """Block until the pending save has copied the state it saves: call before anything
+        changes the optimizer's state (its step). Returns the seconds waited."""
+        start = time.perf_counter()
+        self._copied.wait()
+        self.fence_seconds = time.perf_counter() - start
+        return self.fence_seconds
 
     def poll(self) -> None:
         """Collective while a save is pending: commit it if every rank's writer has finished."""
