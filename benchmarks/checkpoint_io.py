@@ -251,7 +251,8 @@ def save_rows(saves: list[dict]) -> list[tuple[str, str, str, str]]:
 
     sync, dcp = min(slowest("sync1"), slowest("sync2")), min(slowest("dcp1"), slowest("dcp2"))
     rows = [("save TP2 DP2, synchronous (blocks; faster of 2, interleaved with DCP's)", f"{sync:.2f}", "1.00 x sync",
-             f"RSS {max(s['sync_rss'] for s in saves):.0f} MiB; the other {max(slowest('sync1'), slowest('sync2')):.2f} s"),
+             f"RSS {max(s['sync_rss'] for s in saves):.0f} MiB; "
+             f"the other {max(slowest('sync1'), slowest('sync2')):.2f} s"),
             ("save TP2 DP2, torch.distributed.checkpoint.save of the same tensors (blocks; faster of 2)", f"{dcp:.2f}",
              f"{dcp / sync:.2f} x sync", f"the other {max(slowest('dcp1'), slowest('dcp2')):.2f} s")]
     for i, which in ((1, "first save (host buffer prepared in the background at start-up, "

@@ -43,7 +43,8 @@ def main() -> None:
     p.add_argument("--ranks", default="2,4")
     p.add_argument("--mib", default="256,1024", help="total gathered sizes, MiB")
     a = p.parse_args()
-    print("| ranks | gathered MiB | all_gather_into_tensor s | one broadcast per rank s | ratio |\n|---|---|---|---|---|")
+    print("| ranks | gathered MiB | all_gather_into_tensor s | one broadcast per rank s | ratio |")
+    print("|---|---|---|---|---|")
     for world in map(int, a.ranks.split(",")):
         for mib in map(int, a.mib.split(",")):
             t = max(run_distributed(_timed, world, (mib << 20) // 4 // world, timeout=900),

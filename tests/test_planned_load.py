@@ -69,7 +69,8 @@ def test_blocks_touched_by_strided_runs_match_a_brute_force_count() -> None:
 def test_block_runs_are_the_touched_blocks_joined_where_consecutive() -> None:
     """What a planned load prefetches: the whole blocks its reads verify, one range per run."""
     f = FileBlocks("f", 40 * BS + 100, BS)
-    runs = merge_intervals(np.concatenate(_column_slices(300, 4096, 4, 12345)[1:3] + [np.array([[30 * BS + 7, 33 * BS]])]))
+    extra = np.array([[30 * BS + 7, 33 * BS]])
+    runs = merge_intervals(np.concatenate(_column_slices(300, 4096, 4, 12345)[1:3] + [extra]))
     got = block_runs(runs[:, 0], runs[:, 1], BS)
     touched = np.zeros(f.nblocks, dtype=bool)
     for a, b in got:

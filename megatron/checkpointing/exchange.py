@@ -41,8 +41,9 @@ def _block_size(f: SafetensorsReader) -> int:
 
 class BlockRouter:
     """What ``SafetensorsReader.read`` does on a planned load: record the byte ranges asked for
-    (planning: nothing is read, the values are left as they are), or serve them: blocks this rank owns are verified and read
-    from the file, the others come from the bytes their owners sent this round."""
+    (planning: nothing is read, the values are left as they are), or serve them: blocks this
+    rank owns are verified and read from the file, the others come from the bytes their owners
+    sent this round."""
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
@@ -181,7 +182,7 @@ class BlockRouter:
                 for a, b in block_runs(starts, ends, self._block_sizes[name]):
                     files[name].prefetch_bytes(a, b)
 
-    def receive(self, buffer: np.ndarray, pieces: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]) -> None:
+    def receive(self, buffer: np.ndarray, pieces: dict[str, list[tuple[np.ndarray, ...]]]) -> None:
         """This round's bytes from other ranks: ``buffer``, and by file the file ranges [starts,
         ends) it holds with the ``offsets`` in ``buffer`` where they begin (arrays, by source)."""
         self.buffer, self.received, self._split = buffer, {}, {}
@@ -361,7 +362,7 @@ def _run(reader: CheckpointReader, router: BlockRouter, items: Sequence[T], fill
                 error = as_checkpoint_error(e, what)
         raise_if_any_failed(error)  # a corrupted block stops every rank here, before the transfer
         layout = {src: router.segments(needs[r], src) for src in range(world) if src != rank} if r < len(needs) else {}
-        sizes = {src: int(sum((e - s).sum() for _, s, e in segs)) for src, segs in layout.items()}
+        sizes = {src: router.packed_size(needs[r], src) for src in layout}
         got = _transfer(sends, sizes, staging)
         pieces: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         at = 0
