@@ -70,8 +70,8 @@ class _Works:
 
 def _gather_by_broadcasts(out: torch.Tensor, shard: torch.Tensor, group) -> _Works:
     """``all_gather_flat`` on gloo as one broadcast per rank into its slice of ``out``: gloo's
-    all-gather moves the same bytes 3-4x slower (1 GiB over 4 CPU ranks here: 2.8 s against
-    0.95 s; over 2 ranks 1.37 s against 0.32 s; benchmarks/gloo_collectives.py)."""
+    all-gather moves the same bytes 1.7-3x slower (256 MiB to 1 GiB over 2 and 4 CPU ranks here;
+    ``benchmarks/gloo_collectives.py``)."""
     n, me = shard.numel(), dist.get_rank(group)
     out[me * n:(me + 1) * n].copy_(shard)
     return _Works([dist.broadcast(out[r * n:(r + 1) * n], src=dist.get_global_rank(group, r), group=group,
