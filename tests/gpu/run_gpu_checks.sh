@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks on NCCL: TP2 PP2 DP2 bf16 training, a save, a universal conversion and a resharded load.
+# GPU checks on NCCL: TP2 PP2 DP2 bf16 training, a save, an --async-save, a universal conversion and a
+# resharded load.
 # Run from the repository root on a machine with CUDA:  bash tests/gpu/run_gpu_checks.sh [OUTPUT_DIR]
 # Needs 8 GPUs for TP2 PP2 DP2 (one rank per GPU, as NCCL requires); with 4 or 2 GPUs it runs the
 # largest layout that fits (TP2 PP2, or TP2) and says so. Exits 0 after "SKIP" when CUDA is absent.
@@ -48,6 +49,13 @@ test -f "$OUT/ckpt/global_step4/manifest.json"
 run $((TP * PP * DP)) "$OUT/same_layout.log" --tensor-model-parallel-size $TP --pipeline-model-parallel-size $PP \
   --load "$OUT/ckpt" --load-tag global_step4
 
+# 2b. --async-save (the copy to pinned memory on its own CUDA stream, behind the next iteration):
+#     its checkpoint resumes the curve as well.
+run $((TP * PP * DP)) "$OUT/async.log" --tensor-model-parallel-size $TP --pipeline-model-parallel-size $PP \
+  --save "$OUT/ckpt_async" --save-interval 4 --async-save
+run $((TP * PP * DP)) "$OUT/async_resume.log" --tensor-model-parallel-size $TP --pipeline-model-parallel-size $PP \
+  --load "$OUT/ckpt_async" --load-tag global_step4
+
 # 3. Universal checkpoint, resharded load on another layout.
 python tools/convert_to_universal.py --input_folder "$OUT/ckpt/global_step4" \
   --output_folder "$OUT/ckpt/global_step4_universal"
@@ -64,7 +72,8 @@ def losses(name):
     return {int(i): float(l) for i, l in re.findall(r"iteration\s+(\d+)/\s*\d+ .*?lm loss: ([0-9.E+-]+)", text)}
 ref, same, resharded = losses("reference"), losses("same_layout"), losses("resharded")
 assert sorted(ref) == list(range(1, 9)), f"reference logged iterations {sorted(ref)}"
-for name, got, tol in (("same layout", same, 1e-2), ("resharded", resharded, 2e-2)):
+for name, got, tol in (("same layout", same, 1e-2), ("async save", losses("async_resume"), 1e-2),
+                       ("resharded", resharded, 2e-2)):
     assert sorted(got) == list(range(5, 9)), f"{name}: logged iterations {sorted(got)}"
     for i in range(5, 9):
         rel = abs(got[i] - ref[i]) / abs(ref[i])
