@@ -216,19 +216,18 @@ def _save(rank: int, world: int, argv: list[str]) -> dict:
     for i in (1, 2):  # the worst case: the optimizer step comes at once, so nothing hides the copy
         trainer.state.iteration = i
         start = time.perf_counter()
-        timed_call(f"async_blocked{i}", lambda: saver.save(trainer.args.save, trainer._global_state(), trainer.model,
-                                                           trainer.optimizer) + saver.before_update())
+        timed_call(f"async_blocked{i}", lambda: (saver.save(trainer.args.save, trainer._global_state(), trainer.model,
+                                                            trainer.optimizer), trainer.optimizer.wait_before_update()))
         saver.wait()
         dist.barrier()
         out[f"async_total{i}"] = time.perf_counter() - start
     # As in training: a step follows the save, and its optimizer update waits for what is left of the copy.
-    trainer.async_saver, trainer.state.iteration = saver, 3
+    trainer.state.iteration = 3
     timed_call("async_call", lambda: saver.save(trainer.args.save, trainer._global_state(), trainer.model,
                                                 trainer.optimizer))
     timed_call("async_step", trainer.train_step)
     out["async_fence"] = saver.fence_seconds
     saver.wait()
-    trainer.async_saver = None
     saver.close()
     out["async_rss"] = _peak_rss_mib()
     import torch

@@ -306,8 +306,6 @@ class Trainer:
         loss_sum = forward_backward(self.model, batches, self.topo, self.scaler.scale, denom, self.device,
                                     p2p_clock=self.p2p_clock)
         self.moe_metrics = moe.summary(self.cfg.num_layers, self.device) if moe is not None else {}
-        if self.async_saver is not None:  # a background save must have copied the state the step changes
-            self.async_saver.before_update()
         ok, grad_norm = self.optimizer.step(self._apply_schedule())
         if ok:  # Megatron steps the schedule by the samples of a successful update only
             self.schedule.step(gbs, self.state.consumed_tokens + gbs * a.seq_length)

@@ -117,7 +117,8 @@ def _copy_into_prepared_buffer(rank: int, world: int, argv: list[str], sync_dir:
     state = trainer._global_state()
     save_checkpoint(sync_dir, state, trainer.model, trainer.optimizer, trainer.topo)
     blocked = saver.save(async_dir, state, trainer.model, trainer.optimizer)
-    waited = saver.before_update()  # as the training step does before its optimizer update
+    trainer.optimizer.wait_before_update()  # what the optimizer's step does before its update
+    waited = saver.fence_seconds
     for g in trainer.optimizer.groups:  # the update, while the writer still runs
         for t in (g.master, g.exp_avg, g.exp_avg_sq):
             t.add_(1.0)

@@ -1,8 +1,9 @@
 """``--async-save``: the save call does not copy the state; a background thread copies it to host
 memory and then writes and fsyncs the rank's files, while the next iteration's forward and
 backward run (they do not change the saved optimizer state). The next optimizer step, the only
-thing that changes it, first waits for the copy (``before_update``); so the step is blocked
-only by whatever of the copy the forward and backward did not hide. The commit (agreement,
+thing that changes it, first waits for the copy (``before_update``, registered with the
+optimizer's ``hold_update_until``); so the step is blocked only by whatever of the copy the
+forward and backward did not hide. The commit (agreement,
 manifest, rename, pointers) runs in the main thread once every rank's writer is done.
 
 The host copy goes into one buffer that is allocated (pinned on a GPU) and touched once, in a
@@ -124,6 +125,7 @@ class AsyncSaver:
 
         self._pending, self._result = pending, ()
         self._copied.clear()
+        optimizer.hold_update_until(self.before_update)  # the live state stays as saved until copied
         self._thread = threading.Thread(target=write, name=f"async-save {pending.tag}", daemon=True)
         self._thread.start()
         blocked = time.perf_counter() - start
@@ -133,8 +135,8 @@ class AsyncSaver:
         return blocked
 
     def before_update(self) -> float:
-        """Block until the pending save has copied the state it saves: call before anything
-        changes the optimizer's state (its step). Returns the seconds waited."""
+        """Block until the pending save has copied the state it saves (the optimizer's step
+        calls it). Returns the seconds waited."""
         start = time.perf_counter()
         self._copied.wait()
         self.fence_seconds = time.perf_counter() - start

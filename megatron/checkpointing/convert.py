@@ -10,6 +10,7 @@ and sha256 release the GIL. Coverage and replica agreement are checked for every
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
 import os
@@ -23,7 +24,8 @@ import numpy as np
 
 from megatron.checkpointing.agree import as_checkpoint_error, process_group, raise_if_any_failed
 from megatron.checkpointing.manifest import seal
-from megatron.checkpointing.reader import FORMAT, FORMAT_VERSION, MANIFEST, CheckpointReader, saved_states
+from megatron.checkpointing.reader import (FORMAT, FORMAT_VERSION, MANIFEST, CheckpointReader, read_ahead,
+                                           saved_states)
 from megatron.checkpointing.safetensors_io import HASH_BATCH, CheckpointError, SafetensorsReader, SafetensorsWriter
 from megatron.checkpointing.commit import commit_folder, is_checkpoint, write_atomic
 from megatron.checkpointing.finite import all_finite
@@ -34,7 +36,6 @@ from megatron.progress import progress_bar
 
 REPLICA_POLICIES = ("first", "mean", "strict")
 CHUNK_BYTES = 256 << 20  # tensor data held at once by all workers together
-PREFETCH_CHUNKS = 2  # chunks whose storage reads are started ahead of the one being written
 
 
 @dataclass
@@ -233,20 +234,15 @@ def _write_file(reader: CheckpointReader, tmp: str, index: int, names: list[str]
 
 def _write_tensors(reader: CheckpointReader, writer: SafetensorsWriter, result: _FileResult, names: list[str],
                    states: tuple[str, ...], chunk_elements: int, policy: str, bar) -> _FileResult:
-    # The chunks in writing order; the storage reads of the chunk PREFETCH_CHUNKS ahead start
-    # while this one is verified, written and hashed, so that the disk never waits for the CPU.
-    work = [(n, s, box) for n in names for s in states for box in chunk_boxes(reader.canonical[n], chunk_elements)]
-    for ahead in work[:PREFETCH_CHUNKS]:
-        reader.prefetch(ahead[0], ahead[2], ahead[1])
-    at = 0
+    # The chunks in writing order; the storage reads of those ahead start while this one is
+    # verified, written and hashed, so that the disk does not wait for the CPU.
+    boxes = {n: list(chunk_boxes(reader.canonical[n], chunk_elements)) for n in names}
+    work = read_ahead([(n, s, box) for n in names for s in states for box in boxes[n]],
+                      lambda chunk: reader.prefetch(chunk[0], chunk[2], chunk[1]))
     for n in names:
         for s in states:
             writer.begin(f"{n}/{s}")
-            for box in chunk_boxes(reader.canonical[n], chunk_elements):
-                if at + PREFETCH_CHUNKS < len(work):
-                    ahead = work[at + PREFETCH_CHUNKS]
-                    reader.prefetch(ahead[0], ahead[2], ahead[1])
-                at += 1
+            for _, _, box in itertools.islice(work, len(boxes[n])):
                 stored = stored_spans(reader, n, box, s)
                 if stored is not None:  # straight from the mapped input into the output file
                     writer.write_chunk(stored[0])

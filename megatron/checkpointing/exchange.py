@@ -104,11 +104,7 @@ class BlockRouter:
         mine = whole & (owner[first] == self.rank)
         if mine.any():
             file.verify_ranges(lo[mine], lo[mine] + nbytes)
-            if mine.all():
-                copy_runs(file.mm, lo, nbytes, out)
-            else:
-                for i, a in zip(np.flatnonzero(mine).tolist(), lo[mine].tolist()):
-                    out[i] = file.mm[a:a + nbytes].view(np.float32)
+            _copy_rows(file.mm, lo[mine], nbytes, out, mine)
         theirs = whole & ~mine
         if theirs.any():
             starts, ends, offsets = self.received.get(name, (np.zeros(0, np.int64),) * 3)
@@ -117,13 +113,7 @@ class BlockRouter:
             if not served.all():
                 a = int(lo[theirs][~served][0])
                 raise _unserved(file, a, a + nbytes, int(owner[a // bs]))
-            at = offsets[k] + lo[theirs] - starts[k]  # where each run lies in the received bytes
-            if theirs.all():
-                copy_runs(self.buffer, at, nbytes, out)
-            else:
-                rows = np.empty((len(at), nbytes // 4), dtype=np.float32)
-                copy_runs(self.buffer, at, nbytes, rows)
-                out[np.flatnonzero(theirs)] = rows
+            _copy_rows(self.buffer, offsets[k] + lo[theirs] - starts[k], nbytes, out, theirs)  # from the received
         for i in np.flatnonzero(~whole).tolist():
             out[i] = self.read(file, int(lo[i]), int(lo[i]) + nbytes).view(np.float32)
 
@@ -190,6 +180,16 @@ class BlockRouter:
             starts, ends, offsets = (np.concatenate([g[i] for g in got]) for i in range(3))
             order = np.argsort(starts, kind="stable")
             self.received[name] = (starts[order], ends[order], offsets[order])
+
+
+def _copy_rows(data: np.ndarray, lo: np.ndarray, nbytes: int, out: np.ndarray, rows: np.ndarray) -> None:
+    """``copy_runs`` into the rows of ``out`` that the mask ``rows`` selects (``lo``: their runs)."""
+    if rows.all():
+        copy_runs(data, lo, nbytes, out)
+        return
+    picked = np.empty((len(lo), nbytes // 4), dtype=np.float32)
+    copy_runs(data, lo, nbytes, picked)
+    out[np.flatnonzero(rows)] = picked
 
 
 def _unserved(file: SafetensorsReader, a: int, b: int, owner: int) -> RuntimeError:

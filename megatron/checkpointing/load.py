@@ -26,7 +26,7 @@ from megatron.checkpointing.exchange import planned_fill
 from megatron.checkpointing.finite import all_finite
 from megatron.checkpointing.iolog import MIB, IoStats, describe_io, gather_to_rank0
 from megatron.checkpointing.locate import NEVER, resolve_checkpoint
-from megatron.checkpointing.reader import STATES, WEIGHTS_ONLY, CheckpointReader, saved_states
+from megatron.checkpointing.reader import STATES, WEIGHTS_ONLY, CheckpointReader, read_ahead, saved_states
 from megatron.checkpointing.safetensors_io import CheckpointError
 from megatron.core.optimizer.distributed_optimizer import DistributedOptimizer
 from megatron.core.parallel_state import Topology
@@ -34,9 +34,6 @@ from megatron.core.pieces import Box, flat_range_boxes, intersect, translate
 from megatron.core.rng import set_rng_state
 from megatron.core.sharding import sharding_of
 from megatron.progress import progress_bar
-
-
-PREFETCH_ITEMS = 2  # fragments whose storage reads a rank reading its own bytes starts ahead
 
 
 @dataclass
@@ -52,9 +49,19 @@ class Loaded:
     from_peers: int = 0  # bytes other ranks read and sent to this one (planned load)
 
 
-def _fragment_regions(param: nn.Parameter, start: int, end: int) -> list[tuple[str, Box, tuple[int, ...], int]]:
-    """Where flat elements [start, end) of ``param`` come from: (canonical tensor, its region, the
-    region's sizes, its first element's offset from ``start``) for every piece they overlap."""
+@dataclass(frozen=True)
+class _Sources:
+    """Where flat elements [start, end) of a local parameter come from (the same for every state):
+    the parameter's strides and, for every piece they overlap, (canonical tensor, its region, the
+    region's sizes, its first element's offset from ``start``)."""
+
+    strides: list[int]
+    regions: list[tuple[str, Box, tuple[int, ...], int]]
+    covered: int  # elements the pieces cover (fewer: vocabulary padding)
+
+
+def fragment_sources(param: nn.Parameter, start: int, end: int) -> _Sources:
+    """The ``_Sources`` of flat elements [start, end) of ``param``."""
     record = sharding_of(param)
     shape = tuple(record.local_shape)  # under ZeRO-3 the parameter itself is empty here
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
@@ -66,22 +73,18 @@ def _fragment_regions(param: nn.Parameter, start: int, end: int) -> list[tuple[s
                 origin = sum(o * s for o, s in zip(overlap[0], strides)) - start
                 regions.append((piece.canonical, translate(overlap, piece.local_offsets, piece.canonical_offsets),
                                 overlap[1], origin))
-    return regions
+    return _Sources(strides, regions, sum(math.prod(sizes) for _, _, sizes, _ in regions))
 
 
-def fill_fragment(reader: CheckpointReader, param: nn.Parameter, start: int, end: int, state: str,
-                  dest: torch.Tensor) -> None:
-    """Fill ``dest`` (the flat elements [start, end) of ``param``) with ``state`` from the checkpoint:
-    each piece's region straight into its place in ``dest`` on the CPU; elements no piece covers
-    (vocabulary padding) are zero."""
-    shape = tuple(sharding_of(param).local_shape)
-    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-    regions = _fragment_regions(param, start, end)
-    if sum(math.prod(sizes) for _, _, sizes, _ in regions) < end - start:
+def fill_fragment(reader: CheckpointReader, sources: _Sources, state: str, dest: torch.Tensor) -> None:
+    """Fill ``dest`` (a fragment of a parameter, read from ``sources``) with ``state`` from the
+    checkpoint: each piece's region straight into its place in ``dest`` on the CPU; elements no
+    piece covers (vocabulary padding) are zero."""
+    if sources.covered < dest.numel():
         dest.zero_()
     on_host = dest.device.type == "cpu" and dest.dtype == torch.float32
-    for name, region, sizes, origin in regions:
-        view = dest.as_strided(sizes, strides, dest.storage_offset() + origin)
+    for name, region, sizes, origin in sources.regions:
+        view = dest.as_strided(sizes, sources.strides, dest.storage_offset() + origin)
         if on_host:
             reader.read_region_array(name, region, state, out=view.numpy())
         else:
@@ -170,6 +173,12 @@ def _read_into_fragments(path: str, model: nn.Module, optimizer: DistributedOpti
     # tensors (all tables).
     stored = reader.rank_table(topo.rank)["params"] if same_files else {}
     items = [(f, s) for f in optimizer.fragments() for s in states]
+    sources: dict[str, _Sources] = {}  # by parameter: the same for each of its states
+
+    def sources_of(f) -> _Sources:
+        if f.name not in sources:
+            sources[f.name] = fragment_sources(params[f.name], f.start, f.end)
+        return sources[f.name]
     bar = progress_bar(len(items), f"loading {os.path.basename(path)}", "state", progress)
 
     def fill(item: tuple) -> None:
@@ -179,8 +188,8 @@ def _read_into_fragments(path: str, model: nn.Module, optimizer: DistributedOpti
             rank = stored[f.name].get("stored_by", topo.rank)
             _copy_array(dest, reader.read_stored(rank, f.name, s, f.start, f.end))
         else:
-            fill_fragment(reader, params[f.name], f.start, f.end, s, dest)
-        if not reader.recording and not all_finite(dest):  # (a planned load's recording walk holds zeros)
+            fill_fragment(reader, sources_of(f), s, dest)
+        if not reader.recording and not all_finite(dest):  # (a planned load's recording walk reads nothing)
             raise CheckpointError(f"{path}: {f.name} ({s}) holds NaN or Inf values in the checkpoint: "
                                   f"training had diverged when it was saved; load an earlier checkpoint")
 
@@ -189,18 +198,14 @@ def _read_into_fragments(path: str, model: nn.Module, optimizer: DistributedOpti
         if f.name in stored and f.end > f.start:
             reader.prefetch_stored(stored[f.name].get("stored_by", topo.rank), f.name, s, f.start, f.end)
         else:
-            for name, region, _, _ in _fragment_regions(params[f.name], f.start, f.end):
+            for name, region, _, _ in sources_of(f).regions:
                 reader.prefetch(name, region, s)
 
     from_peers = 0
     if planned and not same_files:
         from_peers = planned_fill(reader, items, fill, topo, on_filled=lambda: bar.update(1))
     else:
-        for ahead in items[:PREFETCH_ITEMS]:
-            prefetch(ahead)
-        for i, item in enumerate(items):
-            if i + PREFETCH_ITEMS < len(items):  # the disk reads ahead while this item is verified and copied
-                prefetch(items[i + PREFETCH_ITEMS])
+        for item in read_ahead(items, prefetch):
             fill(item)
             bar.update(1)
     bar.close()

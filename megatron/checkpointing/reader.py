@@ -15,7 +15,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -31,6 +31,19 @@ FORMAT = "megatron-ucp"
 FORMAT_VERSION = 2  # 2: per-rank tables (pieces, fragments, RNG) in each rank's own JSON file
 READABLE_VERSIONS = (1, 2)
 WEIGHTS_ONLY = ("fp32",)  # what --no-save-optim writes
+READ_AHEAD = 2  # chunks or fragments whose storage reads a sequential reader starts ahead of use
+T = TypeVar("T")
+
+
+def read_ahead(items: Sequence[T], prefetch: Callable[[T], None], ahead: int = READ_AHEAD) -> Iterator[T]:
+    """``items`` in order, ``prefetch(item)`` called ``ahead`` items before each is handed out: the
+    storage reads of what is to come run while the caller verifies and copies the current one."""
+    for item in items[:ahead]:
+        prefetch(item)
+    for i, item in enumerate(items):
+        if i + ahead < len(items):
+            prefetch(items[i + ahead])
+        yield item
 
 
 def saved_states(manifest: dict) -> tuple[str, ...]:
@@ -225,7 +238,7 @@ class CheckpointReader:
 
     @property
     def recording(self) -> bool:
-        """True while a planned load walks its reads only to record them (they return zeros)."""
+        """True while a planned load walks its reads only to record them (nothing is read)."""
         return getattr(self._router, "recording", None) is not None
 
     @property

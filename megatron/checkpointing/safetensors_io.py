@@ -430,12 +430,16 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.path}: tensor {key} is {e['dtype']}, expected F32")
         return self.data_start + e["data_offsets"][0]
 
-    def read(self, key: str, start: int, end: int) -> np.ndarray:
-        """Elements [start, end) of the flattened fp32 tensor ``key`` (a read-only view)."""
+    def _f32_bytes(self, key: str, start: int, end: int) -> tuple[int, int]:
+        """The file bytes of elements [start, end) of fp32 tensor ``key`` (a read past it is refused)."""
         base = self._f32_start(key)
         if not 0 <= start <= end <= self.numel(key):
             raise CheckpointError(f"{self.path}: read [{start}, {end}) past tensor {key} of {self.numel(key)} elements")
-        lo, hi = base + 4 * start, base + 4 * end
+        return base + 4 * start, base + 4 * end
+
+    def read(self, key: str, start: int, end: int) -> np.ndarray:
+        """Elements [start, end) of the flattened fp32 tensor ``key`` (a read-only view)."""
+        lo, hi = self._f32_bytes(key, start, end)
         if self.router is not None:
             return self.router.read(self, lo, hi).view(np.float32)
         if hi > lo:
@@ -450,11 +454,8 @@ class SafetensorsReader:
         if self.router is None or not (out.flags.c_contiguous or self.router.recording is not None):
             np.copyto(out, self.read(key, start, end).reshape(out.shape))
             return
-        base = self._f32_start(key)
-        if not 0 <= start <= end <= self.numel(key):
-            raise CheckpointError(f"{self.path}: read [{start}, {end}) past tensor {key} of {self.numel(key)} elements")
         # Straight into ``out`` (a recording walk only notes the range)
-        self.router.read_into(self, base + 4 * start, base + 4 * end,
+        self.router.read_into(self, *self._f32_bytes(key, start, end),
                               out.reshape(-1).view(np.uint8) if out.flags.c_contiguous else None)
 
     def read_runs(self, key: str, starts: np.ndarray, run: int, out: np.ndarray) -> None:

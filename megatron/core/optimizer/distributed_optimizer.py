@@ -26,7 +26,7 @@ values straight into it. Its masters can be generated from the canonical init
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -240,6 +240,7 @@ class DistributedOptimizer:
         self._contributions: dict[int, int] = {}  # stages 2-3: gradients per backward of a tied parameter
         self._held: dict[int, _HeldGrad] = {}  # their sum so far
         self._grad_hooks: list = []  # handles of the hooks that take each parameter's gradient
+        self._before_update: list[Callable[[], object]] = []  # see hold_update_until
         for g in self.groups:
             if g.main_grad_flat is not None:
                 offset = 0
@@ -254,6 +255,18 @@ class DistributedOptimizer:
                         lambda p, records=records: sum_row_partials(records[id(p)], self.main_grads[id(p)], self.topo))
             self._grad_hooks += [p.register_post_accumulate_grad_hook(self._make_hook(g, f, r))
                                  for f, p, r in zip(g.fragments, g.params, g.records)]
+
+    def hold_update_until(self, wait: Callable[[], object]) -> None:
+        """Make the next step call ``wait()`` before it changes the master weights and Adam
+        moments (a background save still copying them); a wait already registered is not added again."""
+        if wait not in self._before_update:
+            self._before_update.append(wait)
+
+    def wait_before_update(self) -> None:
+        """Run, once, the waits ``hold_update_until`` registered (``step`` does, before updating)."""
+        waits, self._before_update = self._before_update, []
+        for wait in waits:
+            wait()
 
     def detach_from_model(self) -> None:
         """Stop taking the model's gradients (remove the hooks), so that another optimizer can
@@ -394,6 +407,7 @@ class DistributedOptimizer:
         """Reduce gradients, unscale, check for overflow, clip, update, refresh the model.
         Returns (whether the update was applied, the global gradient norm)."""
         self._finish_gradient_reduction()
+        self.wait_before_update()
         try:
             return self._step(lr)
         finally:
